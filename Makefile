@@ -1,0 +1,47 @@
+# oncoserve — every target sets itself up from nothing: `.venv` is created/updated from
+# requirements.lock (torch==2.13.0, the CPU build, first), and a second run with an unchanged
+# lock installs nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip warns about every optional local index it cannot read; keep the log readable.
+QUIET := { grep -v 'is ignored' || true; }
+
+.PHONY: venv demo test bench lock clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing torch==2.13.0 (CPU build) first"
+	@$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | $(QUIET)
+	@$(BIN)/python -c "import torch" || { echo "torch==2.13.0 failed to install"; exit 1; }
+	@echo "==> installing the pinned environment (requirements.lock)"
+	@$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | $(QUIET)
+	@$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
+	@$(BIN)/python -c "import pipelines.cli" || { echo "oncoserve failed to install"; exit 1; }
+	@touch $(STAMP)
+
+demo: venv
+	$(BIN)/oncoserve demo
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python -m bench.run
+
+# Re-resolve the lock from requirements.in in a scratch venv (needs the registries).
+lock:
+	rm -rf /tmp/oncoserve-lock-venv && $(PYTHON) -m venv /tmp/oncoserve-lock-venv
+	/tmp/oncoserve-lock-venv/bin/pip install -q torch==2.13.0
+	/tmp/oncoserve-lock-venv/bin/pip install -q -r requirements.in
+	{ head -2 requirements.lock; /tmp/oncoserve-lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,92 @@
+"""The one typed settings object of the platform.
+
+Values come, highest priority first, from: explicit constructor arguments, environment variables
+with the ``ONCOSERVE_`` prefix, an ``oncoserve.toml`` file (``ONCOSERVE_CONFIG`` names another path),
+and the defaults below. No other module reads environment variables for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+CONFIG_ENV = "ONCOSERVE_CONFIG"
+DEFAULT_CONFIG_FILE = "oncoserve.toml"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONCOSERVE_", extra="ignore", frozen=True)
+
+    home: Path = Field(Path(".oncoserve"), description="Data directory: state, logs, credentials, stores.")
+    host: str = Field("127.0.0.1", description="Address every embedded server binds to.")
+
+    # Object store (SeaweedFS `weed mini`). It also needs the next 7 ports and each of those + 10000
+    # for its internal master/volume/filer/webdav/admin servers and their gRPC ports.
+    s3_port: int = 8333
+    bucket_artifacts: str = "oncoserve-artifacts"
+    bucket_models: str = "oncoserve-models"
+    bucket_data: str = "oncoserve-data"
+
+    # Registry / tracking server.
+    mlflow_port: int = 5000
+    db: Literal["sqlite", "postgresql"] = "sqlite"
+    postgres_port: int = 5433
+
+    # Local Ray head.
+    ray_port: int = 6380
+    ray_dashboard_port: int = 8265
+    ray_client_port: int = 10001
+    ray_dashboard_agent_port: int = 52365
+    ray_num_cpus: int | None = Field(None, description="CPUs Ray may schedule on; default: all.")
+
+    startup_timeout_s: float = Field(180.0, description="How long `stack up` waits for a component's health.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        # Children (servers, Ray workers) run with other working directories.
+        return value.expanduser().resolve()
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"{self.host}:{self.s3_port}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{self.s3_endpoint}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def ray_address(self) -> str:
+        return f"{self.host}:{self.ray_port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.home / "credentials.json"
+
+
+def load_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,297 @@
+"""The servers of the embedded stack: how each starts, which ports it needs, how its health is checked."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from oncoserve.credentials import S3Credentials
+from oncoserve.object_store import mlflow_env, object_store
+from oncoserve.settings import Settings
+
+
+class StackError(RuntimeError):
+    """A component of the embedded stack could not be started, checked or stopped."""
+
+
+@dataclass
+class Health:
+    ok: bool
+    detail: str
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (the venv's bin dir), else one on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"{name}: binary not found (looked in {local.parent} and PATH); run `make venv`")
+    return found
+
+
+class Component:
+    name: str = ""
+    stop_signal: int = signal.SIGTERM
+    # A component others need before they can start (the database before MLflow).
+    blocking: bool = False
+
+    def __init__(self, settings: Settings, creds: S3Credentials):
+        self.settings = settings
+        self.creds = creds
+
+    @property
+    def log(self) -> Path:
+        return self.settings.logs_dir / f"{self.name}.log"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.home / self.name
+
+    def ports(self) -> list[int]:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def health(self) -> Health:
+        raise NotImplementedError
+
+    def url(self) -> str:
+        return f"{self.settings.host}:{self.ports()[0]}"
+
+
+class S3Server(Component):
+    """SeaweedFS in one process (`weed mini`), S3 API on settings.s3_port."""
+
+    name = "s3"
+    # Offsets from the S3 port for weed's internal servers; gRPC ports are each + 10000.
+    _OFFSETS = {"s3": 0, "master": 1, "volume": 2, "filer": 3, "webdav": 4, "admin": 5}
+
+    def _port(self, role: str) -> int:
+        return self.settings.s3_port + self._OFFSETS[role]
+
+    def ports(self) -> list[int]:
+        http = [self._port(role) for role in self._OFFSETS]
+        grpc = [self._port(role) + 10000 for role in ("s3", "master", "volume", "filer", "admin")]
+        return http + grpc
+
+    def buckets(self) -> list[str]:
+        s = self.settings
+        return [s.bucket_artifacts, s.bucket_models, s.bucket_data]
+
+    def command(self) -> list[str]:
+        return [
+            _bin("weed"), "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={self.settings.host}", f"-ip.bind={self.settings.host}",
+            f"-s3.port={self._port('s3')}", f"-master.port={self._port('master')}",
+            f"-volume.port={self._port('volume')}", f"-filer.port={self._port('filer')}",
+            f"-webdav.port={self._port('webdav')}", f"-admin.port={self._port('admin')}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false",
+            f"-admin.password={self.creds.secret_key}",
+            f"-bucket={','.join(self.buckets())}",
+        ]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.creds.access_key, "AWS_SECRET_ACCESS_KEY": self.creds.secret_key}
+
+    def health(self) -> Health:
+        try:
+            client = object_store(self.settings, timeout_s=3, retries=0)
+            names = {b.name for b in client.list_buckets()}
+        except Exception as exc:  # any failure to answer is "down"; the detail says why
+            return Health(False, f"list-buckets failed: {type(exc).__name__}: {exc}"[:300])
+        missing = [b for b in self.buckets() if b not in names]
+        if missing:
+            return Health(False, f"buckets missing: {', '.join(missing)}")
+        return Health(True, f"{len(names)} buckets")
+
+
+class MlflowServer(Component):
+    """`mlflow server`: tracking + registry; sqlite (or PostgreSQL) backend, artifacts proxied to S3."""
+
+    name = "mlflow"
+
+    def ports(self) -> list[int]:
+        return [self.settings.mlflow_port]
+
+    def backend_uri(self) -> str:
+        if self.settings.db == "postgresql":
+            return f"postgresql://oncoserve@{self.settings.host}:{self.settings.postgres_port}/mlflow"
+        return f"sqlite:///{self.data_dir / 'mlflow.db'}"
+
+    def command(self) -> list[str]:
+        return [
+            _bin("mlflow"), "server",
+            "--host", self.settings.host, "--port", str(self.settings.mlflow_port),
+            "--backend-store-uri", self.backend_uri(),
+            "--artifacts-destination", f"s3://{self.settings.bucket_artifacts}/mlflow",
+            "--workers", "1",
+        ]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        # Job execution spawns extra worker processes we do not use (halves the server's memory).
+        return {**mlflow_env(self.settings), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def health(self) -> Health:
+        try:
+            with urllib.request.urlopen(f"{self.settings.mlflow_url}/health", timeout=3) as resp:
+                body = resp.read().decode(errors="replace").strip()
+                return Health(resp.status == 200, f"/health {resp.status} {body[:40]}")
+        except (urllib.error.URLError, OSError) as exc:
+            return Health(False, f"/health unreachable: {exc}")
+
+    def url(self) -> str:
+        return self.settings.mlflow_url
+
+
+class RayHead(Component):
+    """A local Ray head node (`ray start --head --block`), temp dir under ONCOSERVE_HOME."""
+
+    name = "ray"
+
+    def ports(self) -> list[int]:
+        s = self.settings
+        return [s.ray_port, s.ray_dashboard_port, s.ray_client_port, s.ray_dashboard_agent_port]
+
+    def temp_dir(self) -> Path:
+        """Ray's temp dir, reached through a short symlink when the real path is long.
+
+        Ray puts unix sockets under it, and a socket path may not exceed 107 bytes.
+        """
+        real = self.data_dir
+        if len(str(real)) <= 40:
+            return real
+        digest = hashlib.sha1(str(real).encode()).hexdigest()[:10]
+        link = Path("/tmp") / f"oncoserve-ray-{digest}"
+        if not link.is_symlink() or link.resolve() != real.resolve():
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(real)
+        return link
+
+    def command(self) -> list[str]:
+        s = self.settings
+        cmd = [
+            _bin("ray"), "start", "--head", "--block",
+            f"--node-ip-address={s.host}", f"--port={s.ray_port}",
+            f"--temp-dir={self.temp_dir()}",
+            "--include-dashboard=true", f"--dashboard-host={s.host}", f"--dashboard-port={s.ray_dashboard_port}",
+            f"--dashboard-agent-listen-port={s.ray_dashboard_agent_port}",
+            f"--ray-client-server-port={s.ray_client_port}",
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        if s.ray_num_cpus is not None:
+            cmd.append(f"--num-cpus={s.ray_num_cpus}")
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        return {"RAY_USAGE_STATS_ENABLED": "0"}
+
+    def health(self) -> Health:
+        # `ray health-check` asks the GCS over gRPC; a live PID alone proves nothing.
+        try:
+            result = subprocess.run(
+                [_bin("ray"), "health-check", "--address", self.settings.ray_address],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return Health(False, "GCS health-check timed out")
+        if result.returncode == 0:
+            return Health(True, f"GCS at {self.settings.ray_address} answers")
+        return Health(False, f"GCS health-check failed: {(result.stderr or result.stdout).strip()[-200:]}")
+
+    def url(self) -> str:
+        return self.settings.ray_address
+
+
+class PostgresServer(Component):
+    """PostgreSQL from the machine's binaries, for `--db postgresql` (MLflow's backend store)."""
+
+    name = "postgres"
+    blocking = True
+    stop_signal = signal.SIGINT  # "fast" shutdown: rolls back open transactions, exits cleanly
+
+    def ports(self) -> list[int]:
+        return [self.settings.postgres_port]
+
+    def _pg_bin(self, name: str) -> str:
+        for base in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+            if (base / name).exists():
+                return str(base / name)
+        found = shutil.which(name)
+        if not found:
+            raise StackError(f"postgres: {name} not found (install PostgreSQL server binaries)")
+        return found
+
+    def _as_owner(self) -> list[str]:
+        # PostgreSQL refuses to run as root; run it as the `postgres` system user then.
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--"]
+        return []
+
+    def prepare(self) -> None:
+        pgdata = self.data_dir / "data"
+        if (pgdata / "PG_VERSION").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.data_dir, "postgres", "postgres")
+        result = subprocess.run(
+            [*self._as_owner(), self._pg_bin("initdb"), "-D", str(pgdata), "-U", "oncoserve", "--auth=trust"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(f"postgres: initdb failed: {result.stderr.strip()[-300:]}")
+
+    def command(self) -> list[str]:
+        return [
+            *self._as_owner(), self._pg_bin("postgres"),
+            "-D", str(self.data_dir / "data"),
+            "-h", self.settings.host, "-p", str(self.settings.postgres_port),
+            "-k", str(self.data_dir),
+        ]  # fmt: skip
+
+    def health(self) -> Health:
+        result = subprocess.run(
+            [self._pg_bin("psql"), "-h", self.settings.host, "-p", str(self.settings.postgres_port),
+             "-U", "oncoserve", "-d", "postgres", "-tAc", "SELECT datname FROM pg_database"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        if result.returncode != 0:
+            return Health(False, f"psql failed: {result.stderr.strip()[-200:]}")
+        if "mlflow" not in result.stdout.split():
+            created = subprocess.run(
+                [self._pg_bin("createdb"), "-h", self.settings.host, "-p", str(self.settings.postgres_port),
+                 "-U", "oncoserve", "mlflow"],
+                capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+            if created.returncode != 0:
+                return Health(False, f"createdb mlflow failed: {created.stderr.strip()[-200:]}")
+        return Health(True, "accepting connections; database mlflow present")
+
+
+def components(settings: Settings, creds: S3Credentials) -> list[Component]:
+    """The stack's components in start order (a blocking one is healthy before the next starts)."""
+    parts: list[Component] = []
+    if settings.db == "postgresql":
+        parts.append(PostgresServer(settings, creds))
+    parts += [S3Server(settings, creds), RayHead(settings, creds), MlflowServer(settings, creds)]
+    return parts

@@ -1,0 +1,171 @@
+"""The embedded stack on one machine: S3 (SeaweedFS), MLflow, a Ray head (and PostgreSQL on request).
+
+State lives in ``ONCOSERVE_HOME/stack.json``: the PID and creation time of every process the stack
+started. `up` is idempotent, `down` stops only recorded processes, `status` checks real health.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from oncoserve import credentials
+from oncoserve.settings import Settings
+from pipelines.stack import process
+from pipelines.stack.components import Component, Health, StackError, components
+
+POLL_S = 0.5
+
+
+@dataclass
+class ComponentStatus:
+    name: str
+    running: bool
+    healthy: bool
+    pid: int | None
+    url: str
+    log: str
+    detail: str
+
+
+class EmbeddedStack:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state_file = settings.home / "stack.json"
+
+    # -- state -----------------------------------------------------------------------------------
+    def _load_state(self) -> dict[str, process.ProcessRecord]:
+        if not self.state_file.exists():
+            return {}
+        raw = json.loads(self.state_file.read_text())
+        return {name: process.ProcessRecord.from_json(rec) for name, rec in raw.items()}
+
+    def _save_state(self, state: dict[str, process.ProcessRecord]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({n: r.to_json() for n, r in state.items()}, indent=2))
+        os.replace(tmp, self.state_file)  # atomic: a crash never leaves half a state file
+
+    def _components(self, state: dict | None = None) -> list[Component]:
+        settings = self.settings
+        # A stack brought up with `--db postgresql` keeps that database until it is brought down.
+        if state and "postgres" in state and settings.db != "postgresql":
+            settings = settings.model_copy(update={"db": "postgresql"})
+        creds = credentials.load_or_create(settings.credentials_file)
+        return components(settings, creds)
+
+    def records(self) -> dict[str, process.ProcessRecord]:
+        return self._load_state()
+
+    # -- up --------------------------------------------------------------------------------------
+    def up(self, on_event: Callable[[str, str], None] = lambda name, msg: None) -> list[ComponentStatus]:
+        """Start what is not running, wait until every component is healthy; return their status."""
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        state = self._load_state()
+        waiting: list[Component] = []
+        for comp in self._components(state):
+            record = state.get(comp.name)
+            if record and process.find(record):
+                on_event(comp.name, "already running")
+            else:
+                self._start(comp, state, on_event)
+            waiting.append(comp)
+            if comp.blocking:
+                self._wait_healthy([comp], state, on_event)
+        self._wait_healthy(waiting, state, on_event)
+        return self.status()
+
+    def _start(self, comp: Component, state: dict, on_event: Callable[[str, str], None]) -> None:
+        busy = [p for p in comp.ports() if not process.port_free(self.settings.host, p)]
+        if busy:
+            raise StackError(
+                f"{comp.name}: cannot start, port {busy[0]} on {self.settings.host} is already in use by "
+                f"another process (ports needed: {', '.join(map(str, busy))}). Free it or choose another "
+                f"port in oncoserve.toml / ONCOSERVE_* settings. Log: {comp.log}"
+            )
+        comp.prepare()
+        record = process.spawn(comp.command(), comp.env(), comp.log, cwd=self.settings.home)
+        state[comp.name] = record
+        self._save_state(state)
+        on_event(comp.name, f"started (pid {record.pid})")
+
+    def _wait_healthy(self, comps: list[Component], state: dict, on_event: Callable[[str, str], None]) -> None:
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        pending = {c.name: c for c in comps}
+        last: dict[str, str] = {}
+        while pending:
+            for name, comp in list(pending.items()):
+                record = state[name]
+                if process.find(record) is None:
+                    raise StackError(
+                        f"{name}: exited during start-up. Log: {record.log}\n{process.log_tail(record.log)}"
+                    )
+                health = comp.health()
+                last[name] = health.detail
+                if health.ok:
+                    on_event(name, f"healthy ({health.detail})")
+                    del pending[name]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                name = next(iter(pending))
+                raise StackError(
+                    f"{name}: not healthy after {self.settings.startup_timeout_s:.0f}s ({last.get(name)}). "
+                    f"Log: {pending[name].log}"
+                )
+            time.sleep(POLL_S)  # polling a server's health endpoint, not synchronising a test
+
+    # -- down ------------------------------------------------------------------------------------
+    def down(self, on_event: Callable[[str, str], None] = lambda name, msg: None) -> None:
+        state = self._load_state()
+        by_name = {c.name: c for c in self._components(state)}
+        # Reverse start order: MLflow before the stores it writes to.
+        for name in reversed(list(state)):
+            record = state[name]
+            comp = by_name.get(name)
+            if process.find(record) is None:
+                on_event(name, "was not running")
+            else:
+                process.stop(record, sig=comp.stop_signal if comp else 15)
+                on_event(name, "stopped")
+            del state[name]
+            self._save_state(state)
+        if self.state_file.exists():
+            self.state_file.unlink()
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self) -> list[ComponentStatus]:
+        state = self._load_state()
+        result = []
+        for comp in self._components(state):
+            record = state.get(comp.name)
+            alive = bool(record and process.find(record))
+            health = comp.health() if alive else Health(False, "not running")
+            result.append(
+                ComponentStatus(
+                    name=comp.name,
+                    running=alive,
+                    healthy=health.ok,
+                    pid=record.pid if alive else None,
+                    url=comp.url(),
+                    log=str(comp.log),
+                    detail=health.detail,
+                )
+            )
+        return result
+
+    def status_json(self, parts: list[ComponentStatus] | None = None) -> dict:
+        parts = self.status() if parts is None else parts
+        return {
+            "healthy": all(p.healthy for p in parts),
+            "home": str(self.settings.home),
+            "components": {p.name: asdict(p) for p in parts},
+        }
+
+
+def is_healthy(parts: list[ComponentStatus]) -> bool:
+    return all(p.healthy for p in parts)
+

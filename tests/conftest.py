@@ -1,0 +1,66 @@
+"""Shared fixtures: isolated ONCOSERVE_HOME and free loopback ports for a private embedded stack."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from oncoserve.settings import Settings
+from pipelines.stack.process import port_free
+
+HOST = "127.0.0.1"
+
+
+def _free_block(offsets: list[int], rng: random.Random) -> int:
+    for _ in range(500):
+        base = rng.randrange(20000, 29000)
+        if all(port_free(HOST, base + off) for off in offsets):
+            return base
+    raise RuntimeError("no free port block found on 127.0.0.1")
+
+
+def stack_env(home: Path) -> dict[str, str]:
+    """ONCOSERVE_* variables for a private stack: its own home and ports that are free right now."""
+    rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
+    s3 = _free_block([0, 1, 2, 3, 4, 5, 10000, 10001, 10002, 10003, 10005], rng)
+    other = _free_block([0, 1, 2, 3, 4, 5, 6], rng)
+    return {
+        "ONCOSERVE_HOME": str(home),
+        "ONCOSERVE_S3_PORT": str(s3),
+        "ONCOSERVE_MLFLOW_PORT": str(other),
+        "ONCOSERVE_RAY_PORT": str(other + 1),
+        "ONCOSERVE_RAY_DASHBOARD_PORT": str(other + 2),
+        "ONCOSERVE_RAY_CLIENT_PORT": str(other + 3),
+        "ONCOSERVE_RAY_DASHBOARD_AGENT_PORT": str(other + 4),
+        "ONCOSERVE_POSTGRES_PORT": str(other + 5),
+        "ONCOSERVE_RAY_NUM_CPUS": "2",
+    }
+
+
+@pytest.fixture(scope="module")
+def stack_home():
+    # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
+    home = Path(tempfile.mkdtemp(prefix="osv-", dir="/tmp"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack_settings(stack_home):
+    """Settings of a private stack, also exported to the environment for CLI subprocesses."""
+    env = stack_env(stack_home)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield Settings()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

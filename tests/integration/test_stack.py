@@ -1,0 +1,177 @@
+"""The embedded stack with its real servers on loopback: lifecycle, persistence and failure paths.
+
+The tests in this module share one private stack and run in order (each leaves it as the next expects).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from oncoserve.object_store import object_store
+from pipelines.stack import EmbeddedStack, StackError
+from pipelines.stack import process as proc
+
+pytestmark = pytest.mark.integration
+
+OBJECT_KEY = "tests/persist.txt"
+PAYLOAD = b"an object that must survive down/up"
+MODEL = "stack-test-model"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "oncoserve"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+
+
+def stack_pids(stack: EmbeddedStack) -> set[int]:
+    pids: set[int] = set()
+    for record in stack.records().values():
+        pids |= set(proc.session_alive(record))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def stack(stack_settings):
+    s = EmbeddedStack(stack_settings)
+    yield s
+    s.down()
+
+
+@pytest.fixture(scope="module")
+def saved(stack):
+    """What the first test wrote, for the persistence test to look for."""
+    return {}
+
+
+def test_up_brings_every_component_to_health(stack, stack_settings):
+    parts = stack.up()
+    assert {p.name for p in parts} == {"s3", "mlflow", "ray"}
+    assert all(p.healthy for p in parts), [(p.name, p.detail) for p in parts]
+    creds = stack_settings.credentials_file
+    assert creds.stat().st_mode & 0o777 == 0o600
+    for p in parts:
+        assert Path(p.log).parent == stack_settings.logs_dir and Path(p.log).exists()
+
+
+def test_second_up_starts_nothing_new(stack):
+    before = {n: r.pid for n, r in stack.records().items()}
+    stack.up()
+    assert {n: r.pid for n, r in stack.records().items()} == before
+
+
+def test_status_cli_reports_healthy_json(stack):
+    result = cli("stack", "status", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["healthy"] is True
+    assert set(doc["components"]) == {"s3", "mlflow", "ray"}
+
+
+def test_servers_bind_loopback_only(stack, stack_settings):
+    s = stack_settings
+    for port in (s.s3_port, s.mlflow_port):
+        conns = [c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+        assert conns and all(c.laddr.ip == "127.0.0.1" for c in conns), conns
+
+
+def test_s3_mlflow_ray_round_trips(stack, stack_settings, saved):
+    s = stack_settings
+    store = object_store(s)
+    store.put_object(s.bucket_data, OBJECT_KEY, io.BytesIO(PAYLOAD), len(PAYLOAD))
+    assert store.get_object(s.bucket_data, OBJECT_KEY).read() == PAYLOAD
+
+    client = MlflowClient(tracking_uri=s.mlflow_url)
+    exp_id = client.create_experiment("stack-test")
+    run = client.create_run(exp_id)
+    client.log_metric(run.info.run_id, "dice_wt", 0.91)
+    client.log_text(run.info.run_id, "weights would go here", "model/README.txt")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(MODEL)
+    mv = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(MODEL, "champion", mv.version)
+    saved.update(run_id=run.info.run_id, version=mv.version)
+
+    # The run's artifact went through the MLflow server into the stack's S3 bucket.
+    keys = [o.object_name for o in store.list_objects(s.bucket_artifacts, prefix="mlflow/", recursive=True)]
+    assert any(k.endswith("model/README.txt") for k in keys), keys
+
+    import ray
+
+    ray.init(address=s.ray_address, logging_level="ERROR", log_to_driver=False)
+    try:
+        assert ray.get(ray.remote(lambda x: x + 1).remote(41)) == 42
+    finally:
+        ray.shutdown()
+
+
+def test_down_leaves_no_stack_process(stack):
+    records = stack.records()
+    assert set(records) == {"s3", "mlflow", "ray"}
+    pids = stack_pids(stack)
+    assert pids
+    stack.down()
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    assert stack.records() == {}
+    status = cli("stack", "status")
+    assert status.returncode == 1
+
+
+def test_data_survives_down_and_up(stack, stack_settings, saved):
+    s = stack_settings
+    assert all(p.healthy for p in stack.up())
+    assert object_store(s).get_object(s.bucket_data, OBJECT_KEY).read() == PAYLOAD
+    client = MlflowClient(tracking_uri=s.mlflow_url)
+    assert client.get_run(saved["run_id"]).data.metrics["dice_wt"] == pytest.approx(0.91)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == saved["version"]
+
+
+def test_killed_component_is_reported_then_restarted_with_data(stack, stack_settings, saved):
+    record = stack.records()["mlflow"]
+    os.killpg(record.pid, signal.SIGKILL)
+    psutil.wait_procs([psutil.Process(record.pid)], timeout=10)
+    status = cli("stack", "status", "--json")
+    assert status.returncode == 1
+    doc = json.loads(status.stdout)
+    assert doc["healthy"] is False
+    assert doc["components"]["mlflow"]["healthy"] is False
+    assert doc["components"]["s3"]["healthy"] is True
+
+    parts = {p.name: p for p in stack.up()}
+    assert parts["mlflow"].healthy and parts["mlflow"].pid != record.pid
+    client = MlflowClient(tracking_uri=stack_settings.mlflow_url)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == saved["version"]
+
+
+def test_port_in_use_names_the_component(stack, stack_settings):
+    stack.down()
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the old server's TIME_WAITs
+    blocker.bind(("127.0.0.1", stack_settings.mlflow_port))
+    blocker.listen()
+    try:
+        with pytest.raises(StackError) as err:
+            stack.up()
+        message = str(err.value)
+        assert message.startswith("mlflow:")
+        assert str(stack_settings.mlflow_port) in message and "mlflow.log" in message
+
+        result = cli("stack", "up")
+        assert result.returncode == 1
+        assert "mlflow" in result.stderr and "already in use" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+    finally:
+        blocker.close()
+        stack.down()
+    assert stack_pids(stack) == set()

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from oncoserve import credentials
+from oncoserve.settings import Settings
+
+
+def test_defaults_bind_loopback_and_home_is_dot_oncoserve(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ONCOSERVE_HOME", raising=False)
+    monkeypatch.delenv("ONCOSERVE_CONFIG", raising=False)
+    s = Settings()
+    assert s.host == "127.0.0.1"
+    assert s.home == (tmp_path / ".oncoserve").resolve()
+    assert s.mlflow_url == f"http://127.0.0.1:{s.mlflow_port}"
+
+
+def test_env_prefix_overrides_toml_which_overrides_defaults(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "oncoserve.toml").write_text('mlflow_port = 5123\nray_port = 6999\nhome = "data"\n')
+    monkeypatch.setenv("ONCOSERVE_RAY_PORT", "7001")
+    s = Settings()
+    assert s.mlflow_port == 5123  # from the file
+    assert s.ray_port == 7001  # env beats the file
+    assert s.home == (tmp_path / "data").resolve()
+
+
+def test_config_file_named_by_env(monkeypatch, tmp_path):
+    cfg = tmp_path / "elsewhere.toml"
+    cfg.write_text("s3_port = 9000\n")
+    monkeypatch.setenv("ONCOSERVE_CONFIG", str(cfg))
+    assert Settings().s3_port == 9000
+
+
+def test_bad_value_is_a_validation_error(monkeypatch):
+    monkeypatch.setenv("ONCOSERVE_DB", "oracle")
+    with pytest.raises(ValidationError, match="db"):
+        Settings()
+
+
+def test_credentials_created_once_with_mode_600(tmp_path):
+    path = tmp_path / "home" / "credentials.json"
+    first = credentials.load_or_create(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert credentials.load_or_create(path) == first
+    assert len(first.secret_key) >= 30
+
+
+def test_missing_credentials_say_how_to_create_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stack up"):
+        credentials.load(Path(tmp_path / "nope.json"))
