@@ -19,7 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing torch==2.13.0 (CPU build) first"
 	@$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | $(QUIET)
-	@$(BIN)/python -c "import torch" || { echo "torch==2.13.0 failed to install"; exit 1; }
+	@$(BIN)/python -W ignore -c "import torch" || { echo "torch==2.13.0 failed to install"; exit 1; }
 	@echo "==> installing the pinned environment (requirements.lock)"
 	@$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | $(QUIET)
 	@$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.cli import demo, stack
+from pipelines.cli import data, demo, stack
 
 app = typer.Typer(
     name="oncoserve",
@@ -13,4 +13,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(stack.app, name="stack")
+app.add_typer(data.app, name="data")
 app.command("demo")(demo.demo)
