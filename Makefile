@@ -29,7 +29,15 @@ $(STAMP): requirements.lock pyproject.toml
 demo: venv
 	$(BIN)/oncoserve demo
 
-test: venv
+# The official BraTS metrics (AGPL) live in their own venv: a test-only external cross-check.
+BRATS_VENV := .venv-brats
+$(BRATS_VENV)/.installed: tests/external/requirements-brats.lock
+	@test -x $(BRATS_VENV)/bin/python || $(PYTHON) -m venv $(BRATS_VENV)
+	@echo "==> installing the test-only BraTS metrics venv"
+	@$(BRATS_VENV)/bin/pip install -q --disable-pip-version-check -r $< 2>&1 | $(QUIET)
+	@touch $@
+
+test: venv $(BRATS_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: venv
@@ -44,4 +52,4 @@ lock:
 	mv requirements.lock.new requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(BRATS_VENV) .pytest_cache
