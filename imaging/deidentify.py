@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-METHOD = "oncoserve basic profile (DICOM PS3.15 E.1) with retained patient characteristics and shifted dates"
+METHOD = "oncoserve: PS3.15 E.1 basic profile, options 113107 113108"  # LO: at most 64 chars
 
 # Replaced with a dummy value (type 1/2 attributes keep existing, emptied or pseudonymised).
 REPLACE = {"PatientName": "ANONYMOUS", "PatientID": None}  # PatientID -> the pseudonym

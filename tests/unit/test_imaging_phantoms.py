@@ -1,0 +1,117 @@
+"""Synthetic phantoms: labels statistically coupled to imaging, site effects, determinism, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imaging.dataset import iter_dataset, read_clinical
+from imaging.labels import ED, ET, NCR
+from imaging.phantoms import make_case, synthesise
+
+N = 36
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    """N phantom cases in memory with their generation records (the truth before label masking)."""
+    out = []
+    for i in range(N):
+        study, record = make_case(seed=5, index=i, sites=3)
+        seg = study.segmentation.data
+        out.append(dict(record["truth"], seg=seg, record=record, study=study))
+    return out
+
+
+def fraction(seg: np.ndarray, label: int, of=(NCR, ET)) -> float:
+    return float((seg == label).sum()) / max(int(np.isin(seg, of).sum()), 1)
+
+
+def test_hgg_has_more_necrosis_and_enhancement_than_lgg(cohort):
+    hgg = [c for c in cohort if c["grade"] == "HGG"]
+    lgg = [c for c in cohort if c["grade"] == "LGG"]
+    assert len(hgg) >= 5 and len(lgg) >= 5
+    # Ring enhancement: HGG enhancing fraction of the core is high, LGG little or none.
+    assert np.mean([fraction(c["seg"], ET) for c in hgg]) > 0.3
+    assert np.mean([fraction(c["seg"], ET) for c in lgg]) < 0.1
+    assert all((c["seg"] == ET).any() and (c["seg"] == NCR).any() for c in hgg)
+
+
+def test_idh_wildtype_enhances_more_and_sits_deeper(cohort):
+    hgg = [c for c in cohort if c["grade"] == "HGG"]
+    wt = [c for c in hgg if c["idh"] == "wildtype"]
+    mut = [c for c in cohort if c["idh"] == "mutant"]
+    assert wt and mut
+    assert np.mean([fraction(c["seg"], ET) for c in wt]) > np.mean([fraction(c["seg"], ET) for c in mut])
+    assert np.mean([c["record"]["frontal"] for c in mut]) > np.mean([c["record"]["frontal"] for c in cohort if c["idh"] == "wildtype"])
+    assert np.mean([c["record"]["depth_mm"] for c in cohort if c["idh"] == "wildtype"]) > np.mean(
+        [c["record"]["depth_mm"] for c in mut]
+    )
+
+
+def test_codeletion_only_in_idh_mutant(cohort):
+    assert all(c["idh"] == "mutant" for c in cohort if c["codeletion_1p19q"] == "codeleted")
+    assert any(c["codeletion_1p19q"] == "codeleted" for c in cohort)
+
+
+def test_every_tumour_has_oedema_and_stays_in_the_brain(cohort):
+    for c in cohort:
+        assert (c["seg"] == ED).any()
+        brain = next(iter(c["study"].images.values())).data > 0
+        assert not np.any((c["seg"] > 0) & ~brain)
+
+
+def test_labels_go_missing_like_real_cohorts(cohort):
+    known_idh = [c["study"].labels.idh is not None for c in cohort]
+    known_mgmt = [c["study"].labels.mgmt is not None for c in cohort]
+    assert 0.4 < np.mean(known_idh) < 1.0 and 0.3 < np.mean(known_mgmt) < 0.95
+    assert all(c["study"].labels.os_days > 0 and c["study"].labels.os_event in (0, 1) for c in cohort)
+
+
+def test_sites_differ_in_intensity_and_slice_thickness(cohort):
+    by_site: dict[str, list] = {}
+    for c in cohort:
+        if "t1" in c["study"].images:
+            by_site.setdefault(c["record"]["site"], []).append(c)
+    medians = {s: np.median([np.median(c["study"].images["t1"].data[c["study"].images["t1"].data > 0]) for c in cs])
+               for s, cs in by_site.items()}  # fmt: skip
+    assert len(medians) == 3 and max(medians.values()) / min(medians.values()) > 1.1
+
+
+def test_same_seed_gives_identical_bytes_and_ood_cases(tmp_path):
+    a = synthesise(tmp_path / "a", n=3, seed=9, ood_fraction=0.34)
+    b = synthesise(tmp_path / "b", n=3, seed=9, ood_fraction=0.34)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    rows = read_clinical(a)
+    assert len(rows) == 3
+    studies = list(iter_dataset(a))
+    assert sum(s.segmentation is None for s in studies) == 1  # the OOD case has no tumour label
+
+
+def test_synth_refuses_a_non_empty_target(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        synthesise(tmp_path / "d", n=1, seed=0)
+    assert (tmp_path / "d" / "keep.txt").read_text() == "mine"
+
+
+def test_synth_and_manifest_cli(tmp_path):
+    exe = str(Path(sys.executable).parent / "oncoserve")
+    run = subprocess.run([exe, "data", "synth", "--out", str(tmp_path / "d"), "--n", "2", "--seed", "1", "--sites", "2"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    first = subprocess.run([exe, "data", "manifest", str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    second = subprocess.run([exe, "data", "manifest", str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    digest = first.stdout.strip().splitlines()[-1]
+    assert len(digest) == 64 and digest == second.stdout.strip().splitlines()[-1]
+    assert (tmp_path / "d" / "manifest.json").exists()
+    (tmp_path / "d" / "clinical.csv").write_text("changed")
+    third = subprocess.run([exe, "data", "manifest", str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    assert third.stdout.strip().splitlines()[-1] != digest
