@@ -69,6 +69,27 @@ def bench_stack() -> list[dict]:
     return figures
 
 
+def bench_data() -> list[dict]:
+    from imaging import manifest
+    from imaging.phantoms import synthesise
+
+    work = Path(tempfile.mkdtemp(prefix="osb-data-", dir="/tmp"))
+    try:
+        t0 = time.monotonic()
+        synthesise(work / "d", n=20, seed=1)
+        synth_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        manifest.write(work / "d")
+        manifest_s = time.monotonic() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [
+        figure("data_synth_20_cases_s", synth_s, "s"),
+        figure("data_manifest_20_cases_s", manifest_s, "s"),
+        figure("data_synth_plus_manifest_s", synth_s + manifest_s, "s", "<= 120", synth_s + manifest_s <= 120),
+    ]
+
+
 def write_report(figures: list[dict]) -> None:
     (OUT / "results.json").write_text(json.dumps(figures, indent=2) + "\n")
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -92,6 +113,8 @@ def main() -> None:
     figures = []
     with console.status("benchmark: embedded stack start/stop and memory"):
         figures += bench_stack()
+    with console.status("benchmark: phantom synthesis and manifest (20 cases)"):
+        figures += bench_data()
     write_report(figures)
     for f in figures:
         console.print(f"{f['name']:<28} {f['value']:>10} {f['unit']}")
