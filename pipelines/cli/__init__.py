@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.cli import data, demo, stack
+from pipelines.cli import data, demo, stack, train
 
 app = typer.Typer(
     name="oncoserve",
@@ -15,3 +15,5 @@ app = typer.Typer(
 app.add_typer(stack.app, name="stack")
 app.add_typer(data.app, name="data")
 app.command("demo")(demo.demo)
+app.command("train")(train.train)
+app.command("evaluate")(train.evaluate)

@@ -1,0 +1,145 @@
+"""Score an exported (ONNX) model on preprocessed cases with onnxruntime: the artifact serving will load.
+
+Metrics are computed on the 2 mm model grid with the shared imaging metrics and post-processing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from imaging import metrics
+from imaging.labels import CLASS_TO_LABEL
+from imaging.postprocess import heatmap_to_box, probabilities_to_labels, remove_stray_voxels
+from imaging.study import MODALITIES
+from training.data import CLS_TASKS, CaseArrays
+
+
+def session(path: str, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate_segmentation(sess, cases: list[CaseArrays], extras: dict) -> dict:
+    rows = []
+    for c in cases:
+        if c.seg_classes is None:
+            continue
+        probs = sess.run(None, {"image": c.image[None]})[0][0]
+        voxel_ml = c.spacing_mm**3 / 1000
+        pred = remove_stray_voxels(probabilities_to_labels(probs), voxel_ml)
+        truth = CLASS_TO_LABEL[c.seg_classes]
+        rows.append({"case_id": c.case_id, **metrics.segmentation_scores(pred, truth, (c.spacing_mm,) * 3)})
+    keys = [k for k in rows[0] if k != "case_id"] if rows else []
+    return {"metrics": {k: _mean(r[k] for r in rows) for k in keys} | {"n_cases": len(rows)}, "per_case": rows}
+
+
+def evaluate_localization(sess, cases: list[CaseArrays], extras: dict) -> dict:
+    rows = []
+    for c in cases:
+        if c.seg_classes is None or not (c.seg_classes > 0).any():
+            continue
+        heat = sess.run(None, {"image": c.image[None]})[0][0, 0]
+        loc = heatmap_to_box(heat)
+        # 4 mm heatmap voxel -> the 2 mm model grid it covers.
+        box = np.concatenate([loc.bbox_vox[:3] * 2, loc.bbox_vox[3:] * 2 + 1])
+        centre = loc.centroid_vox * 2 + 0.5
+        truth_box = metrics.bbox(c.seg_classes > 0)
+        truth_centre = (truth_box[:3] + truth_box[3:]) / 2
+        rows.append({
+            "case_id": c.case_id,
+            "box_iou": metrics.box_iou(box, truth_box),
+            "centre_distance_mm": metrics.centre_distance_mm(centre, truth_centre, (c.spacing_mm,) * 3),
+            "hit": float(metrics.centre_in_box(centre, truth_box)),
+        })  # fmt: skip
+    return {
+        "metrics": {"box_iou": _mean(r["box_iou"] for r in rows),
+                    "centre_distance_mm": _mean(r["centre_distance_mm"] for r in rows),
+                    "hit_rate": _mean(r["hit"] for r in rows), "n_cases": len(rows)},
+        "per_case": rows,
+    }  # fmt: skip
+
+
+def _classify(sess, cases: list[CaseArrays], drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    probs, stds = [], []
+    for c in cases:
+        image, presence = c.image[None].copy(), c.presence[None].copy()
+        if drop is not None:
+            image[:, drop], presence[:, drop] = 0.0, 0.0
+        p, _, s = sess.run(None, {"image": image, "presence": presence})
+        probs.append(p[0])
+        stds.append(s[0])
+    return np.array(probs), np.array(stds)
+
+
+def _cls_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str = "") -> dict:
+    out = {}
+    for t, task in enumerate(CLS_TASKS):
+        known = labels[:, t] >= 0
+        y, p = labels[known, t], probs[known, t]
+        out[f"{prefix}{task}_n"] = int(known.sum())
+        if known.sum() == 0:
+            continue
+        out[f"{prefix}{task}_auc"] = metrics.auc(y, p)
+        out[f"{prefix}{task}_balanced_accuracy"] = metrics.balanced_accuracy(y, p >= 0.5)
+        out[f"{prefix}{task}_f1"] = metrics.f1(y, p >= 0.5)
+        out[f"{prefix}{task}_ece"] = metrics.ece(y, p)
+    return out
+
+
+def evaluate_classification(sess, cases: list[CaseArrays], extras: dict) -> dict:
+    cases = [c for c in cases if (c.cls >= 0).any()]
+    labels = np.array([c.cls for c in cases]) if cases else np.zeros((0, 4))
+    probs, stds = _classify(sess, cases)
+    result = _cls_metrics(probs, labels)
+    result["mean_mc_std"] = float(stds.mean()) if len(stds) else float("nan")
+    for m, modality in enumerate(MODALITIES):
+        # Robustness: the same cases with one modality missing (where it was present).
+        with_it = [c for c in cases if c.presence[m] > 0]
+        if with_it:
+            p, _ = _classify(sess, with_it, drop=m)
+            result |= _cls_metrics(p, np.array([c.cls for c in with_it]), prefix=f"without_{modality}/")
+    rows = [{"case_id": c.case_id, **{f"p_{t}": float(p[i]) for i, t in enumerate(CLS_TASKS)},
+             **{f"label_{t}": int(c.cls[i]) for i, t in enumerate(CLS_TASKS)}} for c, p in zip(cases, probs)]  # fmt: skip
+    return {"metrics": result | {"n_cases": len(cases)}, "per_case": rows}
+
+
+def evaluate_survival(sess, cases: list[CaseArrays], extras: dict) -> dict:
+    from lifelines.statistics import logrank_test
+
+    cases = [c for c in cases if c.os_event >= 0 and np.isfinite(c.os_days) and np.isfinite(c.age)]
+    risks = np.array([
+        float(sess.run(None, {"image": c.image[None], "presence": c.presence[None],
+                              "age": np.array([[c.age]], np.float32)})[0][0, 0])
+        for c in cases
+    ])  # fmt: skip
+    days = np.array([c.os_days for c in cases])
+    events = np.array([c.os_event for c in cases])
+    out = {"n_cases": len(cases)}
+    if len(cases) >= 2:
+        out["c_index"] = metrics.c_index(days, risks, events)
+        high = risks >= extras.get("risk_threshold", float(np.median(risks)))
+        if high.any() and (~high).any():
+            test = logrank_test(days[high], days[~high], events[high], events[~high])
+            out["logrank_p"] = float(test.p_value)
+    rows = [{"case_id": c.case_id, "risk": float(r), "os_days": float(c.os_days), "os_event": int(c.os_event)}
+            for c, r in zip(cases, risks)]  # fmt: skip
+    return {"metrics": out, "per_case": rows}
+
+
+EVALUATORS = {
+    "segmentation": evaluate_segmentation,
+    "localization": evaluate_localization,
+    "classification": evaluate_classification,
+    "survival": evaluate_survival,
+}
+
+
+def evaluate(task: str, onnx_path: str, cases: list[CaseArrays], extras: dict) -> dict:
+    return EVALUATORS[task](session(onnx_path), cases, extras)

@@ -1,0 +1,228 @@
+"""A training job: Ray Train fit -> post-fit calibration -> ONNX export + parity -> held-out evaluation
+-> plots and model card -> MLflow run artifacts -> a registered model version with lineage tags.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+
+from imaging.preprocess import PREPROCESSING_VERSION
+from training import networks, tasks
+from training.data import load_dataset, split_cases
+from training.errors import TrainingError
+from training.evaluate import evaluate, session
+from training.export import export_onnx
+from training.loop import CHECKPOINT_FILE, train_loop_per_worker
+from training.report import calibration_plot, km_plot, model_card, overlay_plot, segmentation_prediction
+
+EXPERIMENT_PREFIX = "oncoserve-"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainResult:
+    task: str
+    run_id: str
+    version: str
+    metrics: dict
+    parity_max_abs_diff: float
+
+
+@dataclass
+class JobConfig:
+    task: str
+    data_dir: Path
+    tracking_uri: str
+    ray_address: str
+    home: Path
+    epochs: int | None = None
+    workers: int = 1
+    gpu: bool = False
+    resume_run: str | None = None
+    seed: int = 0
+    threads_per_worker: int = 1
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flat_metrics(metrics: dict) -> dict[str, float]:
+    return {k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)}
+
+
+def _poll_progress(client: MlflowClient, run_id: str, epochs: int, stop: threading.Event, on_epoch) -> None:
+    seen = -1
+    while not stop.wait(2.0):
+        history = client.get_metric_history(run_id, "val_loss")
+        if history and history[-1].step > seen:
+            seen = history[-1].step
+            on_epoch(seen + 1, epochs, history[-1].value)
+
+
+def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda done, total, val: None) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    task = tasks.get(cfg.task)
+    if cfg.gpu and not torch.cuda.is_available():
+        raise TrainingError("--gpu asked for, but no CUDA device is visible on this machine")
+    epochs = cfg.epochs or task.default_epochs
+    log(f"preprocessing {cfg.data_dir} (cached under {cfg.home / 'cache'})")
+    data = load_dataset(cfg.data_dir, cfg.home / "cache")
+    cases = data.by_id()
+    client = MlflowClient(cfg.tracking_uri)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    resume_from = None
+    if cfg.resume_run:
+        run = client.get_run(cfg.resume_run)
+        split = json.loads(Path(client.download_artifacts(cfg.resume_run, "split.json", tempfile.mkdtemp())).read_text())
+        resume_from = run.data.tags.get("ray_checkpoint")
+        run_id = cfg.resume_run
+        log(f"resuming run {run_id} from checkpoint {resume_from}")
+    else:
+        split = split_cases(data, cfg.seed)
+        usable = [i for i in split["train"] if task.usable(cases[i])]
+        if not usable:
+            raise TrainingError(f"{cfg.task}: no training case in {cfg.data_dir} has the labels this task needs")
+        experiment = mlflow.set_experiment(EXPERIMENT_PREFIX + cfg.task)
+        run = client.create_run(experiment.experiment_id, run_name=f"{cfg.task}-train")
+        run_id = run.info.run_id
+        params = {"task": cfg.task, "epochs": epochs, "workers": cfg.workers, "seed": cfg.seed, "lr": task.lr,
+                  "batch_size": task.batch_size, "preprocessing_version": data.preprocessing,
+                  "dataset_hash": data.dataset_hash, "n_train": len(split["train"]), "n_val": len(split["val"]),
+                  "n_test": len(split["test"]), "gpu": cfg.gpu}  # fmt: skip
+        for k, v in params.items():
+            client.log_param(run_id, k, v)
+        client.log_dict(run_id, split, "split.json")
+
+    storage = cfg.home / "ray_results"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "task": cfg.task, "data_dir": str(cfg.data_dir), "cache_dir": str(cfg.home / "cache"),
+            "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
+            "tracking_uri": cfg.tracking_uri, "resume_from": resume_from, "threads": cfg.threads_per_worker,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
+        run_config=RunConfig(
+            name=f"{cfg.task}-{run_id}", storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )  # fmt: skip
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, logging_level="ERROR", log_to_driver=False)
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_progress, args=(client, run_id, epochs, stop, on_epoch), daemon=True)
+    poller.start()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        client.set_terminated(run_id, "FAILED")
+        raise TrainingError(f"{cfg.task}: Ray Train fit failed: {exc}") from exc
+    finally:
+        stop.set()
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise TrainingError(f"{cfg.task}: training produced no checkpoint")
+    with checkpoint.as_directory() as path:
+        client.set_tag(run_id, "ray_checkpoint", str(path))
+        state = torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    model = networks.build(cfg.task)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return _finish(cfg, task, model, data, cases, split, run_id, client, log)
+
+
+def _finish(cfg, task, model, data, cases, split, run_id, client, log) -> TrainResult:
+    log("post-fit: calibration / baselines on the training and validation splits")
+    extras = task.finalize(model, cases, split)
+    test_cases = [cases[i] for i in split["test"]]
+    example = next((c for c in test_cases if task.usable(c)), next(c for c in cases.values() if task.usable(c)))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = tmp / "model"
+        exported = export_onnx(task, model, extras, example, model_dir / "model.onnx")
+        log(f"ONNX exported (opset {exported.opset}); parity max |torch - onnxruntime| = {exported.parity_max_abs_diff:.2e}")
+        if not exported.parity_ok:
+            raise TrainingError(f"{cfg.task}: ONNX parity {exported.parity_max_abs_diff:.2e} exceeds the bound")
+        evaluation = evaluate(cfg.task, str(exported.path), test_cases, extras)
+        signature = {"inputs": exported.inputs, "outputs": exported.outputs}
+        (model_dir / "signature.json").write_text(json.dumps(signature, indent=1))
+        (model_dir / "extras.json").write_text(json.dumps(extras))
+        (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=1, default=float))
+        plots = _plots(cfg.task, str(exported.path), test_cases, evaluation, extras, tmp)
+        info = {"params": {"epochs": cfg.epochs, "workers": cfg.workers, "seed": cfg.seed}, "opset": exported.opset,
+                "parity_max_abs_diff": exported.parity_max_abs_diff, "git_commit": git_commit()}  # fmt: skip
+        datainfo = {"dataset_hash": data.dataset_hash, "preprocessing": data.preprocessing, "n_cases": len(cases),
+                    "seed": cfg.seed, **{f"n_{k}": len(v) for k, v in split.items()}}  # fmt: skip
+        (model_dir / "MODEL_CARD.md").write_text(model_card(cfg.task, info, evaluation["metrics"], datainfo))
+        client.log_artifacts(run_id, str(model_dir), "model")
+        client.log_artifact(run_id, str(tmp / "evaluation.json"))
+        for plot in plots:
+            client.log_artifact(run_id, str(plot), "plots")
+    metrics = _flat_metrics(evaluation["metrics"])
+    for key, value in metrics.items():
+        client.log_metric(run_id, f"test.{key}", value)
+    client.log_metric(run_id, "onnx_parity_max_abs_diff", exported.parity_max_abs_diff)
+    version = register(client, cfg.tracking_uri, cfg.task, run_id, data, exported, metrics, info["git_commit"])
+    client.set_terminated(run_id, "FINISHED")
+    log(f"registered {cfg.task} version {version}")
+    return TrainResult(cfg.task, run_id, version, metrics, exported.parity_max_abs_diff)
+
+
+def _plots(task_name, onnx_path, test_cases, evaluation, extras, tmp: Path) -> list[Path]:
+    plots = []
+    if task_name == "classification":
+        plots.append(calibration_plot(evaluation["per_case"], tmp / "calibration.png"))
+    elif task_name == "survival":
+        plots.append(km_plot(evaluation["per_case"], extras["risk_threshold"], tmp / "km_by_risk_group.png"))
+    else:
+        case = next((c for c in test_cases if c.seg_classes is not None and (c.seg_classes > 0).any()), None)
+        if case is not None:
+            sess = session(onnx_path)
+            if task_name == "segmentation":
+                plots.append(overlay_plot(case, segmentation_prediction(sess, case), tmp / "overlay.png"))
+            else:
+                heat = sess.run(None, {"image": case.image[None]})[0][0, 0]
+                plots.append(overlay_plot(case, np.zeros(case.image.shape[1:], np.uint8), tmp / "overlay.png", heat))
+    return plots
+
+
+def register(client: MlflowClient, tracking_uri: str, task: str, run_id: str, data, exported, metrics: dict, commit: str) -> str:
+    """A new version under the task's name, tagged with its lineage and evaluation."""
+    try:
+        client.get_registered_model(task)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(task, description=f"oncoserve {task} model (ONNX)")
+    run = client.get_run(run_id)
+    tags = {
+        "task": task,
+        "dataset_hash": data.dataset_hash,
+        "git_commit": commit,
+        "preprocessing_version": data.preprocessing,
+        "preprocessing_code_version": PREPROCESSING_VERSION,
+        "signature": json.dumps({"inputs": exported.inputs, "outputs": exported.outputs}),
+        "onnx_opset": str(exported.opset),
+        "onnx_parity_max_abs_diff": f"{exported.parity_max_abs_diff:.3e}",
+        "metrics": json.dumps(metrics),
+        "run_link": f"{tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}",
+    }
+    mv = client.create_model_version(task, f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags)
+    return str(mv.version)

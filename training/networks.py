@@ -1,0 +1,99 @@
+"""Networks per task (MONAI building blocks). Every network takes the same preprocessed input: the
+(B, 4, 96, 112, 96) 2 mm model-grid tensor, so the gateway preprocesses a study once for all tasks.
+Whole-volume tasks (localization, classification, survival) pool it to 4 mm inside the network.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets import UNet
+from torch import nn
+
+N_MODALITIES = 4
+N_CLS_TASKS = 4
+
+
+def segmentation_net() -> nn.Module:
+    """3D U-Net, 4 modalities in, 4 classes out (background, NCR, ED, ET)."""
+    return UNet(spatial_dims=3, in_channels=N_MODALITIES, out_channels=4, channels=(16, 32, 64, 128),
+                strides=(2, 2, 2), num_res_units=1, norm="instance")  # fmt: skip
+
+
+class LocalizationNet(nn.Module):
+    """A light U-Net on the 4 mm grid producing a tumour heatmap (logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool3d(2)
+        self.unet = UNet(spatial_dims=3, in_channels=N_MODALITIES, out_channels=1, channels=(8, 16, 32),
+                         strides=(2, 2), num_res_units=1, norm="instance")  # fmt: skip
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.unet(self.pool(image))
+
+
+class Encoder(nn.Module):
+    """Strided 3D conv encoder on the 4 mm grid -> a feature vector (plus the modality presence flags)."""
+
+    def __init__(self, features: int = 96) -> None:
+        super().__init__()
+        chans = [N_MODALITIES, 16, 32, 64, features]
+        blocks = [nn.AvgPool3d(2)]
+        for i in range(len(chans) - 1):
+            blocks.append(Convolution(3, chans[i], chans[i + 1], strides=1 if i == 0 else 2, kernel_size=3,
+                                      norm="instance", act="leakyrelu"))  # fmt: skip
+        self.body = nn.Sequential(*blocks)
+        self.out_features = features + N_MODALITIES
+
+    def forward(self, image: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        pooled = self.body(image).mean(dim=(2, 3, 4))
+        return torch.cat([pooled, presence], dim=1)
+
+
+class MultiTaskClassifier(nn.Module):
+    """One encoder, one head per task (grade, IDH, 1p/19q, MGMT); a logit per task.
+
+    The heads' dropout stays usable at inference for MC-dropout epistemic uncertainty.
+    """
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        self.hidden = nn.Sequential(nn.Linear(self.encoder.out_features, 64), nn.LeakyReLU())
+        self.dropout_p = dropout
+        self.heads = nn.Linear(64, N_CLS_TASKS)
+        # Learned homoscedastic uncertainty per task (log sigma), Kendall et al. weighting.
+        self.log_sigma = nn.Parameter(torch.zeros(N_CLS_TASKS))
+        self.register_buffer("temperature", torch.ones(N_CLS_TASKS))
+
+    def features(self, image: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        return self.hidden(self.encoder(image, presence))
+
+    def head(self, hidden: torch.Tensor, mc: bool = False) -> torch.Tensor:
+        return self.heads(nn.functional.dropout(hidden, self.dropout_p, training=self.training or mc))
+
+    def forward(self, image: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(image, presence))
+
+
+class CoxSurvivalNet(nn.Module):
+    """Encoder features plus age -> a Cox log-hazard (risk score)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = Encoder(features=64)
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.encoder.out_features + 1, 1))
+
+    def forward(self, image: torch.Tensor, presence: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        # Age in decades around 50 keeps the input on the scale of the image features.
+        return self.head(torch.cat([self.encoder(image, presence), (age - 50.0) / 10.0], dim=1))
+
+
+def build(task: str) -> nn.Module:
+    return {
+        "segmentation": segmentation_net,
+        "localization": LocalizationNet,
+        "classification": MultiTaskClassifier,
+        "survival": CoxSurvivalNet,
+    }[task]()

@@ -1,0 +1,121 @@
+"""Run artifacts for people: plots (calibration, Kaplan-Meier by risk group, segmentation overlay) and
+the model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from imaging.labels import CLASS_TO_LABEL  # noqa: E402
+from imaging.postprocess import heatmap_to_box, probabilities_to_labels  # noqa: E402
+from training.data import CLS_TASKS, CaseArrays  # noqa: E402
+
+FLAIR = 3
+
+
+def calibration_plot(per_case: list[dict], out: Path) -> Path:
+    fig, axes = plt.subplots(1, len(CLS_TASKS), figsize=(4 * len(CLS_TASKS), 4))
+    for ax, task in zip(axes, CLS_TASKS):
+        rows = [r for r in per_case if r[f"label_{task}"] >= 0]
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        if rows:
+            p = np.array([r[f"p_{task}"] for r in rows])
+            y = np.array([r[f"label_{task}"] for r in rows])
+            edges = np.linspace(0, 1, 6)
+            centres, rates = [], []
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                sel = (p >= lo) & (p < hi if hi < 1 else p <= hi)
+                if sel.any():
+                    centres.append(p[sel].mean())
+                    rates.append(y[sel].mean())
+            ax.plot(centres, rates, "o-")
+        ax.set(title=f"{task} (n={len(rows)})", xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def km_plot(per_case: list[dict], threshold: float, out: Path) -> Path:
+    from lifelines import KaplanMeierFitter
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, sel in (("high risk", lambda r: r["risk"] >= threshold), ("low risk", lambda r: r["risk"] < threshold)):
+        rows = [r for r in per_case if sel(r)]
+        if rows:
+            km = KaplanMeierFitter(label=f"{name} (n={len(rows)})")
+            km.fit([r["os_days"] for r in rows], [r["os_event"] for r in rows])
+            km.plot_survival_function(ax=ax, ci_show=False)
+    ax.set(xlabel="days", ylabel="survival probability", title="Kaplan-Meier by predicted risk group (test)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def overlay_plot(case: CaseArrays, prediction: np.ndarray, out: Path, heatmap: np.ndarray | None = None) -> Path:
+    """FLAIR slice through the tumour with true (left) and predicted (right) labels, or the predicted box."""
+    truth = CLASS_TO_LABEL[case.seg_classes] if case.seg_classes is not None else np.zeros(case.image.shape[1:], np.uint8)
+    z = int(np.argmax((truth > 0).sum(axis=(0, 1)))) if truth.any() else case.image.shape[3] // 2
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for ax, labels, title in ((axes[0], truth, "reference"), (axes[1], prediction, "model")):
+        ax.imshow(case.image[FLAIR, :, :, z].T, cmap="gray", origin="lower")
+        masked = np.ma.masked_where(labels[:, :, z] == 0, labels[:, :, z])
+        ax.imshow(masked.T, cmap="viridis", alpha=0.5, origin="lower", vmin=0, vmax=4)
+        ax.set_title(f"{title} ({case.case_id}, z={z})")
+        ax.axis("off")
+    if heatmap is not None:
+        loc = heatmap_to_box(heatmap)
+        x0, y0, _, x1, y1, _ = loc.bbox_vox * 2
+        axes[1].add_patch(plt.Rectangle((x0, y0), x1 - x0 + 2, y1 - y0 + 2, fill=False, color="red", lw=2))
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def segmentation_prediction(sess, case: CaseArrays) -> np.ndarray:
+    return probabilities_to_labels(sess.run(None, {"image": case.image[None]})[0][0])
+
+
+def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> str:
+    metric_lines = "\n".join(
+        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(evaluation.items())
+    )
+    return f"""# Model card: oncoserve `{task}`
+
+## Model
+- Task: {task}; network and training settings: {version_info.get('params')}
+- ONNX opset {version_info.get('opset')}, dynamic batch axis; parity with torch: max abs diff
+  {version_info.get('parity_max_abs_diff'):.2e}
+- Preprocessing: {data['preprocessing']} (the same `imaging.preprocess` code path serving uses)
+- Code: git {version_info.get('git_commit')}
+
+## Data
+- Dataset hash {data['dataset_hash']} ({data['n_cases']} cases); split by case, stratified by grade x IDH,
+  seed {data['seed']}: train {data['n_train']}, validation {data['n_val']}, test {data['n_test']}.
+- Validation cases fit early stopping and calibration; the metrics below are on the **test** cases,
+  which the model never saw in training or calibration.
+
+## Metrics (held-out test split, onnxruntime on the exported model)
+| metric | value |
+|---|---|
+{metric_lines}
+
+## Intended use
+Research and platform development on neuro-oncology MRI. Not a medical device; outputs are decision
+support for trained readers, never a diagnosis, and treatment plans are for the treating team.
+
+## Limitations
+- Trained on the data above only; when that data is synthetic (oncoserve phantoms), the figures say how
+  well the model learns the phantom generator, not how it performs on patients.
+- Small CPU networks at 2-4 mm resolution; thin structures and small enhancing foci are under-resolved.
+- Molecular markers (IDH, 1p/19q, MGMT) are predicted from imaging alone; MGMT carries little imaging
+  signal and its figures are expected to be near chance.
+- Figures on few test cases have wide confidence intervals.
+"""

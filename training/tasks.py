@@ -1,0 +1,273 @@
+"""What differs between the four trainable tasks: batches, loss, the exported graph, and post-fit steps.
+
+The training loop (training/loop.py), export (training/export.py) and evaluation (training/evaluate.py)
+are shared; each task only says what is its own here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import losses
+from training.augment import modality_dropout, tumour_crop
+from training.data import CaseArrays
+
+MC_SAMPLES = 16
+
+
+def _stack(items: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(items)).float()
+
+
+def _rank_batches(ids: list[str], batch: int, world: int, rank: int, rng: np.random.Generator) -> list[list[str]]:
+    """This worker's batches; every worker gets the same number of steps (DDP all-reduces each step)."""
+    order = list(ids)
+    rng.shuffle(order)
+    per_rank = max(1, int(np.ceil(len(order) / world)))
+    mine = (order * world)[rank * per_rank : (rank + 1) * per_rank]  # wrap around when ids < world
+    return [mine[i : i + batch] for i in range(0, len(mine), batch)]
+
+
+class TaskDef:
+    name = ""
+    batch_size = 4
+    lr = 1e-3
+    default_epochs = 20
+    input_names = ["image", "presence"]
+    output_names: list[str] = []
+
+    def usable(self, case: CaseArrays) -> bool:
+        return True
+
+    def batches(self, cases: dict[str, CaseArrays], ids: list[str], rng, world=1, rank=0, train=True) -> Iterator[dict]:
+        ids = [i for i in ids if self.usable(cases[i])]
+        for group in _rank_batches(ids, self.batch_size, world, rank, rng) if train else [
+            ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)
+        ]:
+            yield self.make_batch([cases[i] for i in group], rng, train)
+
+    def make_batch(self, cases: list[CaseArrays], rng, train: bool) -> dict:
+        images, presences = [], []
+        for c in cases:
+            image, presence = (modality_dropout(c.image, c.presence, rng) if train else (c.image, c.presence))
+            images.append(image)
+            presences.append(presence)
+        return {"image": _stack(images), "presence": _stack(presences)}
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def export_module(self, model: nn.Module, extras: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def export_inputs(self, case: CaseArrays) -> tuple[torch.Tensor, ...]:
+        return (torch.from_numpy(case.image[None]).float(), torch.from_numpy(case.presence[None]).float())
+
+    def finalize(self, model: nn.Module, cases: dict[str, CaseArrays], split: dict) -> dict:
+        """Post-fit steps on the trained model (calibration, baselines); returns serving extras."""
+        return {}
+
+
+# -- segmentation ------------------------------------------------------------------------------------
+class Segmentation(TaskDef):
+    name = "segmentation"
+    batch_size = 2
+    default_epochs = 25
+    crop = 64
+    crops_per_case = 2
+    input_names = ["image"]
+    output_names = ["probabilities"]
+
+    def __init__(self) -> None:
+        self.criterion = losses.segmentation_loss()
+
+    def usable(self, case):
+        return case.seg_classes is not None
+
+    def make_batch(self, cases, rng, train):
+        images, segs = [], []
+        for c in cases * (self.crops_per_case if train else 1):
+            image = modality_dropout(c.image, c.presence, rng, p=0.2)[0] if train else c.image
+            img, seg = tumour_crop(image, c.seg_classes, self.crop, rng if train else np.random.default_rng(0))
+            images.append(img)
+            segs.append(seg[None])
+        return {"image": _stack(images), "seg": torch.from_numpy(np.stack(segs)).long()}
+
+    def loss(self, model, batch):
+        return self.criterion(model(batch["image"]), batch["seg"])
+
+    def export_module(self, model, extras):
+        return _SegmentationGraph(model)
+
+    def export_inputs(self, case):
+        return (torch.from_numpy(case.image[None]).float(),)
+
+
+class _SegmentationGraph(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image):
+        return torch.softmax(self.net(image), dim=1)
+
+
+# -- localization ------------------------------------------------------------------------------------
+class Localization(TaskDef):
+    name = "localization"
+    default_epochs = 25
+    input_names = ["image"]
+    output_names = ["heatmap"]
+
+    def __init__(self) -> None:
+        self.criterion = losses.localization_loss()
+
+    def usable(self, case):
+        return case.seg_classes is not None
+
+    def make_batch(self, cases, rng, train):
+        batch = super().make_batch(cases, rng, train)
+        # The target is the whole tumour on the 4 mm grid (a voxel is tumour if any of its 8 children is).
+        wt = _stack([(c.seg_classes > 0).astype(np.float32)[None] for c in cases])
+        batch["target"] = nn.functional.max_pool3d(wt, 2)
+        return batch
+
+    def loss(self, model, batch):
+        return self.criterion(model(batch["image"]), batch["target"])
+
+    def export_module(self, model, extras):
+        return _LocalizationGraph(model)
+
+    def export_inputs(self, case):
+        return (torch.from_numpy(case.image[None]).float(),)
+
+
+class _LocalizationGraph(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image):
+        return torch.sigmoid(self.net(image))
+
+
+# -- classification ----------------------------------------------------------------------------------
+class Classification(TaskDef):
+    name = "classification"
+    default_epochs = 30
+    output_names = ["probabilities", "mc_mean", "mc_std"]
+
+    def usable(self, case):
+        return bool((case.cls >= 0).any())
+
+    def make_batch(self, cases, rng, train):
+        batch = super().make_batch(cases, rng, train)
+        batch["cls"] = torch.from_numpy(np.stack([c.cls for c in cases])).long()
+        return batch
+
+    def loss(self, model, batch):
+        logits = model(batch["image"], batch["presence"])
+        per_task, present = losses.masked_task_losses(logits, batch["cls"])
+        net = model.module if hasattr(model, "module") else model
+        return losses.uncertainty_weighted(per_task, present.float(), net.log_sigma)
+
+    def finalize(self, model, cases, split):
+        """Temperature scaling per task on the validation split (never on test)."""
+        from training.calibration import fit_temperature
+
+        model.eval()
+        logits, targets = [], []
+        with torch.no_grad():
+            for batch in self.batches(cases, split["val"], np.random.default_rng(0), train=False):
+                logits.append(model(batch["image"], batch["presence"]))
+                targets.append(batch["cls"])
+        if not logits:
+            return {"temperature": [1.0] * 4}
+        temps = fit_temperature(torch.cat(logits), torch.cat(targets))
+        model.temperature.copy_(torch.tensor(temps))
+        return {"temperature": temps}
+
+    def export_module(self, model, extras):
+        return _ClassificationGraph(model, MC_SAMPLES)
+
+
+class _ClassificationGraph(nn.Module):
+    """Calibrated probabilities, plus MC-dropout mean and std over the heads, in one ONNX call."""
+
+    def __init__(self, net, samples):
+        super().__init__()
+        self.net, self.samples = net, samples
+
+    def forward(self, image, presence):
+        hidden = self.net.features(image, presence)
+        temperature = self.net.temperature
+        deterministic = torch.sigmoid(self.net.heads(hidden) / temperature)
+        # Dropout masks drawn in the graph (RandomUniformLike), so each inference samples anew.
+        repeated = hidden.unsqueeze(0).expand(self.samples, *hidden.shape)
+        keep = (torch.rand_like(repeated) >= self.net.dropout_p).float() / (1 - self.net.dropout_p)
+        mc = torch.sigmoid(self.net.heads(repeated * keep) / temperature)
+        return deterministic, mc.mean(0), mc.std(0)
+
+
+# -- survival ----------------------------------------------------------------------------------------
+class Survival(TaskDef):
+    name = "survival"
+    batch_size = 8
+    default_epochs = 30
+    lr = 5e-4
+    input_names = ["image", "presence", "age"]
+    output_names = ["risk"]
+
+    def usable(self, case):
+        return case.os_event >= 0 and np.isfinite(case.os_days) and np.isfinite(case.age)
+
+    def make_batch(self, cases, rng, train):
+        batch = super().make_batch(cases, rng, train)
+        batch["age"] = torch.tensor([[c.age] for c in cases]).float()
+        batch["days"] = torch.tensor([c.os_days for c in cases]).float()
+        batch["event"] = torch.tensor([c.os_event for c in cases]).float()
+        return batch
+
+    def loss(self, model, batch):
+        risk = model(batch["image"], batch["presence"], batch["age"])
+        return losses.cox_partial_likelihood(risk, batch["days"], batch["event"])
+
+    def export_module(self, model, extras):
+        return model
+
+    def export_inputs(self, case):
+        return (*super().export_inputs(case), torch.tensor([[case.age]]).float())
+
+    def finalize(self, model, cases, split):
+        """Breslow baseline hazard and the risk-group threshold, both from the training split."""
+        from imaging.postprocess import breslow_baseline
+
+        model.eval()
+        risks, days, events = [], [], []
+        with torch.no_grad():
+            for batch in self.batches(cases, split["train"], np.random.default_rng(0), train=False):
+                risks.append(model(batch["image"], batch["presence"], batch["age"]).flatten())
+                days.append(batch["days"])
+                events.append(batch["event"])
+        risk, day, event = (torch.cat(x).numpy() for x in (risks, days, events))
+        times, hazard = breslow_baseline(day, event, risk)
+        return {"baseline_days": times.tolist(), "baseline_hazard": hazard.tolist(),
+                "risk_threshold": float(np.median(risk))}  # fmt: skip
+
+
+TASKS: dict[str, type[TaskDef]] = {
+    "localization": Localization,
+    "segmentation": Segmentation,
+    "classification": Classification,
+    "survival": Survival,
+}
+
+
+def get(task: str) -> TaskDef:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; trainable tasks: {', '.join(TASKS)}")
+    return TASKS[task]()
