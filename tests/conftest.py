@@ -64,3 +64,34 @@ def stack_settings(stack_home):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def live_stack():
+    """One private embedded stack shared by the integration tests that only use it (never stop it)."""
+    from pipelines.stack import EmbeddedStack
+
+    home = Path(tempfile.mkdtemp(prefix="osl-", dir="/tmp"))
+    env = stack_env(home)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    stack = EmbeddedStack(Settings())
+    try:
+        stack.up()
+        yield Settings()
+    finally:
+        stack.down()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Eight 2 mm phantom cases (two sites): enough for every task to train for an epoch."""
+    from imaging.phantoms import synthesise
+
+    return synthesise(tmp_path_factory.mktemp("data") / "tiny", n=8, seed=2, sites=2)

@@ -24,5 +24,5 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
             return loss
 
         opt.step(closure)
-        temps.append(float(log_t.exp().clamp(0.05, 20.0)))
+        temps.append(float(log_t.detach().exp().clamp(0.05, 20.0)))
     return temps

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import threading
@@ -51,7 +52,7 @@ class JobConfig:
     gpu: bool = False
     resume_run: str | None = None
     seed: int = 0
-    threads_per_worker: int = 1
+    threads_per_worker: int | None = None  # default: the machine's cores shared among the workers
 
 
 def git_commit() -> str:
@@ -118,7 +119,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         train_loop_config={
             "task": cfg.task, "data_dir": str(cfg.data_dir), "cache_dir": str(cfg.home / "cache"),
             "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
-            "tracking_uri": cfg.tracking_uri, "resume_from": resume_from, "threads": cfg.threads_per_worker,
+            "tracking_uri": cfg.tracking_uri, "resume_from": resume_from, "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
         run_config=RunConfig(
