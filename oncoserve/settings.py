@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     ray_dashboard_agent_port: int = 52365
     ray_num_cpus: int | None = Field(None, description="CPUs Ray may schedule on; default: all.")
 
+    # Registry, promotion, compile.
+    token: str | None = Field(None, description="API token for the CLI (else read from ONCOSERVE_HOME/token).")
+    gates_file: Path | None = Field(None, description="Promotion gates (TOML); default: the packaged pipelines/gates.toml.")
+    triton_repo_prefix: str = Field("triton", description="Folder of the Triton model repository in the models bucket.")
+
     startup_timeout_s: float = Field(180.0, description="How long `stack up` waits for a component's health.")
 
     @classmethod
@@ -86,6 +91,21 @@ class Settings(BaseSettings):
     @property
     def credentials_file(self) -> Path:
         return self.home / "credentials.json"
+
+    @property
+    def audit_file(self) -> Path:
+        return self.home / "audit" / "audit.jsonl"
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.home / "auth" / "tokens.json"
+
+    def cli_token(self) -> str | None:
+        """The CLI's token: ONCOSERVE_TOKEN, else the file ONCOSERVE_HOME/token (ONCOSERVE_TOKEN= means none)."""
+        if self.token is not None:
+            return self.token or None
+        path = self.home / "token"
+        return path.read_text().strip() if path.exists() else None
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,7 +80,13 @@ def live_stack():
     stack = EmbeddedStack(Settings())
     try:
         stack.up()
-        yield Settings()
+        settings = Settings()
+        # The CLI in tests acts as an admin (the bootstrap token, saved where the CLI looks for it).
+        from oncoserve.auth import TokenStore
+
+        admin = TokenStore(settings.tokens_file).create("test-admin", "admin", None)
+        (settings.home / "token").write_text(admin)
+        yield settings
     finally:
         stack.down()
         for k, v in saved.items():
@@ -95,3 +103,27 @@ def tiny_dataset(tmp_path_factory):
     from imaging.phantoms import synthesise
 
     return synthesise(tmp_path_factory.mktemp("data") / "tiny", n=8, seed=2, sites=2)
+
+
+TASKS = ["localization", "segmentation", "classification", "survival"]
+
+
+def oncoserve(*args: str, timeout: int = 600, token: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess with the current (test stack) environment."""
+    exe = str(Path(sys.executable).parent / "oncoserve")
+    env = os.environ.copy()
+    if token is not None:
+        env["ONCOSERVE_TOKEN"] = token
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def trained(live_stack, tiny_dataset):
+    """One version per task, trained for one epoch through the CLI (Ray Train -> MLflow)."""
+    versions = {}
+    for task in TASKS:
+        run = oncoserve("train", task, "--data", str(tiny_dataset), "--epochs", "1")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert f"registered model {task} version" in run.stdout
+        versions[task] = run.stdout.split(f"registered model {task} version")[-1].split()[0]
+    return versions

@@ -52,6 +52,8 @@ class JobConfig:
     gpu: bool = False
     resume_run: str | None = None
     seed: int = 0
+    actor: str = "local"  # who asked (recorded in the audit log with the registration)
+    audit_file: Path | None = None
     threads_per_worker: int | None = None  # default: the machine's cores shared among the workers
 
 
@@ -183,6 +185,11 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log) -> TrainR
         client.log_metric(run_id, f"test.{key}", value)
     client.log_metric(run_id, "onnx_parity_max_abs_diff", exported.parity_max_abs_diff)
     version = register(client, cfg.tracking_uri, cfg.task, run_id, data, exported, metrics, info["git_commit"])
+    if cfg.audit_file is not None:
+        from oncoserve.audit import AuditLog
+
+        AuditLog(cfg.audit_file).event(cfg.actor, "data-scientist", "register", task=cfg.task, version=version,
+                                       run_id=run_id, dataset_hash=data.dataset_hash)  # fmt: skip
     client.set_terminated(run_id, "FINISHED")
     log(f"registered {cfg.task} version {version}")
     return TrainResult(cfg.task, run_id, version, metrics, exported.parity_max_abs_diff)

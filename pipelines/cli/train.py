@@ -28,9 +28,15 @@ def train(
     """Train TASK with Ray Train, track it in MLflow and register the version."""
     from training.jobs import JobConfig, run_job
 
+    from oncoserve.auth import AuthError, TokenStore, require
+
     settings = Settings()
+    with user_errors(AuthError):
+        who = require(TokenStore(settings.tokens_file).authenticate(settings.cli_token()), "data-scientist",
+                      "training and registering a version")  # fmt: skip
     cfg = JobConfig(task=task, data_dir=data.resolve(), tracking_uri=settings.mlflow_url, ray_address=settings.ray_address,
-                    home=settings.home, epochs=epochs, workers=workers, gpu=gpu, resume_run=resume, seed=seed)  # fmt: skip
+                    home=settings.home, epochs=epochs, workers=workers, gpu=gpu, resume_run=resume, seed=seed,
+                    actor=who.name, audit_file=settings.audit_file)  # fmt: skip
     columns = (TextColumn(f"training {task}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with user_errors(TrainingError, StudyError, ValueError, FileNotFoundError), Progress(*columns, console=console) as progress:
         bar = progress.add_task("epochs", total=epochs or 1)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -18,26 +14,13 @@ from imaging.dataset import read_case
 from imaging.preprocess import preprocess
 from training.score_version import download_model
 
+from tests.conftest import TASKS, oncoserve
+
 pytestmark = pytest.mark.integration
-TASKS = ["localization", "segmentation", "classification", "survival"]
 REQUIRED_TAGS = {"dataset_hash", "git_commit", "preprocessing_version", "signature", "metrics", "onnx_opset",
                  "onnx_parity_max_abs_diff", "run_link"}  # fmt: skip
 
 
-def oncoserve(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    exe = str(Path(sys.executable).parent / "oncoserve")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-
-
-@pytest.fixture(scope="module")
-def trained(live_stack, tiny_dataset):
-    versions = {}
-    for task in TASKS:
-        run = oncoserve("train", task, "--data", str(tiny_dataset), "--epochs", "1")
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        assert f"registered model {task} version" in run.stdout
-        versions[task] = run.stdout.split(f"registered model {task} version")[-1].split()[0]
-    return versions
 
 
 @pytest.mark.parametrize("task", TASKS)

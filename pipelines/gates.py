@@ -1,0 +1,141 @@
+"""Promotion gates: each returns a figure, its threshold and whether it passed.
+
+Gates: metric floors and ceilings; no regression beyond a tolerance against the current champion;
+ONNX parity; signature compatible with the serving contract; preprocessing version supported by
+serving; onnxruntime latency on the contract's reference input within budget.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.contract import CONTRACT, SUPPORTED_PREPROCESSING, signature_problems
+from serving.registry import Registry, VersionInfo
+
+DEFAULT_GATES = Path(__file__).with_name("gates.toml")
+
+
+@dataclass
+class GateResult:
+    name: str
+    passed: bool
+    value: object
+    threshold: object
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def load_gates(path: Path | None = None) -> dict:
+    path = path or DEFAULT_GATES
+    try:
+        config = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"gates file {path}: {exc}") from None
+    if "version" not in config:
+        raise ValueError(f"gates file {path}: no `version`")
+    return config
+
+
+def _metric_gates(metrics: dict, spec: dict, source: str) -> list[GateResult]:
+    out = []
+    for name, floor in spec.get("floors", {}).items():
+        value = metrics.get(name)
+        ok = value is not None and np.isfinite(value) and value >= floor
+        out.append(GateResult(f"floor:{name}", bool(ok), value, f">= {floor}", source))
+    for name, ceiling in spec.get("ceilings", {}).items():
+        value = metrics.get(name)
+        ok = value is not None and np.isfinite(value) and value <= ceiling
+        out.append(GateResult(f"ceiling:{name}", bool(ok), value, f"<= {ceiling}", source))
+    return out
+
+
+def _regression_gates(candidate: dict, champion: dict, spec: dict, champion_version: str, source: str) -> list[GateResult]:
+    out = []
+    lower_is_better = set(spec.get("ceilings", {}))
+    for name, tol in spec.get("regression_tolerance", {}).items():
+        new, old = candidate.get(name), champion.get(name)
+        if old is None or not np.isfinite(old):
+            out.append(GateResult(f"no_regression:{name}", True, new, "champion has no figure", source))
+            continue
+        if name in lower_is_better:
+            ok = new is not None and new <= old + tol
+            threshold = f"<= {old:.4f} + {tol} (champion v{champion_version})"
+        else:
+            ok = new is not None and new >= old - tol
+            threshold = f">= {old:.4f} - {tol} (champion v{champion_version})"
+        out.append(GateResult(f"no_regression:{name}", bool(ok), new, threshold, source))
+    return out
+
+
+def _latency_gate(model_path: Path, task: str, budget_ms: float, runs: int) -> GateResult:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    feeds = {name: np.zeros([1, *dims], np.float32) for name, dims in CONTRACT[task]["inputs"].items()}
+    if "age" in feeds:
+        feeds["age"][:] = 60.0
+    if "presence" in feeds:
+        feeds["presence"][:] = 1.0
+    session.run(None, feeds)  # warm-up: first run allocates
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1000)
+    p50 = float(np.median(times))
+    return GateResult("latency_p50_ms", p50 <= budget_ms, round(p50, 1), f"<= {budget_ms}", f"onnxruntime CPU, {runs} runs")
+
+
+def evaluate_on(task: str, model_dir: Path, eval_data: Path, cache_dir: Path) -> dict:
+    from training.data import load_dataset
+    from training.evaluate import evaluate
+
+    data = load_dataset(eval_data, cache_dir)
+    extras = json.loads((model_dir / "extras.json").read_text()) if (model_dir / "extras.json").exists() else {}
+    return evaluate(task, str(model_dir / "model.onnx"), data.cases, extras)["metrics"]
+
+
+def run_gates(registry: Registry, info: VersionInfo, gates: dict, eval_data: Path | None, cache_dir: Path) -> list[GateResult]:
+    task = info.task
+    spec = gates.get(task, {})
+    defaults = gates.get("defaults", {})
+    model_dir = registry.download(task, info.version)
+    results: list[GateResult] = []
+
+    problems = signature_problems(task, info.signature)
+    results.append(GateResult("signature", not problems, "; ".join(problems) or "compatible", "serving contract"))
+    pre = info.tags.get("preprocessing_version", "")
+    results.append(GateResult("preprocessing", pre in SUPPORTED_PREPROCESSING, pre, sorted(SUPPORTED_PREPROCESSING)))
+    parity = float(info.tags.get("onnx_parity_max_abs_diff", "inf"))
+    bound = defaults.get("parity_max_abs_diff", 1e-3)
+    results.append(GateResult("onnx_parity", parity <= bound, parity, f"<= {bound}"))
+
+    champion = registry.alias(task, "champion")
+    if eval_data is not None:
+        candidate_metrics = evaluate_on(task, model_dir, eval_data, cache_dir)
+        source = f"recomputed on {eval_data}"
+    else:
+        candidate_metrics, source = info.metrics, "registered held-out metrics"
+    results += _metric_gates(candidate_metrics, spec, source)
+    if champion is not None and champion != info.version:
+        if eval_data is not None:
+            champion_metrics = evaluate_on(task, registry.download(task, champion), eval_data, cache_dir)
+        else:
+            champion_metrics = registry.version(task, champion).metrics
+            source = "registered held-out metrics (each version's own test split; pass --eval-data to compare on one set)"
+        results += _regression_gates(candidate_metrics, champion_metrics, spec, champion, source)
+    if problems:
+        results.append(GateResult("latency_p50_ms", False, None, defaults.get("latency_budget_ms"), "not run: signature incompatible"))
+    else:
+        results.append(_latency_gate(model_dir / "model.onnx", task, defaults.get("latency_budget_ms", 3000), defaults.get("latency_runs", 3)))
+    return results

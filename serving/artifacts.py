@@ -1,0 +1,52 @@
+"""Compiled artifacts are verified against the sha256 recorded at compile time before anything loads them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from serving.registry import Registry
+
+
+class TamperedArtifact(RuntimeError):
+    """An artifact whose bytes differ from what was compiled (or that was never compiled)."""
+
+
+def expected_digests(registry: Registry, task: str, version: str) -> dict[str, str]:
+    tag = registry.version(task, version).tags.get("compiled_sha256")
+    if not tag:
+        raise TamperedArtifact(f"{task} v{version} was never compiled: no recorded sha256 (run `oncoserve compile`)")
+    return json.loads(tag)
+
+
+def fetch_verified(store, bucket: str, prefix: str, key: str, expected: dict[str, str]) -> bytes:
+    """Read `<prefix>/<key>` from S3 and return it only if its sha256 is the recorded one."""
+    if key not in expected:
+        raise TamperedArtifact(f"{key}: no recorded sha256")
+    response = store.get_object(bucket, f"{prefix}/{key}")
+    try:
+        data = response.read()
+    finally:
+        response.close()
+        response.release_conn()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected[key]:
+        raise TamperedArtifact(f"{key}: sha256 {digest[:12]}... differs from the compiled {expected[key][:12]}...; refusing to load")
+    return data
+
+
+def verify_file(path: Path, expected_sha256: str) -> Path:
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if digest != expected_sha256:
+        raise TamperedArtifact(f"{path.name}: sha256 {digest[:12]}... differs from the compiled {expected_sha256[:12]}...")
+    return path
+
+
+def load_compiled_onnx(registry: Registry, store, bucket: str, prefix: str, task: str, version: str, dst: Path) -> Path:
+    """The compiled model.onnx of a version, verified, written to `dst` (what backends load)."""
+    expected = expected_digests(registry, task, version)
+    data = fetch_verified(store, bucket, prefix, f"{task}/{version}/model.onnx", expected)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data)
+    return dst

@@ -1,0 +1,97 @@
+"""Compile a registered version into the Triton model repository in S3.
+
+    s3://<models bucket>/<prefix>/<task>/config.pbtxt
+    s3://<models bucket>/<prefix>/<task>/<n>/model.onnx        (n = the registry version)
+    s3://<models bucket>/<prefix>/<task>/<n>/model.plan        (TensorRT, only where built on a GPU)
+    s3://<models bucket>/<prefix>/<task>/<n>/sha256.json
+
+config.pbtxt is built as tritonclient's ModelConfig protobuf and printed in text format, so it always
+parses. The sha256 of every artifact is recorded at compile time on the registry version (tag
+`compiled_sha256`) and verified before any backend loads it (serving/artifacts.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from serving.registry import Registry
+from serving.tensorrt import build_plan
+
+ONNX_TO_TRITON = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "INT64": "TYPE_INT64", "UINT8": "TYPE_UINT8"}
+
+
+@dataclass
+class CompileOptions:
+    max_batch_size: int = 4
+    preferred_batch_sizes: list[int] = field(default_factory=lambda: [2, 4])
+    max_queue_delay_us: int = 2000
+    instance_count: int = 1
+    gpu: bool = False
+    tensorrt_accelerator: bool = False  # ORT's TensorRT execution accelerator on GPU instances
+    versions_kept: int = 2
+
+
+@dataclass
+class CompileResult:
+    task: str
+    version: str
+    prefix: str
+    files: dict[str, str]  # key -> sha256
+    tensorrt: str  # "built" or "skipped: <why>"
+    config_text: str
+
+
+def model_config(task: str, signature: dict, options: CompileOptions):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = mc.ModelConfig(name=task, platform="onnxruntime_onnx", max_batch_size=options.max_batch_size)
+    for kind, target in (("inputs", config.input), ("outputs", config.output)):
+        for tensor in signature[kind]:
+            entry = target.add()
+            entry.name = tensor["name"]
+            entry.data_type = mc.DataType.Value(ONNX_TO_TRITON[tensor["datatype"]])
+            entry.dims.extend(int(d) for d in tensor["shape"][1:])  # Triton's dims exclude the batch axis
+    config.dynamic_batching.preferred_batch_size.extend(options.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    group = config.instance_group.add()
+    group.count = options.instance_count
+    group.kind = mc.ModelInstanceGroup.KIND_GPU if options.gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.version_policy.latest.num_versions = options.versions_kept
+    if options.gpu and options.tensorrt_accelerator:
+        accel = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
+        accel.name = "tensorrt"
+        accel.parameters["precision_mode"] = "FP16"
+        accel.parameters["max_workspace_size_bytes"] = str(1 << 30)
+    return config
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def compile_version(registry: Registry, store, bucket: str, prefix: str, task: str, version: str,
+                    options: CompileOptions | None = None) -> CompileResult:  # fmt: skip
+    options = options or CompileOptions()
+    info = registry.version(task, version)
+    model_dir: Path = registry.download(task, version)
+    config = model_config(task, info.signature, options)
+    config_text = text_format.MessageToString(config)
+    onnx_bytes = (model_dir / "model.onnx").read_bytes()
+    files = {f"{task}/{version}/model.onnx": onnx_bytes, f"{task}/config.pbtxt": config_text.encode()}
+    plan = build_plan(model_dir / "model.onnx") if options.gpu else None
+    tensorrt = "skipped: not a GPU compile (use --gpu on a GPU node)" if plan is None else plan.status
+    if plan is not None and plan.data is not None:
+        files[f"{task}/{version}/model.plan"] = plan.data
+    digests = {key: sha256_bytes(data) for key, data in files.items()}
+    files[f"{task}/{version}/sha256.json"] = json.dumps(digests, indent=1).encode()
+    for key, data in files.items():
+        store.put_object(bucket, f"{prefix}/{key}", io.BytesIO(data), len(data))
+    registry.set_tag(task, version, "compiled_sha256", json.dumps(digests))
+    registry.set_tag(task, version, "compiled_repository", f"s3://{bucket}/{prefix}")
+    return CompileResult(task, version, prefix, digests, tensorrt, config_text)

@@ -1,0 +1,207 @@
+"""Registry, gates, roles, audit, rollback and compilation on the real stack (MLflow, S3, Ray).
+
+The tests run in order and share the registry: A (a trained segmentation version) becomes champion,
+B (A with its output pushed to background, honestly worse) is refused, forced in by an admin, rolled back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from google.protobuf import text_format
+from mlflow import MlflowClient
+from onnx import helper, numpy_helper
+
+from oncoserve.audit import AuditLog
+from oncoserve.auth import Identity, TokenStore
+from oncoserve.object_store import object_store
+from serving.artifacts import TamperedArtifact, load_compiled_onnx
+from serving.registry import Registry
+from tests.conftest import oncoserve
+
+pytestmark = pytest.mark.integration
+TASK = "segmentation"
+LENIENT_GATES = """
+version = 99
+[defaults]
+parity_max_abs_diff = 1e-3
+latency_budget_ms = 60000
+latency_runs = 1
+[segmentation]
+floors = { dice_WT = 0.0 }
+ceilings = { hd95_WT = 1000.0 }
+# A one-epoch champion is weak; B (all background) still loses on both: its WT is empty.
+regression_tolerance = { dice_WT = 0.005, hd95_WT = 5.0 }
+"""
+
+
+@pytest.fixture(scope="module")
+def env(live_stack, trained, tmp_path_factory, monkeypatch_module):
+    gates = tmp_path_factory.mktemp("gates") / "gates.toml"
+    gates.write_text(LENIENT_GATES)
+    monkeypatch_module.setenv("ONCOSERVE_GATES_FILE", str(gates))
+    store = TokenStore(live_stack.tokens_file)
+    admin = Identity("test-admin", "admin")
+    tokens = {role: store.create(f"t-{role}", role, admin) for role in ("viewer", "data-scientist", "platform")}
+    tokens["admin"] = (live_stack.home / "token").read_text()
+    return {"tokens": tokens, "a": trained[TASK], "settings": live_stack}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def register_worse_copy(settings, version: str) -> str:
+    """B: A's graph with +50 added to the background logit before the softmax (every voxel background)."""
+    registry = Registry(settings.mlflow_url)
+    src = registry.download(TASK, version)
+    work = Path(tempfile.mkdtemp()) / "model"
+    shutil.copytree(src, work)
+    model = onnx.load(str(work / "model.onnx"))
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    shift = np.zeros((1, 4, 1, 1, 1), np.float32)
+    shift[0, 0] = 50.0
+    model.graph.initializer.append(numpy_helper.from_array(shift, "background_shift"))
+    model.graph.node.insert(list(model.graph.node).index(softmax),
+                            helper.make_node("Add", [softmax.input[0], "background_shift"], ["shifted_logits"]))  # fmt: skip
+    softmax.input[0] = "shifted_logits"
+    onnx.save(model, str(work / "model.onnx"))
+    client = MlflowClient(settings.mlflow_url)
+    info = registry.version(TASK, version)
+    run = client.create_run(client.get_run(info.run_id).info.experiment_id, run_name="worse-copy")
+    client.log_artifacts(run.info.run_id, str(work), "model")
+    tags = {k: v for k, v in info.tags.items() if k not in ("compiled_sha256", "compiled_repository")}
+    mv = client.create_model_version(TASK, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags)
+    return str(mv.version)
+
+
+def test_compile_writes_a_parseable_triton_repository(env):
+    from tritonclient.grpc import model_config_pb2
+
+    s, a = env["settings"], env["a"]
+    run = oncoserve("compile", TASK, "--version", a, token=env["tokens"]["data-scientist"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "TensorRT plan: skipped" in run.stdout
+    store = object_store(s)
+    prefix = s.triton_repo_prefix
+    text = store.get_object(s.bucket_models, f"{prefix}/{TASK}/config.pbtxt").read().decode()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    onnx_bytes = store.get_object(s.bucket_models, f"{prefix}/{TASK}/{a}/model.onnx").read()
+    graph = onnx.load_model_from_string(onnx_bytes).graph
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 4
+    assert [i.name for i in config.input] == [i.name for i in graph.input]
+    assert [o.name for o in config.output] == [o.name for o in graph.output]
+    onnx_dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:]
+    assert list(config.input[0].dims) == onnx_dims == [4, 96, 112, 96]
+    assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    digests = json.loads(Registry(s.mlflow_url).version(TASK, a).tags["compiled_sha256"])
+    assert f"{TASK}/{a}/model.onnx" in digests
+
+
+def test_tampered_artifact_is_refused_at_load(env, tmp_path):
+    s, a = env["settings"], env["a"]
+    registry, store = Registry(s.mlflow_url), object_store(s)
+    key = f"{s.triton_repo_prefix}/{TASK}/{a}/model.onnx"
+    good = load_compiled_onnx(registry, store, s.bucket_models, s.triton_repo_prefix, TASK, a, tmp_path / "ok.onnx")
+    original = good.read_bytes()
+    tampered = original[:-1] + bytes([original[-1] ^ 0xFF])
+    store.put_object(s.bucket_models, key, io.BytesIO(tampered), len(tampered))
+    try:
+        with pytest.raises(TamperedArtifact, match="differs from the compiled"):
+            load_compiled_onnx(registry, store, s.bucket_models, s.triton_repo_prefix, TASK, a, tmp_path / "bad.onnx")
+        assert not (tmp_path / "bad.onnx").exists()
+    finally:
+        store.put_object(s.bucket_models, key, io.BytesIO(original), len(original))
+
+
+def test_promotion_needs_a_token_and_the_right_role(env):
+    a, tokens = env["a"], env["tokens"]
+    no_token = oncoserve("models", "promote", TASK, a, "--to", "candidate", token="")
+    assert no_token.returncode == 1 and "needs a token" in no_token.stderr, no_token.stderr
+    bad = oncoserve("models", "promote", TASK, a, "--to", "candidate", token="osv_forged")
+    assert bad.returncode == 1 and "not valid" in bad.stderr
+    ds = oncoserve("models", "promote", TASK, a, "--to", "champion", token=tokens["data-scientist"])
+    assert ds.returncode == 1 and "needs role platform" in ds.stderr
+    ok = oncoserve("models", "promote", TASK, a, "--to", "candidate", token=tokens["data-scientist"])
+    assert ok.returncode == 0, ok.stderr
+    assert Registry(env["settings"].mlflow_url).alias(TASK, "candidate") == a
+
+
+def test_good_version_passes_gates_and_becomes_champion(env):
+    run = oncoserve("models", "promote", TASK, env["a"], "--to", "champion", "--reason", "first champion",
+                    token=env["tokens"]["platform"])  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "pass" in run.stdout and "FAIL" not in run.stdout
+    assert Registry(env["settings"].mlflow_url).alias(TASK, "champion") == env["a"]
+
+
+def test_worse_version_is_refused_with_the_failing_gate_named(env, tiny_dataset):
+    b = register_worse_copy(env["settings"], env["a"])
+    env["b"] = b
+    run = oncoserve("models", "promote", TASK, b, "--to", "champion", "--eval-data", str(tiny_dataset),
+                    token=env["tokens"]["platform"])  # fmt: skip
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "no_regression:hd95_WT" in run.stderr and "refused" in run.stderr
+    assert Registry(env["settings"].mlflow_url).alias(TASK, "champion") == env["a"]
+
+
+def test_forcing_needs_admin_and_a_reason_and_is_audited(env, tiny_dataset):
+    b, tokens = env["b"], env["tokens"]
+    platform = oncoserve("models", "promote", TASK, b, "--to", "champion", "--force", "--reason", "x", token=tokens["platform"])
+    assert platform.returncode == 1 and "needs role admin" in platform.stderr
+    no_reason = oncoserve("models", "promote", TASK, b, "--to", "champion", "--force", token=tokens["admin"])
+    assert no_reason.returncode == 1 and "needs --reason" in no_reason.stderr
+    forced = oncoserve("models", "promote", TASK, b, "--to", "champion", "--force", "--reason", "incident drill",
+                       "--eval-data", str(tiny_dataset), token=tokens["admin"])  # fmt: skip
+    assert forced.returncode == 0 and "FORCED" in forced.stdout, forced.stdout + forced.stderr
+    registry = Registry(env["settings"].mlflow_url)
+    assert registry.alias(TASK, "champion") == b and registry.alias(TASK, "previous") == env["a"]
+
+
+def test_rollback_restores_the_previous_version(env):
+    viewer = oncoserve("models", "rollback", TASK, token=env["tokens"]["viewer"])
+    assert viewer.returncode == 1 and "needs role platform" in viewer.stderr
+    run = oncoserve("models", "rollback", TASK, "--reason", "drill over", token=env["tokens"]["platform"])
+    assert run.returncode == 0, run.stderr
+    assert Registry(env["settings"].mlflow_url).alias(TASK, "champion") == env["a"]
+    again = oncoserve("models", "rollback", TASK, token=env["tokens"]["platform"])
+    assert again.returncode == 1 and "no `previous` version" in again.stderr
+
+
+def test_every_action_appears_once_in_the_audit_log(env):
+    entries = [e for e in AuditLog(env["settings"].audit_file).entries() if e.get("task") == TASK]
+    assert all(e["status"] != "incomplete" for e in entries)
+    summary = [(e["action"], str(e.get("version")), e["status"], bool(e.get("forced"))) for e in entries]
+    a, b = env["a"], env["b"]
+    assert summary.count(("register", a, "completed", False)) == 1
+    expected = [("promote", a, "completed", False), ("promote", a, "completed", False),
+                ("promote", b, "refused", False), ("promote", b, "completed", True), ("rollback", a, "completed", False)]  # fmt: skip
+    assert [s for s in summary if s[0] != "register"] == expected
+    forced = next(e for e in entries if e.get("forced"))
+    assert forced["actor"] == "test-admin" and forced["reason"] == "incident drill" and forced["from_version"] == a
+    refused = next(e for e in entries if e["status"] == "refused")
+    assert any(g["name"] == "no_regression:hd95_WT" and not g["passed"] for g in refused["gates"])
+    cli = oncoserve("models", "audit", "--json", token=env["tokens"]["viewer"])
+    assert cli.returncode == 0 and len([e for e in json.loads(cli.stdout) if e.get("task") == TASK]) == len(entries)
+
+
+def test_list_and_show_give_versions_aliases_lineage_and_card(env):
+    listed = oncoserve("models", "list", TASK, "--json", token=env["tokens"]["viewer"])
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["version"]: r for r in json.loads(listed.stdout)}
+    assert "champion" in rows[env["a"]]["aliases"] and rows[env["a"]]["lineage"]["dataset_hash"]
+    shown = oncoserve("models", "show", TASK, env["a"], token=env["tokens"]["viewer"])
+    assert shown.returncode == 0 and "Model card" in shown.stdout and "Intended use" in shown.stdout
+    missing = oncoserve("models", "show", TASK, "999", token=env["tokens"]["viewer"])
+    assert missing.returncode == 1 and "version 999 is not in the registry" in missing.stderr
