@@ -90,6 +90,85 @@ def bench_data() -> list[dict]:
     ]
 
 
+def bench_ort_vs_torch() -> list[dict]:
+    """P4: onnxruntime vs torch eager inference on the same input, per task (2 threads each)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from training import networks, tasks
+    from training.data import CaseArrays
+    from training.export import export_onnx
+
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    case = CaseArrays("bench", rng.standard_normal((4, 96, 112, 96)).astype(np.float32), np.ones(4, np.float32),
+                      None, np.zeros(4, np.int64), 60.0, 300.0, 1, "s", 2.0)  # fmt: skip
+    figures = []
+    work = Path(tempfile.mkdtemp(prefix="osb-ort-"))
+    try:
+        for name in ("localization", "segmentation", "classification", "survival"):
+            task, model = tasks.get(name), networks.build(name).eval()
+            exported = export_onnx(task, model, {}, case, work / f"{name}.onnx")
+            graph = task.export_module(model, {}).eval()
+            inputs = task.export_inputs(case)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 2
+            session = ort.InferenceSession(str(exported.path), options, providers=["CPUExecutionProvider"])
+            feeds = {n: t.numpy() for n, t in zip(task.input_names, inputs)}
+
+            def timed(fn, runs=5):
+                fn()
+                samples = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    fn()
+                    samples.append((time.perf_counter() - t0) * 1000)
+                return float(np.median(samples))
+
+            with torch.no_grad():
+                torch_ms = timed(lambda: graph(*inputs))
+            ort_ms = timed(lambda: session.run(None, feeds))
+            figures += [figure(f"P4_{name}_torch_eager_ms", torch_ms, "ms"), figure(f"P4_{name}_onnxruntime_ms", ort_ms, "ms"),
+                        figure(f"P4_{name}_ort_over_torch", ort_ms / torch_ms, "ratio", "< 1", ort_ms < torch_ms)]  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return figures
+
+
+def bench_ray_train_scaling() -> list[dict]:
+    """P7: Ray Train samples/s with 2 workers vs 1 on the same data (segmentation, 3 epochs, last 2 averaged)."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from imaging.phantoms import synthesise
+    from training.jobs import JobConfig, run_job
+
+    home = Path(tempfile.mkdtemp(prefix="osb-rt-", dir="/tmp"))
+    settings = Settings(home=home)
+    stack = EmbeddedStack(settings)
+    try:
+        stack.up()
+        data = synthesise(home / "data", n=12, seed=5)
+        rates = {}
+        for workers in (1, 2):
+            cfg = JobConfig(task="segmentation", data_dir=data, tracking_uri=settings.mlflow_url,
+                            ray_address=settings.ray_address, home=home, epochs=3, workers=workers)  # fmt: skip
+            result = run_job(cfg, log=lambda m: None)
+            history = MlflowClient(settings.mlflow_url).get_metric_history(result.run_id, "samples_per_second")
+            rates[workers] = float(np.mean([m.value for m in sorted(history, key=lambda m: m.step)[1:]]))
+        import ray
+
+        ray.shutdown()
+    finally:
+        stack.down()
+        shutil.rmtree(home, ignore_errors=True)
+    ratio = rates[2] / rates[1]
+    return [figure("P7_ray_train_1_worker_samples_per_s", rates[1], "samples/s"),
+            figure("P7_ray_train_2_workers_samples_per_s", rates[2], "samples/s"),
+            figure("P7_ray_train_2_over_1_workers", ratio, "ratio", "> 1 (2 cores)", ratio > 1)]  # fmt: skip
+
+
 def write_report(figures: list[dict]) -> None:
     (OUT / "results.json").write_text(json.dumps(figures, indent=2) + "\n")
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -115,6 +194,10 @@ def main() -> None:
         figures += bench_stack()
     with console.status("benchmark: phantom synthesis and manifest (20 cases)"):
         figures += bench_data()
+    with console.status("benchmark: onnxruntime vs torch eager (P4)"):
+        figures += bench_ort_vs_torch()
+    with console.status("benchmark: Ray Train 2 workers vs 1 (P7)"):
+        figures += bench_ray_train_scaling()
     write_report(figures)
     for f in figures:
         console.print(f"{f['name']:<28} {f['value']:>10} {f['unit']}")

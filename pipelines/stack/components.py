@@ -134,7 +134,7 @@ class MlflowServer(Component):
 
     def backend_uri(self) -> str:
         if self.settings.db == "postgresql":
-            return f"postgresql://oncoserve@{self.settings.host}:{self.settings.postgres_port}/mlflow"
+            return f"postgresql+psycopg2://oncoserve@{self.settings.host}:{self.settings.postgres_port}/mlflow"
         return f"sqlite:///{self.data_dir / 'mlflow.db'}"
 
     def command(self) -> list[str]:
@@ -254,6 +254,12 @@ class PostgresServer(Component):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.data_dir, "postgres", "postgres")
+            # The postgres user must be able to pass through ONCOSERVE_HOME (execute bit only, no listing).
+            home = self.settings.home
+            home.chmod(home.stat().st_mode | 0o001)
+            blocked = [str(p) for p in home.parents if not p.stat().st_mode & 0o001]
+            if blocked:
+                raise StackError(f"postgres: the postgres user cannot reach {home} (no o+x on {blocked[0]})")
         result = subprocess.run(
             [*self._as_owner(), self._pg_bin("initdb"), "-D", str(pgdata), "-U", "oncoserve", "--auth=trust"],
             capture_output=True, text=True,

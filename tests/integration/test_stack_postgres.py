@@ -1,0 +1,44 @@
+"""`--db postgresql`: MLflow's backend store in a PostgreSQL server run from the machine's binaries."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from oncoserve.settings import Settings
+from pipelines.stack import EmbeddedStack
+from tests.conftest import stack_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_postgresql_backend_keeps_runs_in_the_database(monkeypatch):
+    home = Path(tempfile.mkdtemp(prefix="osp-", dir="/tmp"))
+    for key, value in stack_env(home).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(db="postgresql")
+    stack = EmbeddedStack(settings)
+    try:
+        parts = {p.name: p for p in stack.up()}
+        assert set(parts) == {"postgres", "s3", "ray", "mlflow"} and all(p.healthy for p in parts.values())
+        client = MlflowClient(settings.mlflow_url)
+        run = client.create_run(client.create_experiment("pg"))
+        count = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(settings.postgres_port), "-U", "oncoserve", "-d", "mlflow",
+             "-tAc", f"select count(*) from runs where run_uuid = '{run.info.run_id}'"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert count.stdout.strip() == "1", count.stderr
+        # status/down of a stack brought up with postgres know about it without being told again.
+        assert "postgres" in {p.name for p in EmbeddedStack(Settings()).status()}
+        pg_pid = stack.records()["postgres"].pid
+    finally:
+        EmbeddedStack(Settings()).down()
+        shutil.rmtree(home, ignore_errors=True)
+    assert not psutil.pid_exists(pg_pid) or psutil.Process(pg_pid).status() == psutil.STATUS_ZOMBIE
