@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 from rich.console import Console
 
-from oncoserve.settings import Settings
 from pipelines.stack import EmbeddedStack
+from pipelines.stack.ports import private_settings
 from pipelines.stack.process import session_alive
 
 OUT = Path(__file__).parent
@@ -44,7 +44,7 @@ def _rss_mb(stack: EmbeddedStack) -> dict[str, float]:
 
 def bench_stack() -> list[dict]:
     home = Path(tempfile.mkdtemp(prefix="osb-", dir="/tmp"))
-    settings = Settings(home=home)
+    settings = private_settings(home)
     stack = EmbeddedStack(settings)
     figures = []
     try:
@@ -145,7 +145,7 @@ def bench_ray_train_scaling() -> list[dict]:
     from training.jobs import JobConfig, run_job
 
     home = Path(tempfile.mkdtemp(prefix="osb-rt-", dir="/tmp"))
-    settings = Settings(home=home)
+    settings = private_settings(home)
     stack = EmbeddedStack(settings)
     try:
         stack.up()

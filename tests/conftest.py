@@ -3,45 +3,21 @@
 from __future__ import annotations
 
 import os
-import random
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from oncoserve.settings import Settings
-from pipelines.stack.process import port_free
-
-HOST = "127.0.0.1"
-
-
-def _free_block(offsets: list[int], rng: random.Random) -> int:
-    for _ in range(500):
-        base = rng.randrange(20000, 29000)
-        if all(port_free(HOST, base + off) for off in offsets):
-            return base
-    raise RuntimeError("no free port block found on 127.0.0.1")
+from pipelines.stack.ports import private_stack_env
 
 
 def stack_env(home: Path) -> dict[str, str]:
     """ONCOSERVE_* variables for a private stack: its own home and ports that are free right now."""
-    rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
-    s3 = _free_block([0, 1, 2, 3, 4, 5, 10000, 10001, 10002, 10003, 10005], rng)
-    other = _free_block([0, 1, 2, 3, 4, 5, 6], rng)
-    return {
-        "ONCOSERVE_HOME": str(home),
-        "ONCOSERVE_S3_PORT": str(s3),
-        "ONCOSERVE_MLFLOW_PORT": str(other),
-        "ONCOSERVE_RAY_PORT": str(other + 1),
-        "ONCOSERVE_RAY_DASHBOARD_PORT": str(other + 2),
-        "ONCOSERVE_RAY_CLIENT_PORT": str(other + 3),
-        "ONCOSERVE_RAY_DASHBOARD_AGENT_PORT": str(other + 4),
-        "ONCOSERVE_POSTGRES_PORT": str(other + 5),
-        "ONCOSERVE_RAY_NUM_CPUS": "2",
-    }
+    return private_stack_env(home)
 
 
 @pytest.fixture(scope="module")
