@@ -101,19 +101,22 @@ class Segmentation(TaskDef):
         return self.criterion(model(batch["image"]), batch["seg"])
 
     def export_module(self, model, extras):
-        return _SegmentationGraph(model)
+        return _ActivatedGraph(model, "softmax")
 
     def export_inputs(self, case):
         return (torch.from_numpy(case.image[None]).float(),)
 
 
-class _SegmentationGraph(nn.Module):
-    def __init__(self, net):
+class _ActivatedGraph(nn.Module):
+    """The served graph of a dense task: the network followed by its output activation."""
+
+    def __init__(self, net, activation: str):
         super().__init__()
-        self.net = net
+        self.net, self.activation = net, activation
 
     def forward(self, image):
-        return torch.softmax(self.net(image), dim=1)
+        logits = self.net(image)
+        return torch.softmax(logits, dim=1) if self.activation == "softmax" else torch.sigmoid(logits)
 
 
 # -- localization ------------------------------------------------------------------------------------
@@ -140,19 +143,10 @@ class Localization(TaskDef):
         return self.criterion(model(batch["image"]), batch["target"])
 
     def export_module(self, model, extras):
-        return _LocalizationGraph(model)
+        return _ActivatedGraph(model, "sigmoid")
 
     def export_inputs(self, case):
         return (torch.from_numpy(case.image[None]).float(),)
-
-
-class _LocalizationGraph(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, image):
-        return torch.sigmoid(self.net(image))
 
 
 # -- classification ----------------------------------------------------------------------------------
