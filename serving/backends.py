@@ -1,0 +1,125 @@
+"""Inference backends: one interface, several implementations, chosen by configuration.
+
+- OnnxRuntimeBackend: the model in this process (embedded default).
+- TritonBackend: a Triton (or any Open Inference Protocol v2) server over tritonclient gRPC,
+  model names and versions from the compiled repository.
+- FallbackBackend: the primary, and the embedded backend when the primary is down (a config switch).
+A backend that cannot answer raises BackendUnavailable naming itself (the API turns it into a 503).
+Built once per replica (`from_version`), then `infer` is called many times.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+NP_TO_V2 = {np.dtype("float32"): "FP32", np.dtype("float16"): "FP16", np.dtype("int64"): "INT64", np.dtype("uint8"): "UINT8"}
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot serve right now (server down, model not ready)."""
+
+    def __init__(self, backend: str, reason: str):
+        super().__init__(f"inference backend {backend} unavailable: {reason}")
+        self.backend = backend
+
+
+class InferenceBackend(Protocol):
+    name: str
+    task: str
+    version: str
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def ready(self) -> bool: ...
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, task: str, version: str, threads: int = 2):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.task, self.version = task, str(version)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def from_version(cls, registry, store, bucket: str, prefix: str, task: str, version: str,
+                     cache_dir: Path | None = None, threads: int = 2) -> "OnnxRuntimeBackend":  # fmt: skip
+        """Load the compiled, sha256-verified model.onnx of a registry version."""
+        from serving.artifacts import load_compiled_onnx
+
+        cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="oncoserve-models-"))
+        path = load_compiled_onnx(registry, store, bucket, prefix, task, version, cache_dir / task / str(version) / "model.onnx")
+        return cls(path, task, version, threads)
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+    def ready(self) -> bool:
+        return True
+
+
+class TritonBackend:
+    """Triton (or another OIP v2 server) over gRPC with binary tensors."""
+
+    name = "triton"
+
+    def __init__(self, url: str, task: str, version: str, timeout_s: float = 60.0):
+        import tritonclient.grpc as grpcclient
+
+        self._grpc = grpcclient
+        self.url, self.task, self.version, self.timeout_s = url, task, str(version), timeout_s
+        self.client = grpcclient.InferenceServerClient(url=url)
+
+    def _unavailable(self, exc: Exception) -> BackendUnavailable:
+        message = getattr(exc, "message", lambda: str(exc))()
+        return BackendUnavailable(f"triton at {self.url}", str(message)[:300])
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.client.is_model_ready(self.task, self.version, client_timeout=5))
+        except Exception:
+            return False
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tritonclient.utils import InferenceServerException
+
+        requests = []
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            item = self._grpc.InferInput(name, list(array.shape), NP_TO_V2[array.dtype])
+            item.set_data_from_numpy(array)
+            requests.append(item)
+        try:
+            result = self.client.infer(self.task, requests, model_version=self.version, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise self._unavailable(exc) from None
+        response = result.get_response()
+        return {out.name: result.as_numpy(out.name) for out in response.outputs}
+
+
+class FallbackBackend:
+    """Serve from `primary`; when it is unavailable, answer from `fallback` and count it."""
+
+    def __init__(self, primary: InferenceBackend, fallback: InferenceBackend):
+        self.primary, self.fallback = primary, fallback
+        self.task, self.version = primary.task, primary.version
+        self.name = f"{primary.name}+fallback:{fallback.name}"
+        self.fallbacks = 0
+
+    def ready(self) -> bool:
+        return self.primary.ready() or self.fallback.ready()
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self.primary.infer(inputs)
+        except BackendUnavailable:
+            self.fallbacks += 1
+            return self.fallback.infer(inputs)
