@@ -20,7 +20,7 @@ from oncoserve.settings import Settings
 from pipelines.stack import EmbeddedStack, StackError
 
 # Demo-sized training: about 10 minutes for all four tasks on 2 CPU cores.
-DEMO_EPOCHS = {"segmentation": 24, "localization": 30, "classification": 50, "survival": 40}
+DEMO_EPOCHS = {"segmentation": 20, "localization": 30, "classification": 50, "survival": 40}
 HEADLINE = {
     "segmentation": ["dice_WT", "dice_TC", "dice_ET", "hd95_WT"],
     "localization": ["hit_rate", "box_iou", "centre_distance_mm"],
