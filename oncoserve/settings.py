@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     # Registry, promotion, compile.
     token: str | None = Field(None, description="API token for the CLI (else read from ONCOSERVE_HOME/token).")
     gates_file: Path | None = Field(None, description="Promotion gates (TOML); default: the packaged pipelines/gates.toml.")
+    platform_port: int = Field(8600, description="Port of the platform API (`oncoserve platform serve`).")
     triton_repo_prefix: str = Field("triton", description="Folder of the Triton model repository in the models bucket.")
 
     startup_timeout_s: float = Field(180.0, description="How long `stack up` waits for a component's health.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.cli import auth, data, demo, models, stack, train
+from pipelines.cli import auth, data, demo, models, platform, stack, train
 
 app = typer.Typer(
     name="oncoserve",
@@ -16,6 +16,7 @@ app.add_typer(stack.app, name="stack")
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(auth.app, name="auth")
+app.add_typer(platform.app, name="platform")
 app.command("compile")(models.compile_)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
