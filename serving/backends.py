@@ -76,7 +76,9 @@ class TritonBackend:
 
         self._grpc = grpcclient
         self.url, self.task, self.version, self.timeout_s = url, task, str(version), timeout_s
-        self.client = grpcclient.InferenceServerClient(url=url)
+        # A whole preprocessed study (4 x 96 x 112 x 96 float32) is 16.5 MB, beyond gRPC's 4 MB default.
+        limit = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        self.client = grpcclient.InferenceServerClient(url=url, channel_args=limit)
 
     def _unavailable(self, exc: Exception) -> BackendUnavailable:
         message = getattr(exc, "message", lambda: str(exc))()

@@ -7,6 +7,7 @@ Serves every <REPO_DIR>/<model>/<n>/model.onnx (highest n) on 127.0.0.1 only.
 """
 
 import argparse
+import sys
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def _loopback_config(self, *args, **kwargs):
 
 
 uvicorn.Config.__init__ = _loopback_config
+# A preprocessed study is a 16.5 MB tensor; gRPC's default limit is 8 MB. KServe reads these at import.
+sys.argv += ["--grpc_max_send_message_length", str(64 << 20), "--grpc_max_receive_message_length", str(64 << 20)]
 
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer  # noqa: E402
 
@@ -66,7 +69,7 @@ def main() -> None:
     parser.add_argument("repo", type=Path)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # KServe's own flags are in argv too
     models = []
     for folder in sorted(p for p in args.repo.iterdir() if p.is_dir()):
         versions = sorted((int(v.name) for v in folder.iterdir() if v.name.isdigit() and (v / "model.onnx").exists()))

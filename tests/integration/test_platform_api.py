@@ -24,7 +24,7 @@ parity_max_abs_diff = 1e-3
 latency_budget_ms = 60000
 latency_runs = 1
 [survival]
-floors = { c_index = 0.0 }
+floors = {}  # the tiny test split has too few cases for a c-index
 ceilings = {}
 regression_tolerance = {}
 [localization]

@@ -1,10 +1,19 @@
 from pathlib import Path
 
+import os
+
 import pytest
 from pydantic import ValidationError
 
 from oncoserve import credentials
 from oncoserve.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """These tests read configuration sources themselves: no ONCOSERVE_* from the session's test stack."""
+    for key in [k for k in os.environ if k.startswith("ONCOSERVE_")]:
+        monkeypatch.delenv(key)
 
 
 def test_defaults_bind_loopback_and_home_is_dot_oncoserve(monkeypatch, tmp_path):
