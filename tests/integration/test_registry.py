@@ -205,3 +205,18 @@ def test_list_and_show_give_versions_aliases_lineage_and_card(env):
     assert shown.returncode == 0 and "Model card" in shown.stdout and "Intended use" in shown.stdout
     missing = oncoserve("models", "show", TASK, "999", token=env["tokens"]["viewer"])
     assert missing.returncode == 1 and "version 999 is not in the registry" in missing.stderr
+
+
+def test_alias_watcher_sees_the_champion_move(env):
+    from serving.alias_watch import AliasWatcher
+
+    registry = Registry(env["settings"].mlflow_url)
+    seen = []
+    watcher = AliasWatcher(registry, TASK, "champion", lambda old, new: seen.append((old, new)))
+    assert watcher.poll_once() and seen == [(None, env["a"])]
+    assert watcher.poll_once() is False  # nothing moved
+    registry.set_alias(TASK, "champion", env["b"])
+    try:
+        assert watcher.poll_once() and seen[-1] == (env["a"], env["b"])
+    finally:
+        registry.set_alias(TASK, "champion", env["a"])
