@@ -48,12 +48,15 @@ class EmbeddedStack:
         tmp.write_text(json.dumps({n: r.to_json() for n, r in state.items()}, indent=2))
         os.replace(tmp, self.state_file)  # atomic: a crash never leaves half a state file
 
-    def _components(self, state: dict | None = None) -> list[Component]:
+    def _components(self, state: dict | None = None, create_credentials: bool = True) -> list[Component]:
         settings = self.settings
         # A stack brought up with `--db postgresql` keeps that database until it is brought down.
         if state and "postgres" in state and settings.db != "postgresql":
             settings = settings.model_copy(update={"db": "postgresql"})
-        creds = credentials.load_or_create(settings.credentials_file)
+        if create_credentials or settings.credentials_file.exists():
+            creds = credentials.load_or_create(settings.credentials_file)
+        else:
+            creds = credentials.S3Credentials("", "")  # never started: nothing to authenticate against
         return components(settings, creds)
 
     def records(self) -> dict[str, process.ProcessRecord]:
@@ -140,7 +143,7 @@ class EmbeddedStack:
     def status(self) -> list[ComponentStatus]:
         state = self._load_state()
         result = []
-        for comp in self._components(state):
+        for comp in self._components(state, create_credentials=False):
             record = state.get(comp.name)
             alive = bool(record and process.find(record))
             health = comp.health() if alive else Health(False, "not running")

@@ -56,3 +56,13 @@ def test_s3_ports_and_ray_temp_dir_are_short(tmp_path):
 
 def test_log_tail_of_missing_log():
     assert process.log_tail("/nonexistent/x.log") == "(no log written)"
+
+
+def test_status_of_a_never_started_stack_reports_down_and_writes_nothing(tmp_path):
+    from pipelines.stack import EmbeddedStack
+
+    home = tmp_path / "fresh"
+    parts = EmbeddedStack(Settings(home=home)).status()
+    assert {p.name for p in parts} == {"s3", "ray", "mlflow"}
+    assert not any(p.running or p.healthy for p in parts)
+    assert not home.exists()
