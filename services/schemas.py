@@ -1,0 +1,64 @@
+"""The published findings schema (pydantic): what a study analysis returns to apps.
+
+Coordinates are voxel indices on the *input's* reference grid (the first present modality in the
+order t1, t1ce, t2, flair); volumes are in mL; probabilities are calibrated; uncertainty is the
+MC-dropout standard deviation of the positive-class probability.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class LocalizationFindings(BaseModel):
+    found: bool
+    bbox_vox: list[float] = Field(..., description="[x0, y0, z0, x1, y1, z1], inclusive, input grid")
+    centroid_vox: list[float] = Field(..., description="[x, y, z], input grid")
+
+
+class SegmentationFindings(BaseModel):
+    volumes_ml: dict[str, float] = Field(..., description="NCR, ED, ET, WT, TC")
+    mask: str = Field(..., description="Name of the mask output (NIfTI, labels 1 NCR, 2 ED, 4 ET, input grid)")
+
+
+class MarkerFindings(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    uncertainty: float
+
+
+class ClassificationFindings(BaseModel):
+    grade: MarkerFindings
+    idh: MarkerFindings
+    codeletion_1p19q: MarkerFindings
+    mgmt: MarkerFindings
+
+
+class CurvePoint(BaseModel):
+    days: float
+    probability: float
+
+
+class SurvivalFindings(BaseModel):
+    risk_score: float
+    risk_group: str = Field(..., description="high | low (split at the training cohort's median risk)")
+    median_survival_days: float | None
+    curve: list[CurvePoint]
+
+
+class QualityFindings(BaseModel):
+    missing_modalities: list[str]
+    ood_score: float
+    ood_flag: bool
+
+
+class Findings(BaseModel):
+    case_id: str
+    model_versions: dict[str, str]
+    localization: LocalizationFindings
+    segmentation: SegmentationFindings
+    classification: ClassificationFindings
+    survival: SurvivalFindings
+    quality: QualityFindings
+    report: dict | None = None
+    preprocessing_version: str

@@ -1,0 +1,60 @@
+"""A whole study through the four champions: findings with every published key, mask on the input grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imaging.dataset import read_case
+from oncoserve.object_store import object_store
+from serving.compile import compile_version
+from serving.registry import Registry
+from services.analyzer import TASKS, ServingError, StudyAnalyzer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def analyzer(live_stack, trained):
+    registry, store = Registry(live_stack.mlflow_url), object_store(live_stack)
+    before = {task: registry.alias(task, "champion") for task in TASKS}
+    for task in TASKS:
+        compile_version(registry, store, live_stack.bucket_models, live_stack.triton_repo_prefix, task, trained[task])
+        registry.set_alias(task, "champion", trained[task])
+    yield StudyAnalyzer.from_registry(registry, store, live_stack.bucket_models, live_stack.triton_repo_prefix)
+    for task, version in before.items():  # leave the shared registry as other modules expect it
+        registry.set_alias(task, "champion", version) if version else registry.delete_alias(task, "champion")
+
+
+def test_findings_have_every_key_and_the_mask_matches_the_input(analyzer, tiny_dataset, trained):
+    case = sorted(p.name for p in tiny_dataset.iterdir() if p.is_dir())[0]
+    study = read_case(tiny_dataset, case)
+    result = analyzer.analyze(study)
+    doc = result.findings.model_dump()
+    assert set(doc) >= {"case_id", "model_versions", "localization", "segmentation", "classification", "survival",
+                        "quality", "report", "preprocessing_version"}  # fmt: skip
+    assert doc["model_versions"] == {t: trained[t] for t in TASKS}
+    assert set(doc["segmentation"]["volumes_ml"]) == {"NCR", "ED", "ET", "WT", "TC"}
+    assert set(doc["classification"]) == {"grade", "idh", "codeletion_1p19q", "mgmt"}
+    grade = doc["classification"]["grade"]
+    assert grade["label"] in ("LGG", "HGG") and sum(grade["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert doc["survival"]["risk_group"] in ("high", "low") and doc["survival"]["curve"]
+    assert len(doc["localization"]["bbox_vox"]) == 6 and len(doc["localization"]["centroid_vox"]) == 3
+    assert result.mask.shape == study.reference.shape
+    np.testing.assert_allclose(result.mask.affine, study.reference.affine)
+    assert set(np.unique(result.mask.data)) <= {0, 1, 2, 4}
+
+
+def test_missing_flair_is_reported_and_still_analysed(analyzer, tiny_dataset):
+    case = sorted(p.name for p in tiny_dataset.iterdir() if p.is_dir())[1]
+    study = read_case(tiny_dataset, case)
+    study.images.pop("flair", None)
+    findings = analyzer.analyze(study).findings
+    assert "flair" in findings.quality.missing_modalities
+
+
+def test_a_task_without_champion_is_a_clear_error(live_stack):
+    registry = Registry(live_stack.mlflow_url)
+    with pytest.raises(ServingError, match="no `nonexistent-alias` version"):
+        StudyAnalyzer.from_registry(registry, object_store(live_stack), live_stack.bucket_models,
+                                    live_stack.triton_repo_prefix, alias="nonexistent-alias")  # fmt: skip
