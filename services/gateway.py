@@ -11,7 +11,6 @@ hot-swap and autoscaling build on this (issue 6).
 
 import base64
 import gzip
-import io
 import tempfile
 import time
 import uuid
@@ -104,7 +103,3 @@ def deploy(settings, http_port: int | None = None) -> str:
     fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.model_dump().items()}
     serve.run(StudyGateway.bind(fields), name="oncoserve", route_prefix="/")
     return f"http://{settings.host}:{port}"
-
-
-def encode_upload(path: Path) -> tuple[str, io.BytesIO, str]:
-    return (path.name, io.BytesIO(path.read_bytes()), "application/gzip")
