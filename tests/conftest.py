@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -103,3 +104,22 @@ def trained(live_stack, tiny_dataset):
         assert f"registered model {task} version" in run.stdout
         versions[task] = run.stdout.split(f"registered model {task} version")[-1].split()[0]
     return versions
+
+
+@contextlib.contextmanager
+def compiled_champions(settings, versions: dict[str, str]):
+    """Compile the given versions and make them champions; restore the previous aliases afterwards."""
+    from oncoserve.object_store import object_store
+    from serving.compile import compile_version
+    from serving.registry import Registry
+
+    registry, store = Registry(settings.mlflow_url), object_store(settings)
+    before = {task: registry.alias(task, "champion") for task in versions}
+    for task, version in versions.items():
+        compile_version(registry, store, settings.bucket_models, settings.triton_repo_prefix, task, version)
+        registry.set_alias(task, "champion", version)
+    try:
+        yield registry, store
+    finally:
+        for task, version in before.items():
+            registry.set_alias(task, "champion", version) if version else registry.delete_alias(task, "champion")

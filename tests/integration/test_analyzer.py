@@ -7,23 +7,17 @@ import pytest
 
 from imaging.dataset import read_case
 from oncoserve.object_store import object_store
-from serving.compile import compile_version
 from serving.registry import Registry
 from services.analyzer import TASKS, ServingError, StudyAnalyzer
+from tests.conftest import compiled_champions
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def analyzer(live_stack, trained):
-    registry, store = Registry(live_stack.mlflow_url), object_store(live_stack)
-    before = {task: registry.alias(task, "champion") for task in TASKS}
-    for task in TASKS:
-        compile_version(registry, store, live_stack.bucket_models, live_stack.triton_repo_prefix, task, trained[task])
-        registry.set_alias(task, "champion", trained[task])
-    yield StudyAnalyzer.from_registry(registry, store, live_stack.bucket_models, live_stack.triton_repo_prefix)
-    for task, version in before.items():  # leave the shared registry as other modules expect it
-        registry.set_alias(task, "champion", version) if version else registry.delete_alias(task, "champion")
+    with compiled_champions(live_stack, {t: trained[t] for t in TASKS}) as (registry, store):
+        yield StudyAnalyzer.from_registry(registry, store, live_stack.bucket_models, live_stack.triton_repo_prefix)
 
 
 def test_findings_have_every_key_and_the_mask_matches_the_input(analyzer, tiny_dataset, trained):

@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 
 from imaging.dataset import read_case
-from oncoserve.object_store import object_store
-from serving.compile import compile_version
-from serving.registry import Registry
 from services.analyzer import TASKS
+from tests.conftest import compiled_champions
 
 pytestmark = pytest.mark.integration
 
@@ -27,21 +25,15 @@ def gateway(live_stack, trained):
 
     from services.gateway import deploy
 
-    registry, store = Registry(live_stack.mlflow_url), object_store(live_stack)
-    before = {task: registry.alias(task, "champion") for task in TASKS}
-    for task in TASKS:
-        compile_version(registry, store, live_stack.bucket_models, live_stack.triton_repo_prefix, task, trained[task])
-        registry.set_alias(task, "champion", trained[task])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    try:
-        yield deploy(live_stack, http_port=port)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for task, version in before.items():
-            registry.set_alias(task, "champion", version) if version else registry.delete_alias(task, "champion")
+    with compiled_champions(live_stack, {t: trained[t] for t in TASKS}):
+        try:
+            yield deploy(live_stack, http_port=port)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def files_of(case_dir, skip=()):
