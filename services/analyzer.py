@@ -7,10 +7,8 @@ called many times: by the Ray Serve gateway replicas, the CLI and the benchmarks
 from __future__ import annotations
 
 import json
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -56,8 +54,7 @@ class StudyAnalyzer:
             if version is None:
                 raise ServingError(f"{task} has no `{alias}` version; promote one (oncoserve models promote)")
             backends[task] = OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, threads=threads)
-            extras_file = registry.download(task, version, Path(tempfile.mkdtemp())) / "extras.json"
-            extras[task] = json.loads(extras_file.read_text()) if extras_file.exists() else {}
+            extras[task] = json.loads(registry.artifact_text(task, version, "extras.json") or "{}")
         return cls(backends, extras)
 
     @property

@@ -112,6 +112,15 @@ class Registry:
         dst = dst or Path(tempfile.mkdtemp(prefix=f"{task}-v{version}-"))
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.tracking_uri))
 
+    def artifact_text(self, task: str, version: str, name: str) -> str | None:
+        """One small file of the version's `model/` folder (without fetching the ONNX), or None."""
+        info = self.version(task, version)
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{info.source}/{name}", dst_path=tempfile.mkdtemp(),
+                                                       tracking_uri=self.tracking_uri)  # fmt: skip
+        except (MlflowException, OSError):  # absent from this version's artifacts
+            return None
+        return Path(path).read_text()
+
     def model_card(self, task: str, version: str) -> str:
-        path = self.download(task, version) / "MODEL_CARD.md"
-        return path.read_text() if path.exists() else "(no model card)"
+        return self.artifact_text(task, version, "MODEL_CARD.md") or "(no model card)"

@@ -12,6 +12,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def cli_identity(settings):
+    """Who is calling: the token from ONCOSERVE_TOKEN or ONCOSERVE_HOME/token (None without one)."""
+    from oncoserve.auth import TokenStore
+
+    return TokenStore(settings.tokens_file).authenticate(settings.cli_token())
+
+
 @contextlib.contextmanager
 def user_errors(*kinds: type[Exception]) -> Iterator[None]:
     """Turn the domain errors a command expects into a one-line message and exit code 1."""

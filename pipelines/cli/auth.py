@@ -7,15 +7,11 @@ from rich.table import Table
 
 from oncoserve.auth import ROLES, AuthError, TokenStore
 from oncoserve.settings import Settings
-from pipelines.cli._console import console, user_errors
+from pipelines.cli._console import cli_identity, console, user_errors
 
 app = typer.Typer(help="API tokens and roles.", no_args_is_help=True)
 token_app = typer.Typer(help="Create, list and revoke tokens (admin).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
-
-
-def _caller(settings: Settings):
-    return TokenStore(settings.tokens_file).authenticate(settings.cli_token())
 
 
 @token_app.command()
@@ -28,7 +24,7 @@ def create(
     settings = Settings()
     store = TokenStore(settings.tokens_file)
     with user_errors(AuthError, ValueError):
-        caller = _caller(settings) if store.list() else None
+        caller = cli_identity(settings) if store.list() else None
         token = store.create(name, role, caller)
     if save:
         import os
@@ -45,7 +41,7 @@ def create(
 def list_() -> None:
     settings = Settings()
     with user_errors(AuthError):
-        _caller(settings)
+        cli_identity(settings)
     table = Table(title="tokens (hashes only are stored)")
     table.add_column("name")
     table.add_column("role")
@@ -58,5 +54,5 @@ def list_() -> None:
 def revoke(name: str = typer.Argument(...)) -> None:
     settings = Settings()
     with user_errors(AuthError, ValueError):
-        TokenStore(settings.tokens_file).revoke(name, _caller(settings))
+        TokenStore(settings.tokens_file).revoke(name, cli_identity(settings))
     console.print(f"revoked {name}")

@@ -10,17 +10,13 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 from oncoserve.audit import AuditLog
-from oncoserve.auth import AuthError, TokenStore
+from oncoserve.auth import AuthError
 from oncoserve.settings import Settings
-from pipelines.cli._console import console, err_console, user_errors
+from pipelines.cli._console import cli_identity, console, err_console, user_errors
 from serving.registry import TASKS, Registry, RegistryError
 
 app = typer.Typer(help="The model registry: versions, aliases, promotion with gates, rollback, audit.", no_args_is_help=True)
 ERRORS = (RegistryError, AuthError, ValueError)
-
-
-def identity(settings: Settings):
-    return TokenStore(settings.tokens_file).authenticate(settings.cli_token())
 
 
 def _promoter(settings: Settings):
@@ -35,7 +31,7 @@ def list_(task: str = typer.Argument(None, help="One task; default: all."), as_j
     settings = Settings()
     registry = Registry(settings.mlflow_url)
     with user_errors(*ERRORS):
-        identity(settings)  # a token given must be valid; reading needs none beyond that
+        cli_identity(settings)  # a token given must be valid; reading needs none beyond that
         rows = [v for t in ([task] if task else TASKS) for v in registry.versions(t)]
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=1))
@@ -88,7 +84,7 @@ def promote(
     settings = Settings()
     try:
         with user_errors(*ERRORS), console.status(f"running gates for {task} v{version}"):
-            result = _promoter(settings).promote(identity(settings), task, version, to, reason, force, eval_data)
+            result = _promoter(settings).promote(cli_identity(settings), task, version, to, reason, force, eval_data)
     except PromotionRefused as refused:
         console.print(_gate_table(refused.gates))
         err_console.print(f"[bold red]refused:[/] {refused}", highlight=False)
@@ -103,7 +99,7 @@ def rollback(task: str = typer.Argument(...), reason: str = typer.Option(None, "
     """Move champion back to the previous version (role: platform)."""
     settings = Settings()
     with user_errors(*ERRORS):
-        old, new = _promoter(settings).rollback(identity(settings), task, reason)
+        old, new = _promoter(settings).rollback(cli_identity(settings), task, reason)
     console.print(f"{task}: champion v{old} -> v{new}")
 
 
@@ -112,7 +108,7 @@ def audit(task: str = typer.Option(None, "--task"), as_json: bool = typer.Option
     """The audit log: one row per action (registrations, promotions, refusals, rollbacks, forced actions)."""
     settings = Settings()
     with user_errors(*ERRORS):
-        identity(settings)
+        cli_identity(settings)
     entries = [e for e in AuditLog(settings.audit_file).entries() if not task or e.get("task") == task]
     if as_json:
         typer.echo(json.dumps(entries, indent=1, default=str))
@@ -143,7 +139,7 @@ def compile_(
 
     settings = Settings()
     with user_errors(*ERRORS):
-        require(identity(settings), "data-scientist", "compiling")
+        require(cli_identity(settings), "data-scientist", "compiling")
         result = compile_version(Registry(settings.mlflow_url), object_store(settings), settings.bucket_models,
                                  settings.triton_repo_prefix, task, version,
                                  CompileOptions(max_batch_size=max_batch, preferred_batch_sizes=[b for b in (2, 4) if b <= max_batch], gpu=gpu))  # fmt: skip

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from imaging.errors import StudyError
 from oncoserve.settings import Settings
-from pipelines.cli._console import console, user_errors
+from pipelines.cli._console import cli_identity, console, user_errors
 from training.errors import TrainingError
 
 TASK_HELP = "localization | segmentation | classification | survival"
@@ -28,11 +28,11 @@ def train(
     """Train TASK with Ray Train, track it in MLflow and register the version."""
     from training.jobs import JobConfig, run_job
 
-    from oncoserve.auth import AuthError, TokenStore, require
+    from oncoserve.auth import AuthError, require
 
     settings = Settings()
     with user_errors(AuthError):
-        who = require(TokenStore(settings.tokens_file).authenticate(settings.cli_token()), "data-scientist",
+        who = require(cli_identity(settings), "data-scientist",
                       "training and registering a version")  # fmt: skip
     cfg = JobConfig(task=task, data_dir=data.resolve(), tracking_uri=settings.mlflow_url, ray_address=settings.ray_address,
                     home=settings.home, epochs=epochs, workers=workers, gpu=gpu, resume_run=resume, seed=seed,
