@@ -15,7 +15,7 @@ QUIET := { grep -v 'is ignored' || true; }
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml services/proto/study.proto
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing torch==2.13.0 (CPU build) first"
 	@$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | $(QUIET)
@@ -23,7 +23,9 @@ $(STAMP): requirements.lock pyproject.toml
 	@echo "==> installing the pinned environment (requirements.lock)"
 	@$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | $(QUIET)
 	@$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
-	@$(BIN)/python -c "import pipelines.cli" || { echo "oncoserve failed to install"; exit 1; }
+	@echo "==> generating gRPC code from services/proto/study.proto"
+	@$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. services/proto/study.proto
+	@$(BIN)/python -c "import pipelines.cli, services.grpc_servicers" || { echo "oncoserve failed to install"; exit 1; }
 	@touch $(STAMP)
 
 demo: venv

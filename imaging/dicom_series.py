@@ -151,6 +151,13 @@ def map_series(series: list[Series], mapping: dict[str, str] | None = None) -> d
     return result
 
 
+def sorted_slices(datasets: list[Dataset]) -> list[Dataset]:
+    """Slices in the volume's order (ascending along the slice normal): frame k is the volume's z = k."""
+    orient = np.array(datasets[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(orient[:3], orient[3:])
+    return sorted(datasets, key=lambda ds: float(np.array(ds.ImagePositionPatient, dtype=float) @ normal))
+
+
 def series_to_volume(series: Series, source: str = "series") -> Volume:
     """Sort slices along the normal, check the spacing is regular, build the RAS affine."""
     sets = series.datasets
@@ -168,10 +175,9 @@ def series_to_volume(series: Series, source: str = "series") -> Volume:
             raise DicomError(f"{source} {name!r}: slices have different orientations")
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
             raise DicomError(f"{source} {name!r}: slices have different sizes")
+    sets = sorted_slices(sets)
     positions = np.array([np.array(ds.ImagePositionPatient, dtype=float) for ds in sets])
     along = positions @ normal
-    order = np.argsort(along)
-    sets, positions, along = [sets[i] for i in order], positions[order], along[order]
     if len(sets) < 2:
         raise DicomError(f"{source} {name!r}: a single slice is not a 3D volume")
     gaps = np.diff(along)

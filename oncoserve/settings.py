@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     platform_port: int = Field(8600, description="Port of the platform API (`oncoserve platform serve`).")
     triton_repo_prefix: str = Field("triton", description="Folder of the Triton model repository in the models bucket.")
 
+    # Serving (Ray Serve on the stack's Ray).
+    serve_http_port: int = Field(8000, description="Port of the serving REST API (Ray Serve HTTP proxy).")
+    serve_grpc_port: int = Field(9000, description="Port of the serving gRPC API (study service + OIP v2).")
+    serve_config: Path | None = Field(None, description="Deployment config (YAML); default: the packaged services/deployments.yaml.")
+    serve_max_request_mb: float = Field(256.0, description="Largest request body (after gzip decoding) the APIs accept.")
+
     startup_timeout_s: float = Field(180.0, description="How long `stack up` waits for a component's health.")
 
     @classmethod
@@ -68,6 +74,10 @@ class Settings(BaseSettings):
     def _absolute_home(cls, value: Path) -> Path:
         # Children (servers, Ray workers) run with other working directories.
         return value.expanduser().resolve()
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.host}:{self.serve_http_port}"
 
     @property
     def s3_endpoint(self) -> str:

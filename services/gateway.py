@@ -1,105 +1,470 @@
-"""The study gateway as a Ray Serve deployment (FastAPI ingress).
+"""The study gateway: the ingress of the Serve application (REST + gRPC on Serve's proxies).
 
 (No `from __future__ import annotations` here: FastAPI must see real types on the ingress methods.)
 
-First cut of the serving layer: one deployment that holds a StudyAnalyzer (the four champions in
-onnxruntime) and answers `POST /v1/studies:analyze` with multipart NIfTI uploads, one file per
-modality (form fields t1, t1ce, t2, flair; optional age). The per-task microservices, gRPC, OIP v2,
-hot-swap and autoscaling build on this (issue 6).
+REST (OpenAPI at /docs):
+  POST /v1/studies:analyze   a whole study -> findings + mask (+ DICOM SEG for DICOM input)
+  POST /v1/{task}:predict    one task's section of the findings
+  GET  /v1/models, /healthz, /readyz, /metrics
+  /v2/...                    Open Inference Protocol v2 for raw inference on every task's model
+gRPC (same methods, Serve's gRPC port): oncoserve.v1.StudyService/Analyze and
+inference.GRPCInferenceService (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
+ModelInfer).
+
+A study is decoded and preprocessed once here (the same `imaging` code as training), put in Ray's
+object store once, and fanned out to the task deployments in parallel; their sections come back on
+the input's grid and are assembled into the published findings.
 """
 
-
+import asyncio
 import base64
 import gzip
-import tempfile
+import hashlib
+import json
+import logging
+import secrets
 import time
-import uuid
-from pathlib import Path
+import zlib
 
-import nibabel as nib
+import grpc
+import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from imaging import nifti
 from imaging.errors import StudyError
-from imaging.study import MODALITIES, Study
+from imaging.preprocess import preprocess
+from imaging.study import MODALITIES
+from serving.backends import BackendUnavailable
+from services import metrics
+from services.analyzer import assemble
+from services.grpc_servicers import service_pb2, study_pb2
+from services.oip import ProtocolError, decode_grpc, decode_rest, encode_grpc, encode_rest
+from services.study_input import InputError, StudyInput, from_dicom_zip, from_nifti, from_s3
+from services.task_logic import TASKS, ServingError
 
-api = FastAPI(title="oncoserve study gateway", version="0.1")
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+log = logging.getLogger("ray.serve")
+API_VERSION = "1.0"
+api = FastAPI(
+    title="oncoserve serving API",
+    version=API_VERSION,
+    description="Glioma MRI analysis (localization, segmentation, classification, survival) and raw model "
+    "inference over the Open Inference Protocol v2. Research use only; not a medical device.",
+)
+
+
+def _request_id() -> str:
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or secrets.token_hex(8)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "request_id": _request_id()}, status)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception a replica raised, unwrapped from Ray's RayTaskError."""
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc
 
 
 def _mask_bytes(mask) -> bytes:
+    import nibabel as nib
+
     img = nib.Nifti1Image(mask.data.astype("uint8"), mask.affine)
+    img.header.set_xyzt_units("mm")
     return gzip.compress(img.to_bytes(), mtime=0)
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1})
+def _age(raw) -> float | None:
+    if raw in (None, ""):
+        return None
+    try:
+        age = float(raw)
+    except (TypeError, ValueError):
+        raise InputError(f"age {str(raw)[:20]!r} is not a number", 400) from None
+    if not 0 <= age <= 130:
+        raise InputError(f"age {age} is outside 0-130 years", 400)
+    return age
+
+
+@serve.deployment(name="gateway")
 @serve.ingress(api)
 class StudyGateway:
-    def __init__(self, settings_fields: dict):
-        from oncoserve.object_store import object_store
+    def __init__(self, settings_fields: dict, localization, segmentation, classification, survival):
+        from oncoserve.audit import AuditLog
+        from oncoserve.auth import TokenStore
         from oncoserve.settings import Settings
-        from serving.registry import Registry
-        from services.analyzer import StudyAnalyzer
 
-        settings = Settings(**settings_fields)
-        self.analyzer = StudyAnalyzer.from_registry(Registry(settings.mlflow_url), object_store(settings),
-                                                    settings.bucket_models, settings.triton_repo_prefix)  # fmt: skip
+        self.settings = Settings(**settings_fields)
+        self.tasks = {"localization": localization, "segmentation": segmentation,
+                      "classification": classification, "survival": survival}  # fmt: skip
+        self.max_bytes = int(self.settings.serve_max_request_mb * 1024 * 1024)
+        self.audit = AuditLog(self.settings.audit_file)
+        self.tokens = TokenStore(self.settings.tokens_file)
+        self._store = None
+        self._salt = self._deid_salt()
 
-    @api.get("/healthz")
-    def health(self) -> dict:
+    def _deid_salt(self) -> str:
+        path = self.settings.home / "serve" / ".deid-salt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text(secrets.token_hex(16))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    @property
+    def store(self):
+        if self._store is None:
+            from oncoserve.object_store import object_store
+
+            self._store = object_store(self.settings)
+        return self._store
+
+    # -- request decoding -------------------------------------------------------------------------
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise InputError(f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise InputError(f"request body exceeds the limit of {self.max_bytes} bytes", 413)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding == "gzip":
+            # Bounded decompression: a gzip bomb stops at the limit instead of filling memory.
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                body = inflater.decompress(body, self.max_bytes + 1)
+            except zlib.error as exc:
+                raise InputError(f"body is not valid gzip ({exc})", 400) from None
+            if len(body) > self.max_bytes or inflater.unconsumed_tail:
+                raise InputError(f"decompressed body exceeds the limit of {self.max_bytes} bytes", 413)
+        elif encoding != "identity":
+            raise InputError(f"content-encoding {encoding!r} is not supported (gzip or identity)", 415)
+        return body
+
+    async def _study(self, request: Request) -> StudyInput:
+        body = await self._body(request)
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith("multipart/form-data"):
+            request._body = body  # let Starlette parse the (decoded) body we already read
+            form = await request.form(max_files=8, max_fields=16)
+            try:
+                case_id, age = form.get("case_id") or None, _age(form.get("age"))
+                dicom = form.get("dicom")
+                if dicom is not None and hasattr(dicom, "read"):
+                    return await asyncio.to_thread(from_dicom_zip, await dicom.read(), case_id, age, self._salt)
+                files = {}
+                for key, value in form.multi_items():
+                    if hasattr(value, "read"):
+                        if key in files:
+                            raise InputError(f"{key} uploaded twice", 400)
+                        files[key] = await value.read()
+                return await asyncio.to_thread(from_nifti, files, case_id, age)
+            finally:
+                await form.close()
+        if ctype.startswith("application/json"):
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(f"body is not JSON ({exc})", 400) from None
+            if not isinstance(payload, dict) or not isinstance(payload.get("s3_uri"), str):
+                raise InputError('JSON body must be {"s3_uri": "s3://bucket/case/", "case_id"?: ..., "age"?: ...}', 400)
+            return await asyncio.to_thread(from_s3, self.store, payload["s3_uri"], (self.settings.bucket_data,),
+                                           payload.get("case_id"), _age(payload.get("age")))  # fmt: skip
+        raise InputError(
+            f"content-type {ctype or 'none'!r} is not supported: send multipart/form-data (files "
+            f"{', '.join(MODALITIES)} or dicom) or application/json with an s3_uri", 415
+        )  # fmt: skip
+
+    def _identity(self, request: Request):
+        header = request.headers.get("authorization", "")
+        if not header:
+            return None
+        scheme, _, token = header.partition(" ")
+        identity = self.tokens.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if identity is None:
+            raise InputError("unknown or revoked token", 401)
+        return identity
+
+    # -- the work ---------------------------------------------------------------------------------
+    async def _run(self, source: StudyInput, tasks: tuple[str, ...]) -> tuple[dict, object]:
+        t0 = time.perf_counter()
+        try:
+            prepared = await asyncio.to_thread(preprocess, source.study)
+        except StudyError as exc:
+            raise InputError(str(exc)) from None
+        metrics.STAGE_SECONDS.labels("study", "preprocess", "-").observe(time.perf_counter() - t0)
+        ref = ray.put(prepared)  # one copy in the object store, shared by every task replica
+        t1 = time.perf_counter()
+        calls = {task: self.tasks[task].predict.remote(ref, source.study.age) for task in tasks}
+        results = {}
+        for task, call in calls.items():
+            try:
+                results[task] = await call
+            except Exception as exc:
+                cause = _cause(exc)
+                if isinstance(cause, (BackendUnavailable, ServingError)):
+                    raise InputError(f"{task}: {cause}", 503) from None
+                raise
+        metrics.STAGE_SECONDS.labels("study", "fanout", "-").observe(time.perf_counter() - t1)
+        return results, prepared
+
+    def _record(self, identity, request_id: str, source: StudyInput, versions: dict, route: str) -> None:
+        # Who asked and which versions answered; the case id only as a salted hash (no PHI).
+        self.audit.event(identity.name if identity else "anonymous", identity.role if identity else "none", "analyze",
+                         request_id=request_id, route=route, input=source.kind, model_versions=versions,
+                         case_ref=hashlib.sha256(f"{self._salt}:{source.study.case_id}".encode()).hexdigest()[:16])  # fmt: skip
+
+    async def _guarded(self, route: str, work):
+        status = 500
+        try:
+            response = await work()
+            status = response.status_code
+            return response
+        except InputError as exc:
+            status = exc.status
+            return _error(exc.status, str(exc))
+        except Exception as exc:
+            log.exception("%s failed", route)
+            return _error(500, f"internal error ({type(_cause(exc)).__name__}); see the server log for request {_request_id()}")
+        finally:
+            metrics.REQUESTS.labels(route, str(status)).inc()
+
+    # -- REST: studies and tasks ------------------------------------------------------------------
+    @api.post("/v1/studies:analyze", summary="Analyse a study: findings, mask, DICOM SEG for DICOM input")
+    async def analyze(self, request: Request):
+        async def work():
+            identity = self._identity(request)
+            t0 = time.perf_counter()
+            source = await self._study(request)
+            results, prepared = await self._run(source, TASKS)
+            versions = {task: results[task]["version"] for task in TASKS}
+            analysis = assemble(source.study, prepared.version, results, versions)
+            body = {"findings": analysis.findings.model_dump(),
+                    "mask_nifti_gz_b64": base64.b64encode(_mask_bytes(analysis.mask)).decode()}  # fmt: skip
+            if source.kind == "dicom":
+                from services.dicom_seg import build_dicom_seg
+
+                seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference, versions["segmentation"])
+                body["dicom_seg_b64"] = base64.b64encode(seg).decode()
+            body["elapsed_ms"], body["request_id"] = round((time.perf_counter() - t0) * 1000, 1), _request_id()
+            self._record(identity, body["request_id"], source, versions, "analyze")
+            return JSONResponse(body)
+
+        return await self._guarded("/v1/studies:analyze", work)
+
+    @api.post("/v1/{task}:predict", summary="Run one task on a study (same inputs as analyze)")
+    async def predict(self, task: str, request: Request):
+        async def work():
+            if task not in self.tasks:
+                raise InputError(f"unknown task {task!r}; one of {', '.join(TASKS)}", 404)
+            identity = self._identity(request)
+            source = await self._study(request)
+            results, prepared = await self._run(source, (task,))
+            result = results[task]
+            body = {"task": task, "case_id": source.study.case_id, "model_version": result["version"],
+                    "result": result["section"], "preprocessing_version": prepared.version,
+                    "missing_modalities": source.study.missing, "request_id": _request_id()}  # fmt: skip
+            if "mask" in result:
+                body["mask_nifti_gz_b64"] = base64.b64encode(_mask_bytes(result["mask"])).decode()
+            self._record(identity, body["request_id"], source, {task: result["version"]}, f"{task}:predict")
+            return JSONResponse(body)
+
+        return await self._guarded("/v1/{task}:predict", work)
+
+    async def _describe_all(self) -> dict:
+        calls = {task: handle.describe.remote() for task, handle in self.tasks.items()}
+        return {task: await call for task, call in calls.items()}
+
+    @api.get("/v1/models", summary="The model version each task serves now")
+    async def models(self):
+        described = await self._describe_all()
+        return {"model_versions": {t: d["version"] for t, d in described.items()},
+                "deployments": {t: {k: d[k] for k in ("version", "backend", "ready")} for t, d in described.items()}}  # fmt: skip
+
+    @api.get("/healthz", summary="Liveness of the gateway")
+    def health(self):
         return {"status": "ok"}
 
-    @api.get("/v1/models")
-    def models(self) -> dict:
-        return {"model_versions": self.analyzer.versions}
-
-    @api.post("/v1/studies:analyze")
-    async def analyze(self, request: Request):
-        # Ray Serve assigns every request an id and returns it as `x-request-id`; reuse it in our body.
-        from ray.serve.context import _get_serve_request_context
-
-        request_id = _get_serve_request_context().request_id or uuid.uuid4().hex
-        headers: dict = {}
-        length = int(request.headers.get("content-length", "0") or 0)
-        if length > MAX_UPLOAD_BYTES:
-            return JSONResponse({"error": f"upload of {length} bytes exceeds {MAX_UPLOAD_BYTES}"}, 413, headers)
-        form = await request.form()
-        images = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for modality in MODALITIES:
-                upload = form.get(modality)
-                if upload is None or not hasattr(upload, "read"):
-                    continue
-                path = Path(tmp) / f"upload_{modality}.nii.gz"
-                path.write_bytes(await upload.read())
-                try:
-                    images[modality] = nifti.load(path)
-                except StudyError as exc:
-                    return JSONResponse({"error": str(exc).replace("upload_", "")}, 422, headers)
-        if not images:
-            return JSONResponse({"error": f"no modality uploaded; send form files named {', '.join(MODALITIES)}"}, 400, headers)
+    @api.get("/readyz", summary="Readiness: every task deployment has a model loaded")
+    async def ready(self):
         try:
-            age = float(form["age"]) if form.get("age") else None
-            study = Study(case_id=str(form.get("case_id") or request_id.replace("-", "")[:12]), images=images, age=age)
-            t0 = time.perf_counter()
-            result = self.analyzer.analyze(study)
-        except (StudyError, ValueError) as exc:
-            return JSONResponse({"error": str(exc)}, 422, headers)
-        body = {"findings": result.findings.model_dump(), "mask_nifti_gz_b64": base64.b64encode(_mask_bytes(result.mask)).decode(),
-                "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1), "request_id": request_id}  # fmt: skip
-        return JSONResponse(body, 200, headers)
+            described = await asyncio.wait_for(self._describe_all(), timeout=10)
+        except Exception as exc:
+            return _error(503, f"not ready: {type(_cause(exc)).__name__}: {str(_cause(exc))[:200]}")
+        waiting = [t for t, d in described.items() if not d["ready"]]
+        if waiting:
+            return _error(503, f"not ready: {', '.join(waiting)}")
+        return {"status": "ready", "model_versions": {t: d["version"] for t, d in described.items()}}
 
+    @api.get("/metrics", summary="Prometheus metrics of every serving process on this node")
+    def prometheus(self):
+        data, ctype = metrics.exposition()
+        return Response(data, media_type=ctype)
 
-def deploy(settings, http_port: int | None = None) -> str:
-    """Run the gateway on the stack's Ray, HTTP on settings.host; returns the base URL."""
-    import ray
+    # -- REST: Open Inference Protocol v2 ---------------------------------------------------------
+    @api.get("/v2/health/live")
+    def v2_live(self):
+        return {"live": True}
 
-    if not ray.is_initialized():
-        ray.init(address=settings.ray_address, logging_level="ERROR", log_to_driver=False)
-    port = http_port or 8000
-    serve.start(http_options={"host": settings.host, "port": port})
-    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.model_dump().items()}
-    serve.run(StudyGateway.bind(fields), name="oncoserve", route_prefix="/")
-    return f"http://{settings.host}:{port}"
+    @api.get("/v2/health/ready")
+    async def v2_ready(self):
+        response = await self.ready()
+        return response if isinstance(response, JSONResponse) else {"ready": True}
+
+    @api.get("/v2")
+    def v2_server(self):
+        return {"name": "oncoserve", "version": API_VERSION, "extensions": ["binary_tensor_data"]}
+
+    async def _model(self, model: str, version: str | None) -> dict:
+        if model not in self.tasks:
+            raise InputError(f"unknown model {model!r}; models: {', '.join(TASKS)}", 404)
+        described = await self.tasks[model].describe.remote()
+        if version not in (None, "", described["version"]):
+            raise InputError(f"{model} version {version} is not loaded; serving version {described['version']}", 404)
+        return described
+
+    @api.get("/v2/models/{model}")
+    @api.get("/v2/models/{model}/versions/{version}")
+    async def v2_metadata(self, model: str, version: str | None = None):
+        async def work():
+            d = await self._model(model, version)
+            return JSONResponse({"name": model, "versions": [d["version"]], "platform": "onnxruntime_onnx",
+                                 "inputs": d["inputs"], "outputs": d["outputs"]})  # fmt: skip
+
+        return await self._guarded("/v2/models/{model}", work)
+
+    @api.get("/v2/models/{model}/ready")
+    @api.get("/v2/models/{model}/versions/{version}/ready")
+    async def v2_model_ready(self, model: str, version: str | None = None):
+        async def work():
+            d = await self._model(model, version)
+            return JSONResponse({"name": model, "ready": d["ready"]}, 200 if d["ready"] else 503)
+
+        return await self._guarded("/v2/models/{model}/ready", work)
+
+    @api.post("/v2/models/{model}/infer")
+    @api.post("/v2/models/{model}/versions/{version}/infer")
+    async def v2_infer(self, model: str, request: Request, version: str | None = None):
+        async def work():
+            await self._model(model, version)
+            body = await self._body(request)
+            try:
+                inputs, header = decode_rest(body, request.headers.get("inference-header-content-length"))
+            except ProtocolError as exc:
+                raise InputError(str(exc), 400) from None
+            result = await self._raw(model, inputs)
+            try:
+                payload, headers = encode_rest(model, result["version"], result["outputs"], header)
+            except ProtocolError as exc:
+                raise InputError(str(exc), 400) from None
+            media = headers.pop("content-type")
+            return Response(payload, 200, headers=headers, media_type=media)
+
+        return await self._guarded("/v2/models/{model}/infer", work)
+
+    async def _raw(self, model: str, inputs: dict) -> dict:
+        try:
+            return await self.tasks[model].infer_raw.remote(inputs)
+        except Exception as exc:
+            cause = _cause(exc)
+            if isinstance(cause, ValueError):
+                raise InputError(str(cause), 400) from None
+            if isinstance(cause, (BackendUnavailable, ServingError)):
+                raise InputError(str(cause), 503) from None
+            raise
+
+    # -- gRPC: Open Inference Protocol v2 ---------------------------------------------------------
+    async def _grpc(self, route: str, grpc_context, work, empty):
+        status = "OK"
+        try:
+            return await work()
+        except InputError as exc:
+            code = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                    403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+                    413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+            status = code.name
+            grpc_context.set_code(code)
+            grpc_context.set_details(str(exc))
+            return empty
+        except Exception as exc:
+            log.exception("%s failed", route)
+            status = "INTERNAL"
+            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            grpc_context.set_details(f"internal error ({type(_cause(exc)).__name__})")
+            return empty
+        finally:
+            metrics.REQUESTS.labels(f"grpc:{route}", status).inc()
+
+    async def ServerLive(self, request):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request):
+        response = await self.ready()
+        return service_pb2.ServerReadyResponse(ready=not isinstance(response, JSONResponse))
+
+    async def ServerMetadata(self, request):
+        return service_pb2.ServerMetadataResponse(name="oncoserve", version=API_VERSION, extensions=["binary_tensor_data"])
+
+    async def ModelReady(self, request, grpc_context):
+        async def work():
+            d = await self._model(request.name, request.version)
+            return service_pb2.ModelReadyResponse(ready=bool(d["ready"]))
+
+        return await self._grpc("ModelReady", grpc_context, work, service_pb2.ModelReadyResponse())
+
+    async def ModelMetadata(self, request, grpc_context):
+        async def work():
+            d = await self._model(request.name, request.version)
+            tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+            return service_pb2.ModelMetadataResponse(
+                name=request.name, versions=[d["version"]], platform="onnxruntime_onnx",
+                inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in d["inputs"]],
+                outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in d["outputs"]])  # fmt: skip
+
+        return await self._grpc("ModelMetadata", grpc_context, work, service_pb2.ModelMetadataResponse())
+
+    async def ModelInfer(self, request, grpc_context):
+        async def work():
+            await self._model(request.model_name, request.model_version)
+            try:
+                inputs = decode_grpc(request)
+                result = await self._raw(request.model_name, inputs)
+                return encode_grpc(service_pb2, request.model_name, result["version"], result["outputs"], request)
+            except ProtocolError as exc:
+                raise InputError(str(exc), 400) from None
+
+        return await self._grpc("ModelInfer", grpc_context, work, service_pb2.ModelInferResponse())
+
+    # -- gRPC: the study service ------------------------------------------------------------------
+    async def Analyze(self, request, grpc_context):
+        async def work():
+            age = request.age if request.HasField("age") else None
+            case_id = request.case_id or None
+            if request.dicom_zip:
+                source = await asyncio.to_thread(from_dicom_zip, request.dicom_zip, case_id, age, self._salt)
+            elif request.s3_uri:
+                source = await asyncio.to_thread(from_s3, self.store, request.s3_uri, (self.settings.bucket_data,), case_id, age)
+            else:
+                source = await asyncio.to_thread(from_nifti, dict(request.nifti), case_id, _age(age))
+            results, prepared = await self._run(source, TASKS)
+            versions = {task: results[task]["version"] for task in TASKS}
+            analysis = assemble(source.study, prepared.version, results, versions)
+            response = study_pb2.AnalyzeResponse(findings_json=analysis.findings.model_dump_json(),
+                                                 segmentation_nifti_gz=_mask_bytes(analysis.mask), request_id=_request_id())  # fmt: skip
+            if source.kind == "dicom":
+                from services.dicom_seg import build_dicom_seg
+
+                response.dicom_seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference,
+                                                             versions["segmentation"])  # fmt: skip
+            self._record(None, response.request_id, source, versions, "grpc:Analyze")
+            return response
+
+        return await self._grpc("Analyze", grpc_context, work, study_pb2.AnalyzeResponse())

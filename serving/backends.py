@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+ORT_TO_V2 = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64", "tensor(uint8)": "UINT8"}
 NP_TO_V2 = {np.dtype("float32"): "FP32", np.dtype("float16"): "FP16", np.dtype("int64"): "INT64", np.dtype("uint8"): "UINT8"}
 
 
@@ -24,7 +25,10 @@ class BackendUnavailable(RuntimeError):
 
     def __init__(self, backend: str, reason: str):
         super().__init__(f"inference backend {backend} unavailable: {reason}")
-        self.backend = backend
+        self.backend, self.reason = backend, reason
+
+    def __reduce__(self):  # crosses process boundaries (Ray Serve replicas -> gateway)
+        return type(self), (self.backend, self.reason)
 
 
 class InferenceBackend(Protocol):
@@ -35,6 +39,8 @@ class InferenceBackend(Protocol):
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def ready(self) -> bool: ...
+
+    def metadata(self) -> dict: ...
 
 
 class OnnxRuntimeBackend:
@@ -65,6 +71,15 @@ class OnnxRuntimeBackend:
     def ready(self) -> bool:
         return True
 
+    def metadata(self) -> dict:
+        """Tensor names, OIP v2 datatypes and shapes (-1 for dynamic axes)."""
+
+        def describe(args) -> list[dict]:
+            return [{"name": a.name, "datatype": ORT_TO_V2[a.type],
+                     "shape": [d if isinstance(d, int) else -1 for d in a.shape]} for a in args]  # fmt: skip
+
+        return {"inputs": describe(self.session.get_inputs()), "outputs": describe(self.session.get_outputs())}
+
 
 class TritonBackend:
     """Triton (or another OIP v2 server) over gRPC with binary tensors."""
@@ -89,6 +104,16 @@ class TritonBackend:
             return bool(self.client.is_model_ready(self.task, self.version, client_timeout=5))
         except Exception:
             return False
+
+    def metadata(self) -> dict:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            meta = self.client.get_model_metadata(self.task, self.version, as_json=True, client_timeout=10)
+        except InferenceServerException as exc:
+            raise self._unavailable(exc) from None
+        return {key: [{"name": t["name"], "datatype": t["datatype"], "shape": [int(d) for d in t["shape"]]}
+                      for t in meta.get(key, [])] for key in ("inputs", "outputs")}  # fmt: skip
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from tritonclient.utils import InferenceServerException
@@ -119,9 +144,32 @@ class FallbackBackend:
     def ready(self) -> bool:
         return self.primary.ready() or self.fallback.ready()
 
+    def metadata(self) -> dict:
+        try:
+            return self.primary.metadata()
+        except BackendUnavailable:
+            return self.fallback.metadata()
+
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             return self.primary.infer(inputs)
         except BackendUnavailable:
             self.fallbacks += 1
             return self.fallback.infer(inputs)
+
+
+def build_backend(kind: str, registry, store, bucket: str, prefix: str, task: str, version: str, *,
+                  threads: int = 1, triton_url: str | None = None, fallback_to_embedded: bool = False,
+                  timeout_s: float = 60.0, cache_dir: Path | None = None) -> InferenceBackend:  # fmt: skip
+    """The backend a deployment config asks for, serving one registry version of a task."""
+    if kind == "onnxruntime":
+        return OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads)
+    if kind != "triton":
+        raise ValueError(f"unknown inference backend {kind!r} (onnxruntime or triton)")
+    if not triton_url:
+        raise ValueError("the triton backend needs a URL (host:port of Triton's gRPC endpoint)")
+    triton = TritonBackend(triton_url, task, version, timeout_s)
+    if not fallback_to_embedded:
+        return triton
+    embedded = OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads)
+    return FallbackBackend(triton, embedded)

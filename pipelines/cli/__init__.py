@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.cli import auth, data, demo, models, platform, stack, train
+from pipelines.cli import auth, data, demo, models, platform, predict, serve, stack, train
 
 app = typer.Typer(
     name="oncoserve",
@@ -17,7 +17,9 @@ app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(auth.app, name="auth")
 app.add_typer(platform.app, name="platform")
+app.add_typer(serve.app, name="serve")
 app.command("compile")(models.compile_)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
+app.command("predict")(predict.predict)
 app.command("evaluate")(train.evaluate)

@@ -23,7 +23,7 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
     """ONCOSERVE_* variables for a stack with its own home and ports that are free right now."""
     rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
     s3 = _free_block(host, S3_OFFSETS, rng)
-    other = _free_block(host, list(range(7)), rng)
+    other = _free_block(host, list(range(9)), rng)
     return {
         "ONCOSERVE_HOME": str(home),
         "ONCOSERVE_S3_PORT": str(s3),
@@ -33,6 +33,8 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
         "ONCOSERVE_RAY_CLIENT_PORT": str(other + 3),
         "ONCOSERVE_RAY_DASHBOARD_AGENT_PORT": str(other + 4),
         "ONCOSERVE_POSTGRES_PORT": str(other + 5),
+        "ONCOSERVE_SERVE_HTTP_PORT": str(other + 6),
+        "ONCOSERVE_SERVE_GRPC_PORT": str(other + 7),
         "ONCOSERVE_RAY_NUM_CPUS": "2",
     }
 

@@ -1,0 +1,106 @@
+"""Deploy, stop and inspect the Serve application on the embedded stack's Ray (`oncoserve serve ...`).
+
+Serve keeps running after the CLI exits (its controller and proxies are detached actors on the
+stack's Ray); `down` removes it. Before deploying, every task must have a compiled `champion`, so a
+missing model is a one-line message here instead of replicas failing in a loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+
+from services import deploy_config
+from services.task_logic import TASKS
+
+
+class ServeError(RuntimeError):
+    """Serving cannot be started or inspected (the message says why and what to do)."""
+
+
+@contextlib.contextmanager
+def connected(settings):
+    import ray
+
+    from pipelines.stack.process import port_free
+
+    if port_free(settings.host, settings.ray_port):
+        raise ServeError(f"no Ray at {settings.ray_address}; start the stack first: oncoserve stack up")
+    ray.init(address=settings.ray_address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_champions(settings) -> dict[str, str]:
+    from serving.registry import Registry
+
+    registry, versions, problems = Registry(settings.mlflow_url), {}, []
+    for task in TASKS:
+        try:
+            version = registry.alias(task, "champion")
+        except Exception as exc:
+            raise ServeError(f"registry at {settings.mlflow_url} unreachable ({exc}); is the stack up?") from None
+        if version is None:
+            problems.append(f"{task} has no champion (oncoserve models promote {task} VERSION --to champion)")
+        elif not registry.version(task, version).tags.get("compiled_sha256"):
+            problems.append(f"{task} version {version} is not compiled (oncoserve compile {task} {version})")
+        else:
+            versions[task] = version
+    if problems:
+        raise ServeError("cannot serve yet: " + "; ".join(problems))
+    return versions
+
+
+def up(settings, config_path=None) -> dict:
+    """Deploy (or update in place) the application; returns the endpoints and versions."""
+    from ray import serve
+
+    from services.app import build_app, proxy_options
+
+    try:
+        config = deploy_config.load(config_path or settings.serve_config)
+    except deploy_config.ConfigError as exc:
+        raise ServeError(str(exc)) from None
+    versions = check_champions(settings)
+    with connected(settings):
+        serve.start(**proxy_options(settings))
+        try:
+            serve.run(build_app(settings, config), name=config.application, route_prefix="/", blocking=False)
+        except RuntimeError as exc:
+            raise ServeError(f"the application failed to deploy: {str(exc)[-1500:]}") from None
+    return {"http": settings.serve_url, "grpc": f"{settings.host}:{settings.serve_grpc_port}", "model_versions": versions}
+
+
+def down(settings) -> None:
+    from ray import serve
+
+    with connected(settings):
+        serve.shutdown()
+
+
+def status(settings) -> dict:
+    """Application and per-deployment state from Serve, and the versions the gateway reports."""
+    from ray import serve
+
+    with connected(settings):
+        applications = serve.status().applications
+    result = {"http": settings.serve_url, "grpc": f"{settings.host}:{settings.serve_grpc_port}",
+              "running": False, "applications": {}}  # fmt: skip
+    for name, app in applications.items():
+        result["applications"][name] = {
+            "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+            "message": app.message,
+            "deployments": {dname: {"status": str(getattr(d.status, "value", d.status)),
+                                    "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}}
+                            for dname, d in app.deployments.items()},  # fmt: skip
+        }
+    try:
+        ready = httpx.get(f"{settings.serve_url}/readyz", timeout=15)
+        result["running"] = ready.status_code == 200
+        result["model_versions"] = ready.json().get("model_versions", {}) if ready.status_code == 200 else {}
+    except httpx.HTTPError:
+        result["model_versions"] = {}
+    return result

@@ -1,0 +1,102 @@
+"""The deployment config file (YAML) of the Serve application, validated.
+
+The same file drives `oncoserve serve up` on the embedded stack and the Helm chart's RayService, so
+replica counts, autoscaling, batching and backends are set in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_FILE = Path(__file__).with_name("deployments.yaml")
+MODEL_TASKS = ("localization", "segmentation", "classification", "survival")
+
+
+class ConfigError(ValueError):
+    """The deployment config file is missing or invalid (the message names the file and field)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Autoscaling(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is larger than max_replicas")
+        return self
+
+
+class Batching(_Strict):
+    max_batch_size: int = Field(4, ge=1, le=64)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+
+
+class Backend(_Strict):
+    kind: Literal["onnxruntime", "triton"] = "onnxruntime"
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per replica")
+    triton_url: str | None = Field(None, description="host:port of Triton's gRPC endpoint (kind: triton)")
+    fallback_to_embedded: bool = Field(False, description="answer from onnxruntime when Triton is down")
+    timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _url(self) -> "Backend":
+        if self.kind == "triton" and not self.triton_url:
+            raise ValueError("backend kind triton needs triton_url")
+        return self
+
+
+class Deployment(_Strict):
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    autoscaling: Autoscaling = Autoscaling()
+    batching: Batching = Batching()
+    backend: Backend = Backend()
+
+    def serve_options(self) -> dict:
+        """Keyword arguments for `serve.deployment(...).options(...)`."""
+        return {"max_ongoing_requests": self.max_ongoing_requests,
+                "autoscaling_config": self.autoscaling.model_dump(),
+                "ray_actor_options": {"num_cpus": self.num_cpus}}  # fmt: skip
+
+
+class DeploymentConfig(_Strict):
+    application: str = "oncoserve"
+    watch_interval_s: float = Field(2.0, gt=0)
+    deployments: dict[str, Deployment]
+
+    @model_validator(mode="after")
+    def _all_tasks(self) -> "DeploymentConfig":
+        missing = [name for name in ("gateway", *MODEL_TASKS) if name not in self.deployments]
+        if missing:
+            raise ValueError(f"deployments missing: {', '.join(missing)}")
+        unknown = sorted(set(self.deployments) - {"gateway", *MODEL_TASKS})
+        if unknown:
+            raise ValueError(f"unknown deployments: {', '.join(unknown)}")
+        return self
+
+
+def load(path: str | Path | None = None) -> DeploymentConfig:
+    path = Path(path) if path else DEFAULT_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: deployment config not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return DeploymentConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from None

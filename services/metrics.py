@@ -1,0 +1,43 @@
+"""Prometheus metrics of the serving deployments.
+
+Every replica is its own process. On one machine (the embedded stack) they share a
+PROMETHEUS_MULTIPROC_DIR, set by `oncoserve serve up`, and the gateway's `/metrics` aggregates all of
+them; without it (a Kubernetes pod scraped on its own) each process exports its own registry.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("oncoserve_requests", "API requests by route and HTTP/gRPC status", ["route", "status"])
+STAGE_SECONDS = Histogram("oncoserve_stage_seconds", "Latency of each lifecycle stage",
+                          ["task", "stage", "version"], buckets=STAGE_BUCKETS)  # fmt: skip
+BATCH_SIZE = Histogram("oncoserve_batch_size", "Requests per model call (dynamic batching)", ["task"],
+                       buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64))  # fmt: skip
+BACKEND_ERRORS = Counter("oncoserve_backend_errors", "Inference backend failures", ["task", "backend"])
+QUEUE_DEPTH = Gauge("oncoserve_queue_depth", "Requests waiting or running in a replica", ["task"], multiprocess_mode="livesum")
+MODEL_VERSION = Gauge("oncoserve_model_version_info", "1 for the model version a replica serves", ["task", "version"],
+                      multiprocess_mode="liveall")  # fmt: skip
+SWAPS = Counter("oncoserve_model_swaps", "Hot-swaps to a new champion, by outcome", ["task", "outcome"])
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics text of every serving process on this machine (or this process alone)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def serving_version(task: str, old: str | None, new: str) -> None:
+    if old is not None and old != new:
+        MODEL_VERSION.labels(task, old).set(0)
+    MODEL_VERSION.labels(task, new).set(1)

@@ -1,0 +1,95 @@
+"""What each task does around its model: the inputs it takes from a prepared study (preprocess) and
+how its outputs become a section of the findings (postprocess).
+
+One implementation, used by the Serve task deployments and by the in-process StudyAnalyzer alike, so
+the platform and the plain-function baseline of the benchmark run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imaging.postprocess import (
+    heatmap_to_box,
+    probabilities_to_labels,
+    remove_stray_voxels,
+    survival_curve,
+    volumes_ml,
+)
+from imaging.preprocess import PreparedStudy, box_to_source, labels_to_source, points_to_source
+from imaging.study import CLASS_LABELS
+
+TASKS = ("localization", "segmentation", "classification", "survival")
+CURVE_POINTS = 40
+DEFAULT_AGE = 60.0  # survival's age input when a study has none (the training cohort's centre)
+
+
+class ServingError(RuntimeError):
+    """The platform cannot serve a request (a task without a champion, a model that will not load)."""
+
+
+def feeds(task: str, prepared: PreparedStudy, age: float | None) -> dict[str, np.ndarray]:
+    """The model inputs of `task` for one study (batch axis of 1)."""
+    image, presence = prepared.image[None], prepared.presence[None]
+    if task in ("localization", "segmentation"):
+        return {"image": image}
+    if task == "classification":
+        return {"image": image, "presence": presence}
+    if task == "survival":
+        return {"image": image, "presence": presence, "age": np.array([[age or DEFAULT_AGE]], np.float32)}
+    raise ServingError(f"unknown task {task!r}")
+
+
+def postprocess(task: str, outputs: dict[str, np.ndarray], prepared: PreparedStudy, extras: dict) -> dict:
+    """One study's outputs -> {"section": findings section, and "mask" / "mc_std_mean" where they apply}."""
+    if task == "localization":
+        return {"section": _localization(outputs["heatmap"][0, 0], prepared)}
+    if task == "segmentation":
+        mask = _segmentation(outputs["probabilities"][0], prepared)
+        voxel_ml = float(abs(np.linalg.det(mask.affine[:3, :3]))) / 1000.0
+        return {"section": {"volumes_ml": volumes_ml(mask.data, voxel_ml), "mask": "segmentation.nii.gz"}, "mask": mask}
+    if task == "classification":
+        return {"section": _classification(outputs), "mc_std_mean": float(np.mean(outputs["mc_std"][0]))}
+    if task == "survival":
+        return {"section": _survival(float(outputs["risk"][0, 0]), extras)}
+    raise ServingError(f"unknown task {task!r}")
+
+
+def _segmentation(probs: np.ndarray, prepared: PreparedStudy):
+    spacing = float(prepared.grid.affine[0, 0])
+    labels = remove_stray_voxels(probabilities_to_labels(probs), spacing**3 / 1000.0)
+    return labels_to_source(labels, prepared)
+
+
+def _localization(heatmap: np.ndarray, prepared: PreparedStudy) -> dict:
+    loc = heatmap_to_box(heatmap)
+    # 4 mm heatmap voxel -> the 2 mm model-grid voxels it covers -> the input grid.
+    box = np.concatenate([loc.bbox_vox[:3] * 2, loc.bbox_vox[3:] * 2 + 1])
+    centre = loc.centroid_vox * 2 + 0.5
+    return {"found": loc.found,
+            "bbox_vox": [round(float(v), 1) for v in box_to_source(box, prepared)],
+            "centroid_vox": [round(float(v), 1) for v in points_to_source(centre[None], prepared)[0]]}  # fmt: skip
+
+
+def _classification(out: dict) -> dict:
+    probs, stds = out["probabilities"][0], out["mc_std"][0]
+    result = {}
+    for i, (task, (negative, positive)) in enumerate(CLASS_LABELS.items()):
+        p = float(probs[i])
+        result[task] = {"label": positive if p >= 0.5 else negative,
+                        "probabilities": {negative: round(1 - p, 4), positive: round(p, 4)},
+                        "uncertainty": round(float(stds[i]), 4)}  # fmt: skip
+    return result
+
+
+def _survival(risk: float, extras: dict) -> dict:
+    days = np.asarray(extras.get("baseline_days", []), dtype=float)
+    hazard = np.asarray(extras.get("baseline_hazard", []), dtype=float)
+    if days.size == 0:
+        raise ServingError("survival model has no baseline hazard (extras.json)")
+    curve = survival_curve(risk, days, hazard)
+    keep = np.unique(np.linspace(0, days.size - 1, min(CURVE_POINTS, days.size)).astype(int))
+    return {"risk_score": round(risk, 4),
+            "risk_group": "high" if risk >= extras.get("risk_threshold", 0.0) else "low",
+            "median_survival_days": curve.median_days,
+            "curve": [{"days": float(curve.days[i]), "probability": round(float(curve.probability[i]), 4)} for i in keep]}  # fmt: skip

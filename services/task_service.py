@@ -1,0 +1,183 @@
+"""One Ray Serve deployment per task (localization, segmentation, classification, survival).
+
+Every task deployment has the same lifecycle, in this order:
+  load         the task's `champion` version from the registry (compiled, sha256-verified ONNX) into the
+               configured inference backend; again in the background whenever the alias moves (hot-swap)
+  preprocess   the model inputs from the study the gateway prepared once (services.task_logic.feeds)
+  infer        through the backend, several requests per model call (`serve.batch`)
+  postprocess  outputs -> this task's findings section, back on the input's grid
+Each stage is timed into `oncoserve_stage_seconds{task, stage, version}`.
+
+Hot-swap: a background thread polls the alias; a new version is loaded beside the old one and then
+swapped in with one reference assignment. A batch takes the model reference once when it starts, so
+in-flight requests finish on the version they began with and no request sees a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+
+from serving.backends import BackendUnavailable, InferenceBackend, build_backend
+from services import metrics
+from services.task_logic import TASKS, ServingError, feeds, postprocess
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: str
+    backend: InferenceBackend
+    extras: dict
+
+
+def _split_rows(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    bounds = np.cumsum([0, *sizes])
+    return [{k: v[bounds[i] : bounds[i + 1]] for k, v in outputs.items()} for i in range(len(sizes))]
+
+
+class TaskService:
+    """The body of a task deployment (wrapped by `serve.deployment` in `task_deployment`)."""
+
+    def __init__(self, task: str, settings_fields: dict, spec: dict, watch_interval_s: float = 2.0):
+        from oncoserve.object_store import object_store
+        from oncoserve.settings import Settings
+        from serving.alias_watch import AliasWatcher
+        from serving.registry import Registry
+
+        if task not in TASKS:
+            raise ServingError(f"unknown task {task!r}")
+        self.task, self.spec = task, spec
+        settings = Settings(**settings_fields)
+        self._registry, self._store = Registry(settings.mlflow_url), object_store(settings)
+        self._bucket, self._prefix = settings.bucket_models, settings.triton_repo_prefix
+        self._cache = Path(tempfile.mkdtemp(prefix=f"oncoserve-{task}-"))
+        version = self._registry.alias(task, "champion")
+        if version is None:
+            raise ServingError(f"{task} has no `champion` version; promote one (oncoserve models promote)")
+        self.model = self._load(version)
+        metrics.serving_version(task, None, self.model.version)
+        batching = spec.get("batching", {})
+        self._infer_batch.set_max_batch_size(batching.get("max_batch_size", 4))
+        self._infer_batch.set_batch_wait_timeout_s(batching.get("batch_wait_timeout_s", 0.01))
+        self._swap_lock = threading.Lock()
+        self._watcher = AliasWatcher(self._registry, task, "champion", self._on_alias_moved, watch_interval_s)
+        self._watcher.current = self.model.version
+        self._watcher.start()
+
+    # -- load -------------------------------------------------------------------------------------
+    def _load(self, version: str) -> LoadedModel:
+        t0 = time.perf_counter()
+        backend_spec = self.spec.get("backend", {})
+        backend = build_backend(backend_spec.get("kind", "onnxruntime"), self._registry, self._store, self._bucket,
+                                self._prefix, self.task, version, threads=backend_spec.get("threads", 1),
+                                triton_url=backend_spec.get("triton_url"),
+                                fallback_to_embedded=backend_spec.get("fallback_to_embedded", False),
+                                timeout_s=backend_spec.get("timeout_s", 60.0), cache_dir=self._cache)  # fmt: skip
+        extras = json.loads(self._registry.artifact_text(self.task, version, "extras.json") or "{}")
+        metrics.STAGE_SECONDS.labels(self.task, "load", str(version)).observe(time.perf_counter() - t0)
+        return LoadedModel(str(version), backend, extras)
+
+    def _on_alias_moved(self, old: str | None, new: str | None) -> None:
+        """Runs in the watcher thread: load beside the serving model, then swap the reference."""
+        if new is None:
+            log.warning("%s: the champion alias was removed; still serving version %s", self.task, self.model.version)
+            return
+        with self._swap_lock:
+            try:
+                loaded = self._load(new)
+            except Exception as exc:  # keep serving the old version; retry on the next poll
+                log.error("%s: cannot load version %s (%s); still serving %s", self.task, new, exc, self.model.version)
+                metrics.SWAPS.labels(self.task, "failed").inc()
+                self._watcher.current = old
+                return
+            previous, self.model = self.model, loaded
+            metrics.serving_version(self.task, previous.version, loaded.version)
+            metrics.SWAPS.labels(self.task, "completed").inc()
+            log.info("%s: now serving version %s (was %s)", self.task, loaded.version, previous.version)
+
+    # -- infer (batched) --------------------------------------------------------------------------
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _infer_batch(self, items: list[dict[str, np.ndarray]]) -> list[tuple[str, dict]]:
+        model = self.model  # one version for the whole batch, even if a swap lands meanwhile
+        metrics.BATCH_SIZE.labels(self.task).observe(len(items))
+        # Requests can only share a model call when their tensors have the same shapes.
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(item.items())), []).append(i)
+        results: list = [None] * len(items)
+        t0 = time.perf_counter()
+        for members in groups.values():
+            stacked = {k: np.concatenate([items[i][k] for i in members]) for k in items[members[0]]}
+            try:
+                out = await asyncio.to_thread(model.backend.infer, stacked)
+            except BackendUnavailable:
+                metrics.BACKEND_ERRORS.labels(self.task, model.backend.name).inc()
+                raise
+            for i, part in zip(members, _split_rows(out, [len(next(iter(items[i].values()))) for i in members])):
+                results[i] = (model.version, part)
+        metrics.STAGE_SECONDS.labels(self.task, "infer", model.version).observe(time.perf_counter() - t0)
+        return results
+
+    # -- the methods the gateway calls ------------------------------------------------------------
+    async def predict(self, prepared, age: float | None) -> dict:
+        """preprocess -> infer -> postprocess for one prepared study; returns its findings section."""
+        metrics.QUEUE_DEPTH.labels(self.task).inc()
+        try:
+            t0 = time.perf_counter()
+            inputs = feeds(self.task, prepared, age)
+            version, outputs = await self._infer_batch(inputs)
+            t1 = time.perf_counter()
+            extras = self.model.extras if self.model.version == version else self._extras_of(version)
+            result = await asyncio.to_thread(postprocess, self.task, outputs, prepared, extras)
+            t2 = time.perf_counter()
+        finally:
+            metrics.QUEUE_DEPTH.labels(self.task).dec()
+        metrics.STAGE_SECONDS.labels(self.task, "postprocess", version).observe(t2 - t1)
+        metrics.STAGE_SECONDS.labels(self.task, "total", version).observe(t2 - t0)
+        return {**result, "version": version}
+
+    async def infer_raw(self, inputs: dict[str, np.ndarray]) -> dict:
+        """Raw model inference (Open Inference Protocol v2): tensors in, tensors out."""
+        expected = {t["name"] for t in self.model.backend.metadata()["inputs"]}
+        if set(inputs) != expected:
+            raise ValueError(f"model {self.task} takes inputs {sorted(expected)}, got {sorted(inputs)}")
+        metrics.QUEUE_DEPTH.labels(self.task).inc()
+        try:
+            version, outputs = await self._infer_batch(inputs)
+        finally:
+            metrics.QUEUE_DEPTH.labels(self.task).dec()
+        return {"version": version, "outputs": outputs}
+
+    def describe(self) -> dict:
+        model = self.model
+        return {"task": self.task, "version": model.version, "backend": model.backend.name,
+                "ready": model.backend.ready(), **model.backend.metadata()}  # fmt: skip
+
+    def _extras_of(self, version: str) -> dict:
+        return json.loads(self._registry.artifact_text(self.task, version, "extras.json") or "{}")
+
+    def check_health(self) -> None:
+        """Serve's health probe: a replica whose backend cannot answer is replaced."""
+        if self.model.backend.name == "onnxruntime" and not self.model.backend.ready():
+            raise ServingError(f"{self.task}: model not ready")
+
+    def __del__(self):
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.stop()
+
+
+def task_deployment(task: str, options: dict):
+    """The Serve deployment named after the task, with its autoscaling/resources from the config."""
+    return serve.deployment(TaskService, name=task).options(**options)
