@@ -188,19 +188,44 @@ def write_report(figures: list[dict]) -> None:
     (OUT / "REPORT.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    figures = []
-    with console.status("benchmark: embedded stack start/stop and memory"):
-        figures += bench_stack()
-    with console.status("benchmark: phantom synthesis and manifest (20 cases)"):
-        figures += bench_data()
-    with console.status("benchmark: onnxruntime vs torch eager (P4)"):
-        figures += bench_ort_vs_torch()
-    with console.status("benchmark: Ray Train 2 workers vs 1 (P7)"):
-        figures += bench_ray_train_scaling()
+SECTIONS = {
+    "stack": ("embedded stack start/stop and memory", lambda: bench_stack()),
+    "data": ("phantom synthesis and manifest (20 cases)", lambda: bench_data()),
+    "ort": ("onnxruntime vs torch eager (P4)", lambda: bench_ort_vs_torch()),
+    "serving": ("serving overhead, fan-out and batching (P1, P2, P3)", lambda: _serving()),
+    "train": ("Ray Train 2 workers vs 1 (P7)", lambda: bench_ray_train_scaling()),
+}
+
+
+def _serving() -> list[dict]:
+    from bench.serving import bench_serving
+
+    return bench_serving()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.run [SECTION ...]`: every section by default; named ones replace their figures."""
+    import sys
+
+    names = (argv if argv is not None else sys.argv[1:]) or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark section {', '.join(unknown)}; one of {', '.join(SECTIONS)}")
+    fresh: dict[str, list[dict]] = {}
+    for name in names:
+        title, run = SECTIONS[name]
+        with console.status(f"benchmark: {title}"):
+            fresh[name] = run()
+    figures = [f for n in names for f in fresh[n]]
+    if len(names) < len(SECTIONS) and (OUT / "results.json").exists():
+        # A partial run keeps the other sections' last figures (in the same order as a full run).
+        kept = {f["name"]: f for f in json.loads((OUT / "results.json").read_text())}
+        for f in figures:
+            kept[f["name"]] = f
+        figures = list(kept.values())
     write_report(figures)
     for f in figures:
-        console.print(f"{f['name']:<28} {f['value']:>10} {f['unit']}")
+        console.print(f"{f['name']:<44} {f['value']:>10} {f['unit']}")
     console.print(f"report: {OUT / 'REPORT.md'}")
 
 

@@ -8,6 +8,7 @@ missing model is a one-line message here instead of replicas failing in a loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import httpx
 
@@ -28,6 +29,7 @@ def connected(settings):
     if port_free(settings.host, settings.ray_port):
         raise ServeError(f"no Ray at {settings.ray_address}; start the stack first: oncoserve stack up")
     ray.init(address=settings.ray_address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # keep Serve's INFO lines out of CLI output
     try:
         yield
     finally:

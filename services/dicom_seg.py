@@ -14,6 +14,8 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime", "ReferringPhysicianName")
 SEGMENTS = [  # (BraTS label, segment label, SNOMED property type)
     (1, "Necrotic tumour core (NCR)", codes.SCT.Necrosis),
     (2, "Peritumoral edema (ED)", codes.SCT.Edema),
@@ -26,6 +28,11 @@ def build_dicom_seg(mask: np.ndarray, source_slices: list, model_version: str) -
     frames = np.transpose(mask, (2, 1, 0))  # -> (slices, rows, columns)
     if frames.shape != (len(source_slices), source_slices[0].Rows, source_slices[0].Columns):
         raise ValueError(f"mask shape {mask.shape} does not match the reference series")
+    for ds in source_slices:
+        # De-identification emptied or removed these; the SEG's patient/study modules need them present (type 2).
+        for keyword in TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
     label_map = np.zeros(frames.shape, np.uint8)
     for number, (label, _, _) in enumerate(SEGMENTS, start=1):
         label_map[frames == label] = number

@@ -22,7 +22,7 @@ BATCH_SIZE = Histogram("oncoserve_batch_size", "Requests per model call (dynamic
 BACKEND_ERRORS = Counter("oncoserve_backend_errors", "Inference backend failures", ["task", "backend"])
 QUEUE_DEPTH = Gauge("oncoserve_queue_depth", "Requests waiting or running in a replica", ["task"], multiprocess_mode="livesum")
 MODEL_VERSION = Gauge("oncoserve_model_version_info", "1 for the model version a replica serves", ["task", "version"],
-                      multiprocess_mode="liveall")  # fmt: skip
+                      multiprocess_mode="livemax")  # fmt: skip
 SWAPS = Counter("oncoserve_model_swaps", "Hot-swaps to a new champion, by outcome", ["task", "outcome"])
 
 

@@ -6,10 +6,6 @@ one) serving the same compiled ONNX files from a Triton-layout repository.
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,45 +16,24 @@ from oncoserve.object_store import object_store
 from serving.backends import BackendUnavailable, FallbackBackend, OnnxRuntimeBackend, TritonBackend
 from serving.compile import compile_version
 from serving.registry import Registry
-from tests.helpers import wait_until
+from tests.helpers import export_triton_repo, start_v2_server
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("localization", "classification")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def compiled(live_stack, trained, tmp_path_factory):
     """The two tasks compiled into S3, and the same repository copied to disk for the v2 server."""
     registry, store = Registry(live_stack.mlflow_url), object_store(live_stack)
-    repo = tmp_path_factory.mktemp("triton-repo")
     for task in TASKS:
         compile_version(registry, store, live_stack.bucket_models, live_stack.triton_repo_prefix, task, trained[task])
-        prefix = f"{live_stack.triton_repo_prefix}/{task}/"
-        for obj in store.list_objects(live_stack.bucket_models, prefix=prefix, recursive=True):
-            target = repo / obj.object_name.removeprefix(f"{live_stack.triton_repo_prefix}/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(store.get_object(live_stack.bucket_models, obj.object_name).read())
-    return repo
+    return export_triton_repo(live_stack, store, TASKS, tmp_path_factory.mktemp("triton-repo"))
 
 
 @pytest.fixture(scope="module")
-def v2_server(compiled, tmp_path_factory):
-    http, grpc_port = free_port(), free_port()
-    log = tmp_path_factory.mktemp("kserve") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tests/external/kserve_onnx_server.py"), str(compiled),
-                                 "--http-port", str(http), "--grpc-port", str(grpc_port)], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"127.0.0.1:{grpc_port}"
-    probe = TritonBackend(url, "localization", "1")
-    assert wait_until(lambda: probe.ready() or proc.poll() is not None, timeout_s=90), log.read_text()[-2000:]
-    assert proc.poll() is None, log.read_text()[-2000:]
+def v2_server(compiled, trained, tmp_path_factory):
+    url, proc = start_v2_server(compiled, tmp_path_factory.mktemp("kserve") / "server.log", "localization", trained["localization"])
     yield {"url": url, "proc": proc}
     proc.terminate()
     proc.wait(timeout=30)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 TASKS = ("localization", "segmentation", "classification", "survival")
 FINDING_KEYS = {"case_id", "model_versions", "localization", "segmentation", "classification", "survival", "quality",
                 "report", "preprocessing_version"}  # fmt: skip
-MAX_REQUEST_MB = 8
+MAX_REQUEST_MB = 24  # above one raw OIP v2 study tensor (16.5 MB)
 TEST_CONFIG = """
 application: oncoserve
 watch_interval_s: 0.5
@@ -112,9 +112,12 @@ def test_predict_without_a_server_says_how_to_start_one(tiny_dataset, tmp_path):
 
 
 def test_missing_flair_still_returns_findings(served, tiny_dataset):
-    response = httpx.post(f"{served['url']}/v1/studies:analyze", files=files_of(cases(tiny_dataset)[1], skip=("flair",)), timeout=180)
+    case = cases(tiny_dataset)[1]
+    response = httpx.post(f"{served['url']}/v1/studies:analyze", files=files_of(case, skip=("flair",)), timeout=180)
     assert response.status_code == 200, response.text
-    assert response.json()["findings"]["quality"]["missing_modalities"] == ["flair"]
+    # (some phantoms lack a sequence already; FLAIR is now missing as well)
+    expected = [m for m in ("t1", "t1ce", "t2", "flair") if m == "flair" or m not in files_of(case)]
+    assert response.json()["findings"]["quality"]["missing_modalities"] == expected
 
 
 def test_bad_requests_get_clear_4xx(served, tiny_dataset):
@@ -122,8 +125,10 @@ def test_bad_requests_get_clear_4xx(served, tiny_dataset):
     corrupt = httpx.post(f"{url}/v1/studies:analyze", files={"t1": ("x.nii.gz", b"\x1f\x8bnot-a-nifti", "application/gzip")}, timeout=60)
     assert corrupt.status_code == 422 and "t1" in corrupt.json()["error"]
     assert corrupt.headers["x-request-id"] == corrupt.json()["request_id"]
-    empty = httpx.post(f"{url}/v1/studies:analyze", data={"age": "50"}, timeout=60)
+    empty = httpx.post(f"{url}/v1/studies:analyze", files={"age": (None, "50")}, timeout=60)
     assert empty.status_code == 400 and "no modality uploaded" in empty.json()["error"]
+    form = httpx.post(f"{url}/v1/studies:analyze", data={"age": "50"}, timeout=60)
+    assert form.status_code == 415 and "multipart/form-data" in form.json()["error"]
     big = httpx.post(f"{url}/v1/studies:analyze", files={"t1": ("t1.nii", os.urandom((MAX_REQUEST_MB + 1) << 20))}, timeout=60)
     assert big.status_code == 413 and "exceeds" in big.json()["error"]
     bomb = gzip.compress(b"\0" * ((MAX_REQUEST_MB + 4) << 20))
@@ -229,16 +234,17 @@ def test_dicom_zip_in_dicom_seg_out(served, tiny_dataset, tmp_path):
     study = read_case(tiny_dataset, cases(tiny_dataset)[4].name)
     uid = pydicom.uid.generate_uid()
     descriptions = {"t1": "T1 MPRAGE", "t1ce": "T1 post gad", "t2": "T2 TSE", "flair": "FLAIR"}
-    series = {m: series_datasets(study.images[m], descriptions[m], uid) for m in descriptions}
+    series = {m: series_datasets(study.images[m], descriptions[m], uid) for m in study.present}
     archive = write_zip(tmp_path / "study.zip", series)
     run = oncoserve("predict", str(archive), "--out", str(tmp_path / "out"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     seg = hd.seg.segread(tmp_path / "out" / "segmentation.dcm")
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) == 3
     assert seg.PatientName != "" and not any(s in str(seg) for s in PHI_STRINGS)
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID != series["t1"][0].SeriesInstanceUID  # de-identified UIDs
+    reference = study.present[0]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID != series[reference][0].SeriesInstanceUID  # de-identified UIDs
     mask = nib.load(tmp_path / "out" / "segmentation.nii.gz")
-    assert mask.shape == study.images["t1"].shape
+    assert mask.shape == study.images[reference].shape
 
 
 def test_metrics_and_audit(served, trained):
@@ -324,3 +330,44 @@ def test_hot_swap_moves_versions_with_no_failed_request(served, tiny_dataset, tr
     assert httpx.get(f"{served['url']}/v1/models", timeout=10).json()["model_versions"]["localization"] == new
     text = httpx.get(f"{served['url']}/metrics", timeout=10).text
     assert f'oncoserve_model_version_info{{task="localization",version="{new}"}} 1.0' in text
+
+
+def test_triton_backend_through_serve_with_a_clear_503_and_fallback(served, tiny_dataset, trained, tmp_path):
+    """classification on the Triton backend (a real OIP v2 server: KServe in its own process), then the
+    server gone (503 naming it), then the same with fallback to embedded onnxruntime switched on."""
+    from tests.helpers import export_triton_repo, start_v2_server
+
+    settings = served["settings"]
+    files = files_of(cases(tiny_dataset)[7])
+    embedded = httpx.post(f"{served['url']}/v1/classification:predict", files=files, timeout=180)
+    assert embedded.status_code == 200, embedded.text
+    repo = export_triton_repo(settings, served["store"], ["classification"], tmp_path / "repo")
+    url, proc = start_v2_server(repo, tmp_path / "kserve.log", "classification", trained["classification"])
+
+    def deploy(fallback: bool):
+        config = tmp_path / f"triton-{fallback}.yaml"
+        config.write_text(TEST_CONFIG.replace(
+            "classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}",
+            f"classification: {{num_cpus: 0.1, autoscaling: {{min_replicas: 1, max_replicas: 1}}, "
+            f"backend: {{kind: triton, triton_url: '{url}', fallback_to_embedded: {str(fallback).lower()}}}}}"))  # fmt: skip
+        run = oncoserve("serve", "up", "--config", str(config))
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+    try:
+        deploy(fallback=False)
+        models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()
+        assert models["deployments"]["classification"]["backend"] == "triton"
+        remote = httpx.post(f"{served['url']}/v1/classification:predict", files=files, timeout=180)
+        assert remote.status_code == 200, remote.text
+        for marker, result in remote.json()["result"].items():
+            assert result["probabilities"] == pytest.approx(embedded.json()["result"][marker]["probabilities"], abs=1e-3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    down = httpx.post(f"{served['url']}/v1/classification:predict", files=files, timeout=180)
+    assert down.status_code == 503 and f"triton at {url}" in down.json()["error"]
+    assert httpx.get(f"{served['url']}/healthz", timeout=10).status_code == 200
+    deploy(fallback=True)
+    fallback = httpx.post(f"{served['url']}/v1/classification:predict", files=files, timeout=180)
+    assert fallback.status_code == 200, fallback.text
+    assert 'oncoserve_backend_errors_total{backend="triton",task="classification"}' in httpx.get(f"{served['url']}/metrics", timeout=10).text

@@ -1,0 +1,188 @@
+"""Serving benchmarks (issue 6): P1 platform overhead, P2 whole study vs slowest task, P3 batching gain.
+
+Runs on a private embedded stack with freshly trained (1 epoch) champions: the figures are about the
+platform's overhead around the models, not the models' accuracy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from pipelines.stack import EmbeddedStack
+from pipelines.stack.ports import private_settings
+
+TASKS = ("localization", "segmentation", "classification", "survival")
+REPEATS = 15
+CONFIG = """
+application: oncoserve
+watch_interval_s: 5
+deployments:
+  gateway: {num_cpus: 0.1, max_ongoing_requests: 64, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  localization: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1},
+                 batching: {max_batch_size: BATCH, batch_wait_timeout_s: 0.02}, backend: {threads: 2}}
+  segmentation: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
+  classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
+  survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
+"""
+
+
+def figure(name, value, unit, target=None, met=None) -> dict:
+    return {"name": name, "value": round(float(value), 3), "unit": unit, "target": target, "met": met}
+
+
+def _p50(fn, n: int = REPEATS) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def _cli(settings, *args) -> str:
+    env = {f"ONCOSERVE_{k.upper()}": str(v) for k, v in settings.model_dump(mode="json").items() if v is not None}
+    exe = str(Path(sys.executable).parent / "oncoserve")
+    run = subprocess.run([exe, *args], capture_output=True, text=True, env={**__import__("os").environ, **env})
+    if run.returncode != 0:
+        raise RuntimeError(f"oncoserve {' '.join(args)} failed: {run.stderr[-1500:]}")
+    return run.stdout
+
+
+def _deploy(settings, work: Path, batch: int) -> None:
+    from pipelines import serving
+
+    config = work / f"deployments-{batch}.yaml"
+    config.write_text(CONFIG.replace("BATCH", str(batch)))
+    serving.up(settings, config)
+
+
+def _files(case: Path) -> dict:
+    return {p.name.split("_")[-1].split(".")[0]: (p.name, p.read_bytes(), "application/gzip")
+            for p in sorted(case.glob("*.nii.gz")) if not p.name.endswith("_seg.nii.gz")}  # fmt: skip
+
+
+def _in_process_segmentation(settings, registry, store, files: dict):
+    """The same work as /v1/segmentation:predict, as plain function calls in one process."""
+    from imaging.preprocess import preprocess
+    from serving.backends import OnnxRuntimeBackend
+    from services.task_logic import feeds, postprocess
+    from services.study_input import from_nifti
+
+    version = registry.alias("segmentation", "champion")
+    backend = OnnxRuntimeBackend.from_version(registry, store, settings.bucket_models, settings.triton_repo_prefix,
+                                              "segmentation", version, threads=2)  # fmt: skip
+    raw = {m: f[1] for m, f in files.items()}
+    prepared = preprocess(from_nifti(raw, "bench", None).study)
+    inputs = feeds("segmentation", prepared, None)
+
+    def whole():
+        import nibabel as nib
+
+        p = preprocess(from_nifti(raw, "bench", None).study)
+        result = postprocess("segmentation", backend.infer(feeds("segmentation", p, None)), p, {})
+        mask = result["mask"]
+        base64.b64encode(gzip.compress(nib.Nifti1Image(mask.data.astype("uint8"), mask.affine).to_bytes(), mtime=0))
+
+    return whole, lambda: backend.infer(inputs)
+
+
+async def _throughput(url: str, body: bytes, headers: dict, concurrency: int, total: int) -> float:
+    async with httpx.AsyncClient(timeout=300) as client:
+        queue = asyncio.Queue()
+        for _ in range(total):
+            queue.put_nowait(None)
+
+        async def worker():
+            while not queue.empty():
+                queue.get_nowait()
+                r = await client.post(url, content=body, headers=headers)
+                r.raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return total / (time.perf_counter() - t0)
+
+
+def _oip_request(prepared) -> tuple[bytes, dict]:
+    import json
+
+    image = np.ascontiguousarray(prepared.image[None])
+    header = json.dumps({"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": image.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
+    return header + image.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def bench_serving() -> list[dict]:
+    from imaging.dataset import read_case
+    from imaging.phantoms import synthesise
+    from imaging.preprocess import preprocess
+    from oncoserve.object_store import object_store
+    from serving.compile import compile_version
+    from serving.registry import Registry
+
+    home = Path(tempfile.mkdtemp(prefix="osb-sv-", dir="/tmp"))
+    settings = private_settings(home)
+    stack = EmbeddedStack(settings)
+    figures = []
+    try:
+        stack.up()
+        data = synthesise(home / "data", n=8, seed=3, sites=2)
+        registry, store = Registry(settings.mlflow_url), object_store(settings)
+        for task in TASKS:
+            out = _cli(settings, "train", task, "--data", str(data), "--epochs", "1")
+            version = out.split(f"registered model {task} version")[-1].split()[0]
+            compile_version(registry, store, settings.bucket_models, settings.triton_repo_prefix, task, version)
+            registry.set_alias(task, "champion", version)
+        _deploy(settings, home, batch=8)
+        case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+        files, url = _files(case), settings.serve_url
+
+        def post(route):
+            return lambda: httpx.post(f"{url}{route}", files=files, timeout=300).raise_for_status()
+
+        # P1: one segmentation request through the platform vs the same work as function calls.
+        e2e = _p50(post("/v1/segmentation:predict"))
+        whole, ort_only = _in_process_segmentation(settings, registry, store, files)
+        local, ort = _p50(whole), _p50(ort_only)
+        figures += [figure("P1_segmentation_e2e_p50", e2e, "ms"), figure("P1_in_process_p50", local, "ms"),
+                    figure("P1_raw_onnxruntime_p50", ort, "ms"),
+                    figure("P1_pre_post_processing_share", (local - ort) / local, "fraction"),
+                    figure("P1_platform_over_in_process", e2e / local, "ratio", "<= 1.10", e2e / local <= 1.10)]  # fmt: skip
+        # P2: the whole study (four tasks fanned out) vs the slowest single task.
+        single = {task: _p50(post(f"/v1/{task}:predict"), n=7) for task in TASKS}
+        study = _p50(post("/v1/studies:analyze"), n=7)
+        slowest = max(single, key=single.get)
+        figures += [figure(f"P2_{task}_predict_p50", v, "ms") for task, v in single.items()]
+        figures += [figure("P2_study_analyze_p50", study, "ms"),
+                    figure(f"P2_study_over_slowest_task ({slowest})", study / single[slowest], "ratio", "<= 1.3",
+                           study / single[slowest] <= 1.3)]  # fmt: skip
+        # P3: raw localization inference (OIP v2) at concurrency 8, batching up to 8 vs none.
+        prepared = preprocess(read_case(data, case.name))
+        body, headers = _oip_request(prepared)
+        infer_url = f"{url}/v2/models/localization/infer"
+        batched = asyncio.run(_throughput(infer_url, body, headers, 8, 48))
+        _deploy(settings, home, batch=1)
+        unbatched = asyncio.run(_throughput(infer_url, body, headers, 8, 48))
+        figures += [figure("P3_throughput_batched_rps", batched, "req/s"), figure("P3_throughput_unbatched_rps", unbatched, "req/s"),
+                    figure("P3_batching_gain", batched / unbatched, "ratio", ">= 1.3", batched / unbatched >= 1.3)]  # fmt: skip
+        from pipelines import serving
+
+        serving.down(settings)
+    finally:
+        stack.down()
+        shutil.rmtree(home, ignore_errors=True)
+    return figures

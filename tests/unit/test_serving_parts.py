@@ -1,0 +1,205 @@
+"""Serving parts without servers: deployment config, the OIP v2 codec, request decoding, DICOM SEG."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from imaging.study import Volume
+from services import deploy_config
+from services.oip import HEADER_LENGTH, ProtocolError, decode_grpc, decode_rest, encode_grpc, encode_rest
+from services.study_input import InputError, from_dicom_zip, from_nifti, from_s3
+
+
+# -- deployment config ------------------------------------------------------------------------------
+def test_packaged_deployment_config_is_valid_and_complete():
+    config = deploy_config.load()
+    assert set(config.deployments) == {"gateway", "localization", "segmentation", "classification", "survival"}
+    options = config.deployments["segmentation"].serve_options()
+    assert options["autoscaling_config"]["max_replicas"] >= options["autoscaling_config"]["min_replicas"]
+    assert options["ray_actor_options"]["num_cpus"] > 0
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"segmentation": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}, "min_replicas is larger"),
+        ({"survival": {"backend": {"kind": "triton"}}}, "needs triton_url"),
+        ({"survival": {"batching": {"max_batch_size": 0}}}, "max_batch_size"),
+        ({"classification": {"replicas": 2}}, "Extra inputs"),
+    ],
+)
+def test_invalid_deployment_configs_name_the_field(tmp_path, patch, message):
+    raw = json.loads(json.dumps(__import__("yaml").safe_load(deploy_config.DEFAULT_FILE.read_text())))
+    for name, fields in patch.items():
+        raw["deployments"][name].update(fields)
+    path = tmp_path / "d.yaml"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(deploy_config.ConfigError, match=message) as err:
+        deploy_config.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_deployment_and_bad_yaml(tmp_path):
+    (tmp_path / "a.yaml").write_text("deployments: {gateway: {}}\n")
+    with pytest.raises(deploy_config.ConfigError, match="deployments missing: localization"):
+        deploy_config.load(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("deployments: [\n")
+    with pytest.raises(deploy_config.ConfigError, match="not valid YAML"):
+        deploy_config.load(tmp_path / "b.yaml")
+    with pytest.raises(deploy_config.ConfigError, match="not found"):
+        deploy_config.load(tmp_path / "none.yaml")
+
+
+# -- Open Inference Protocol v2 ---------------------------------------------------------------------
+def _binary_request(arrays: dict[str, np.ndarray], extra: dict | None = None) -> tuple[bytes, str]:
+    header = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": "FP32",
+                          "parameters": {"binary_data_size": v.nbytes}} for k, v in arrays.items()], **(extra or {})}  # fmt: skip
+    head = json.dumps(header).encode()
+    return head + b"".join(v.tobytes() for v in arrays.values()), str(len(head))
+
+
+def test_rest_binary_round_trip_matches_tritonclient_layout():
+    image = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    body, length = _binary_request({"image": image}, {"parameters": {"binary_data_output": True}, "id": "r1"})
+    inputs, header = decode_rest(body, length)
+    np.testing.assert_array_equal(inputs["image"], image)
+    out, headers = encode_rest("segmentation", "3", {"probabilities": image * 2}, header)
+    split = int(headers[HEADER_LENGTH])
+    meta = json.loads(out[:split])
+    assert meta["model_version"] == "3" and meta["id"] == "r1"
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == image.nbytes
+    np.testing.assert_array_equal(np.frombuffer(out[split:], np.float32).reshape(image.shape), image * 2)
+
+
+def test_rest_json_tensors_and_requested_outputs():
+    body = json.dumps({"inputs": [{"name": "age", "shape": [1, 1], "datatype": "FP32", "data": [61.0]}],
+                       "outputs": [{"name": "risk"}]}).encode()  # fmt: skip
+    inputs, header = decode_rest(body, None)
+    assert inputs["age"].shape == (1, 1) and inputs["age"].dtype == np.float32
+    out, headers = encode_rest("survival", "1", {"risk": np.array([[0.5]], np.float32), "other": np.zeros(1, np.float32)}, header)
+    meta = json.loads(out)
+    assert [o["name"] for o in meta["outputs"]] == ["risk"] and meta["outputs"][0]["data"] == [0.5]
+    with pytest.raises(ProtocolError, match="no output nope"):
+        encode_rest("survival", "1", {"risk": np.zeros(1, np.float32)}, {"outputs": [{"name": "nope"}]})
+
+
+@pytest.mark.parametrize(
+    "body, length, message",
+    [
+        (b"{not json", None, "not JSON"),
+        (b'{"inputs": []}', None, "non-empty `inputs`"),
+        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "STRING", "data": [1, 2]}]}', None, "datatype"),
+        (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]}', None, "non-negative"),
+        (b'{"inputs": [{"name": "x", "shape": [100000, 100000], "datatype": "FP32", "data": []}]}', None, "larger than"),
+        (b'{"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]}', None, "does not match"),
+        (b"{}", "x", "must be an integer"),
+    ],
+)
+def test_malformed_rest_requests_are_refused_with_a_reason(body, length, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode_rest(body, length)
+
+
+def test_binary_sizes_that_do_not_add_up_are_refused():
+    def request(size: int, data: bytes) -> tuple[bytes, str]:
+        head = json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": size}}]})
+        return head.encode() + data, str(len(head))
+
+    with pytest.raises(ProtocolError, match="runs past the body"):
+        decode_rest(*request(8, b"abcd"))
+    with pytest.raises(ProtocolError, match="4 bytes of data"):
+        decode_rest(*request(4, b"abcd"))
+    with pytest.raises(ProtocolError, match="after the last binary input"):
+        decode_rest(*request(8, b"abcdefgh!"))
+    with pytest.raises(ProtocolError, match="does not fit"):
+        decode_rest(b"{}", "99")
+
+
+def test_grpc_raw_contents_round_trip():
+    from tritonclient.grpc import service_pb2
+
+    image = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    request = service_pb2.ModelInferRequest(model_name="localization", id="g1")
+    tensor = request.inputs.add()
+    tensor.name, tensor.datatype = "image", "FP32"
+    tensor.shape.extend(image.shape)
+    request.raw_input_contents.append(image.tobytes())
+    np.testing.assert_array_equal(decode_grpc(request)["image"], image)
+    response = encode_grpc(service_pb2, "localization", "2", {"heatmap": image[:1]}, request)
+    assert response.model_version == "2" and response.id == "g1"
+    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], np.float32).reshape(1, 3, 4), image[:1])
+    request.raw_input_contents[0] = image.tobytes()[:-4]
+    with pytest.raises(ProtocolError, match="bytes of data"):
+        decode_grpc(request)
+
+
+# -- request decoding -------------------------------------------------------------------------------
+def _nifti_bytes(data: np.ndarray, affine=None) -> bytes:
+    return gzip.compress(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine).to_bytes())
+
+
+def test_nifti_upload_decoding_and_its_errors():
+    volume = np.random.default_rng(1).random((20, 24, 20)).astype(np.float32)
+    source = from_nifti({"t1": _nifti_bytes(volume), "flair": _nifti_bytes(volume)}, None, 50.0)
+    assert source.study.present == ["t1", "flair"] and source.study.age == 50.0
+    assert source.study.case_id.startswith("case-")  # content hash when no case id is given
+    assert from_nifti({"t1": _nifti_bytes(volume)}, None, None).study.case_id != source.study.case_id
+    with pytest.raises(InputError, match="unknown modality pd") as bad:
+        from_nifti({"pd": _nifti_bytes(volume)}, None, None)
+    assert bad.value.status == 400
+    with pytest.raises(InputError, match="t2") as corrupt:
+        from_nifti({"t2": b"\x1f\x8bgarbage"}, None, None)
+    assert corrupt.value.status == 422
+    with pytest.raises(InputError, match="4D|3D|dimension"):
+        from_nifti({"t1": _nifti_bytes(np.zeros((4, 4, 4, 3), np.float32))}, None, None)
+    with pytest.raises(InputError, match="case_id"):
+        from_nifti({"t1": _nifti_bytes(volume)}, "../../etc/passwd", None)
+
+
+@pytest.mark.parametrize("uri", ["s3://oncoserve-data/../x/", "http://x/y", "s3://Bad_Bucket/x", "s3://oncoserve-data/"])
+def test_s3_uris_are_validated_before_any_request(uri):
+    with pytest.raises(InputError) as err:
+        from_s3(None, uri, ("oncoserve-data",), None, None)
+    assert err.value.status == 400
+
+
+def test_s3_uri_outside_the_allowed_buckets_is_forbidden():
+    with pytest.raises(InputError, match="not readable") as err:
+        from_s3(None, "s3://oncoserve-models/triton/", ("oncoserve-data",), None, None)
+    assert err.value.status == 403
+
+
+def test_dicom_zip_becomes_a_deidentified_study_and_a_seg(tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    from services.dicom_seg import build_dicom_seg
+    from tests.dicom_factory import PHI_STRINGS, series_datasets, write_zip
+
+    rng = np.random.default_rng(2)
+    affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    volume = Volume((rng.random((16, 12, 8)) * 500).astype(np.float32), affine)
+    uid = pydicom.uid.generate_uid()
+    archive = write_zip(tmp_path / "s.zip", {"t1": series_datasets(volume, "T1 MPRAGE", uid),
+                                              "flair": series_datasets(volume, "FLAIR", uid)}, order=list(range(7, -1, -1)))  # fmt: skip
+    source = from_dicom_zip(archive.read_bytes(), None, None, salt="s")
+    assert source.kind == "dicom" and source.study.present == ["t1", "flair"]
+    assert source.study.age == 52.0  # from PatientAge 052Y
+    assert not any(p in str(ds) for ds in source.dicom_reference for p in PHI_STRINGS)
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[4:8, 3:6, 2:5], mask[5:7, 4:5, 3:4] = 2, 4
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(__import__("io").BytesIO(build_dicom_seg(mask, source.dicom_reference, "7"))))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Necrotic tumour core (NCR)", "Peritumoral edema (ED)", "Enhancing tumour (ET)"]
+    # Back to a volume: frames in the reference series' order, (rows, columns) = (y, x).
+    uids = [ds.SOPInstanceUID for ds in source.dicom_reference]
+    ed = seg.get_pixels_by_source_instance(uids, segment_numbers=[2], combine_segments=False)[..., 0]
+    np.testing.assert_array_equal(np.transpose(ed, (2, 1, 0)) > 0, mask == 2)
+    with pytest.raises(InputError, match="empty"):
+        from_dicom_zip(b"", None, None, salt="s")
+    with pytest.raises(InputError):
+        from_dicom_zip(b"PK\x03\x04 not really a zip", None, None, salt="s")
