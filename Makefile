@@ -39,7 +39,15 @@ $(BRATS_VENV)/.installed: tests/external/requirements-brats.lock
 	@$(BRATS_VENV)/bin/pip install -q --disable-pip-version-check -r $< 2>&1 | $(QUIET)
 	@touch $@
 
-test: venv $(BRATS_VENV)/.installed
+# Offline infra validation tools (Helm SDK, kubernetes-validate, checkov) in their own venv: test-only.
+INFRA_VENV := .venv-infra
+$(INFRA_VENV)/.installed: tests/external/requirements-infra.lock
+	@test -x $(INFRA_VENV)/bin/python || $(PYTHON) -m venv $(INFRA_VENV)
+	@echo "==> installing the test-only infra validation venv"
+	@$(INFRA_VENV)/bin/pip install -q --disable-pip-version-check -r $< 2>&1 | $(QUIET)
+	@touch $@
+
+test: venv $(BRATS_VENV)/.installed $(INFRA_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: venv
@@ -54,4 +62,4 @@ lock:
 	mv requirements.lock.new requirements.lock
 
 clean:
-	rm -rf $(VENV) $(BRATS_VENV) .pytest_cache
+	rm -rf $(VENV) $(BRATS_VENV) $(INFRA_VENV) .pytest_cache

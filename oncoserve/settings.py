@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     serve_config: Path | None = Field(None, description="Deployment config (YAML); default: the packaged services/deployments.yaml.")
     serve_max_request_mb: float = Field(256.0, description="Largest request body (after gzip decoding) the APIs accept.")
 
+    # Clusters (Kubernetes): external services instead of the embedded ones. Unset on one machine.
+    mlflow_uri: str | None = Field(None, description="URL of an external MLflow server; default: the embedded one.")
+    s3_external_endpoint: str | None = Field(None, description="host[:port] of an external S3 (cloud S3, MinIO).")
+    s3_secure: bool = Field(False, description="Use HTTPS to the external S3.")
+    s3_access_key: str | None = Field(None, description="External S3 key; unset: the pod's IAM role (IRSA).")
+    s3_secret_key: str | None = Field(None, description="External S3 secret (from a Kubernetes Secret).", repr=False)
+
     startup_timeout_s: float = Field(180.0, description="How long `stack up` waits for a component's health.")
 
     @classmethod
@@ -81,15 +88,15 @@ class Settings(BaseSettings):
 
     @property
     def s3_endpoint(self) -> str:
-        return f"{self.host}:{self.s3_port}"
+        return self.s3_external_endpoint or f"{self.host}:{self.s3_port}"
 
     @property
     def s3_url(self) -> str:
-        return f"http://{self.s3_endpoint}"
+        return f"{'https' if self.s3_secure else 'http'}://{self.s3_endpoint}"
 
     @property
     def mlflow_url(self) -> str:
-        return f"http://{self.host}:{self.mlflow_port}"
+        return self.mlflow_uri or f"http://{self.host}:{self.mlflow_port}"
 
     @property
     def ray_address(self) -> str:

@@ -3,7 +3,6 @@ config, and the options Serve's proxies start with. Used by `oncoserve serve up`
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from services import deploy_config
@@ -23,20 +22,32 @@ def proxy_options(settings) -> dict:
             "grpc_options": {"port": settings.serve_grpc_port, "grpc_servicer_functions": [SERVICER]}}  # fmt: skip
 
 
-def build_app(settings, config: deploy_config.DeploymentConfig, fresh_metrics: bool = True):
+def prune_metrics(mdir: Path) -> None:
+    """Drop the metric files of processes that are gone (prometheus_client names them *_<pid>.db).
+
+    Live replicas keep theirs: an in-place `serve up` must not reset the counters of replicas that
+    go on serving, while a replaced replica's live gauges must stop counting."""
+    import psutil
+
+    for path in mdir.glob("*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def build_app(settings, config: deploy_config.DeploymentConfig):
     """The bound application. Replicas share a Prometheus multiprocess directory under the home."""
     from services.gateway import StudyGateway
     from services.task_service import task_deployment
 
     mdir = metrics_dir(settings)
-    if fresh_metrics:
-        shutil.rmtree(mdir, ignore_errors=True)
     mdir.mkdir(parents=True, exist_ok=True)
+    prune_metrics(mdir)
     env = {"env_vars": {MULTIPROC_ENV: str(mdir)}}
     fields = settings.model_dump(mode="json")
 
     def options(name: str) -> dict:
-        opts = config.deployments[name].serve_options()
+        opts = deployment_options(config)[name]
         opts["ray_actor_options"]["runtime_env"] = env
         return opts
 
@@ -45,3 +56,43 @@ def build_app(settings, config: deploy_config.DeploymentConfig, fresh_metrics: b
         for task in TASKS
     }
     return StudyGateway.options(**options("gateway")).bind(fields, *(bound[t] for t in TASKS))
+
+
+def deployment_options(config: deploy_config.DeploymentConfig) -> dict[str, dict]:
+    """Per deployment: the Serve options both the embedded stack and the Helm chart apply."""
+    return {name: spec.serve_options() for name, spec in config.deployments.items()}
+
+
+def serve_config(config: deploy_config.DeploymentConfig, http_port: int = 8000, grpc_port: int = 9000) -> dict:
+    """The Serve config (the `serve deploy` / KubeRay `serveConfigV2` schema) for a cluster.
+
+    The Helm chart renders the same document from the same deployments.yaml; a test compares them."""
+    from services.grpc_servicers import SERVICER
+
+    return {
+        "http_options": {"host": "0.0.0.0", "port": http_port},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
+        "applications": [{
+            "name": config.application,
+            "route_prefix": "/",
+            "import_path": "services.app:app_builder",
+            "args": {"config": config.document()},
+            "deployments": [{"name": name, **options} for name, options in deployment_options(config).items()],
+        }],
+    }  # fmt: skip
+
+
+def app_builder(args: dict):
+    """Serve application builder for clusters (`import_path: services.app:app_builder`).
+
+    `args.config` is the deployment config the chart rendered; `args.backend` (optional) switches every
+    model deployment's inference backend, e.g. to Triton on the GPU nodes. Settings come from the pod's
+    ONCOSERVE_* environment."""
+    from oncoserve.settings import Settings
+
+    config = deploy_config.DeploymentConfig.model_validate(args.get("config") or deploy_config.load().document())
+    if args.get("backend"):
+        for task in TASKS:
+            spec = config.deployments[task]
+            config.deployments[task] = spec.model_copy(update={"backend": deploy_config.Backend.model_validate(args["backend"])})
+    return build_app(Settings(), config)

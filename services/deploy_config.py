@@ -61,8 +61,8 @@ class Deployment(_Strict):
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(8, ge=1)
     autoscaling: Autoscaling = Autoscaling()
-    batching: Batching = Batching()
-    backend: Backend = Backend()
+    batching: Batching | None = Field(None, description="model deployments only (default: Batching())")
+    backend: Backend | None = Field(None, description="model deployments only (default: Backend())")
 
     def serve_options(self) -> dict:
         """Keyword arguments for `serve.deployment(...).options(...)`."""
@@ -84,7 +84,16 @@ class DeploymentConfig(_Strict):
         unknown = sorted(set(self.deployments) - {"gateway", *MODEL_TASKS})
         if unknown:
             raise ValueError(f"unknown deployments: {', '.join(unknown)}")
+        if self.deployments["gateway"].batching or self.deployments["gateway"].backend:
+            raise ValueError("gateway: batching and backend apply to the model deployments only")
+        for task in MODEL_TASKS:
+            spec = self.deployments[task]
+            spec.batching, spec.backend = spec.batching or Batching(), spec.backend or Backend()
         return self
+
+    def document(self) -> dict:
+        """The config as plain data, every setting explicit (what the chart and the app builder get)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 def load(path: str | Path | None = None) -> DeploymentConfig:

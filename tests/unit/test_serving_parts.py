@@ -203,3 +203,23 @@ def test_dicom_zip_becomes_a_deidentified_study_and_a_seg(tmp_path):
         from_dicom_zip(b"", None, None, salt="s")
     with pytest.raises(InputError):
         from_dicom_zip(b"PK\x03\x04 not really a zip", None, None, salt="s")
+
+
+def test_prune_metrics_keeps_live_processes_files(tmp_path):
+    import os
+
+    from services.app import prune_metrics
+
+    live, dead = tmp_path / f"counter_{os.getpid()}.db", tmp_path / "gauge_livesum_999999999.db"
+    live.write_bytes(b"x")
+    dead.write_bytes(b"x")
+    prune_metrics(tmp_path)
+    assert live.exists() and not dead.exists()
+
+
+def test_packaged_deployment_config_states_every_setting():
+    """The Helm chart reads the file itself, so no setting may come from a Python default."""
+    import yaml
+
+    raw = yaml.safe_load(deploy_config.DEFAULT_FILE.read_text())
+    assert raw == deploy_config.load().document()
