@@ -1,0 +1,201 @@
+"""Offline validation of infra/: the Helm chart (Helm SDK render + lint + schema, kubernetes-validate
+--strict, checkov) and Terraform (fmt, checkov). The tools live in `.venv-infra` (make test builds it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services import deploy_config
+from services.app import serve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "infra" / "helm" / "oncoserve"
+TERRAFORM = ROOT / "infra" / "terraform"
+INFRA_BIN = ROOT / ".venv-infra" / "bin"
+GPU_VALUES = {"triton": {"enabled": True}, "ray": {"gpuWorkers": {"enabled": True}}, "serve": {"modelBackend": "triton"},
+              "training": {"enabled": True, "gpu": True}}  # fmt: skip
+KSERVE_VALUES = {"triton": {"enabled": True, "mode": "kserve"}}
+CORE_KINDS = {"Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget", "ConfigMap", "ServiceAccount"}
+
+
+def render(values: dict, out: Path) -> tuple[dict, list[dict]]:
+    run = subprocess.run([str(INFRA_BIN / "python"), str(ROOT / "tests/external/render_chart.py"), str(CHART), json.dumps(values), str(out)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((out / "_result.json").read_text())
+    docs = [d for f in sorted(out.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    return result, docs
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = {}
+    for name, values in {"default": {}, "gpu": GPU_VALUES, "kserve": KSERVE_VALUES}.items():
+        result, docs = render(values, tmp_path_factory.mktemp(name))
+        assert "error" not in result, result
+        out[name] = (result, docs, tmp_path_factory.getbasetemp() / name)
+    return out
+
+
+def kinds(docs) -> list[str]:
+    return [d["kind"] for d in docs]
+
+
+def one(docs, kind: str, suffix: str = "") -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"{kind} *{suffix}: {len(found)} found"
+    return found[0]
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    """Every pod spec inside a rendered object (Deployments, and KubeRay's head/worker/submitter templates)."""
+    spec = doc.get("spec", {})
+    if doc["kind"] == "Deployment":
+        return [spec["template"]["spec"]]
+    if doc["kind"] == "RayService":
+        cluster = spec["rayClusterConfig"]
+    elif doc["kind"] == "RayJob":
+        cluster = spec["rayClusterSpec"]
+        return [spec["submitterPodTemplate"]["spec"], cluster["headGroupSpec"]["template"]["spec"],
+                *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]  # fmt: skip
+    else:
+        return []
+    return [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+
+
+def test_chart_lints_clean_and_renders_the_expected_objects(rendered):
+    for name, (result, docs, _) in rendered.items():
+        assert result["lint"]["errors"] == [], name
+        assert all(m["severity"] < 2 for m in result["lint"]["messages"]), result["lint"]["messages"]
+        assert {"RayService", "Service", "NetworkPolicy", "PodDisruptionBudget", "ServiceMonitor", "ConfigMap"} <= set(kinds(docs))
+        assert "Secret" not in kinds(docs), "secrets are referenced, never rendered from values"
+        assert all(d["metadata"].get("namespace") == "oncoserve" for d in docs)
+    default, gpu, kserve = (rendered[n][1] for n in ("default", "gpu", "kserve"))
+    assert "ScaledObject" not in kinds(default) and "InferenceService" not in kinds(default)
+    assert "ScaledObject" in kinds(gpu) and "RayJob" in kinds(gpu)
+    assert "InferenceService" in kinds(kserve) and not [d for d in kserve if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("triton")]
+
+
+def test_gpu_values_request_gpus_on_the_gpu_pool(rendered):
+    docs = rendered["gpu"][1]
+    triton = one(docs, "Deployment", "-triton")
+    container = triton["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert triton["spec"]["template"]["spec"]["nodeSelector"] == {"oncoserve.io/pool": "gpu"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    groups = {g["groupName"]: g for g in one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert groups["gpu"]["minReplicas"] == 0  # scales from zero
+    assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    scaled = one(docs, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == triton["metadata"]["name"]
+    assert "nv_inference_queue_duration_us" in scaled["spec"]["triggers"][0]["metadata"]["query"]
+    app = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"][0]
+    assert app["args"]["backend"] == {"kind": "triton", "triton_url": "demo-oncoserve-triton:8001", "fallback_to_embedded": True}
+    kserve = one(rendered["kserve"][1], "InferenceService")
+    assert kserve["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_chart_serve_config_equals_what_the_embedded_stack_deploys(rendered):
+    chart = yaml.safe_load(one(rendered["default"][1], "RayService")["spec"]["serveConfigV2"])
+    ours = serve_config(deploy_config.load())
+    assert chart["http_options"] == ours["http_options"] and chart["grpc_options"] == ours["grpc_options"]
+    (c_app,), (o_app,) = chart["applications"], ours["applications"]
+    assert {k: c_app[k] for k in ("name", "route_prefix", "import_path", "args")} == {k: o_app[k] for k in ("name", "route_prefix", "import_path", "args")}
+    assert {d["name"]: d for d in c_app["deployments"]} == {d["name"]: d for d in o_app["deployments"]}
+    # ... and the args build a valid config for the cluster's app builder.
+    assert deploy_config.DeploymentConfig.model_validate(c_app["args"]["config"]).document() == deploy_config.load().document()
+
+
+def test_every_pod_is_non_root_read_only_with_resources(rendered):
+    for name, (_, docs, _) in rendered.items():
+        specs = [s for d in docs for s in pod_specs(d)]
+        assert specs, name
+        for spec in specs:
+            assert spec["securityContext"]["runAsNonRoot"] is True
+            for c in spec["containers"]:
+                assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["allowPrivilegeEscalation"] is False
+                assert c["resources"]["requests"] and c["resources"]["limits"], (name, c["name"])
+
+
+def test_only_the_gateway_is_open_beyond_the_namespace(rendered):
+    policies = {d["metadata"]["name"]: d for d in rendered["default"][1] if d["kind"] == "NetworkPolicy"}
+    assert "ingress" not in policies["demo-oncoserve-default-deny"]["spec"]
+    open_rules = [(n, r) for n, p in policies.items() for r in p["spec"].get("ingress", []) if "from" not in r]
+    assert [n for n, _ in open_rules] == ["demo-oncoserve-gateway"]
+    assert {p["port"] for p in open_rules[0][1]["ports"]} == {8000, 9000}
+    same_ns = policies["demo-oncoserve-same-namespace"]["spec"]["ingress"][0]["from"]
+    assert same_ns == [{"podSelector": {}}]
+
+
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"serve": {"modelBackend": "tensorflow"}}, "modelBackend"),
+        ({"ray": {"cpuWorkers": {"maxReplicas": 0}}}, "maxReplicas"),
+        ({"triton": {"mode": "sidecar"}}, "mode"),
+        ({"replicas": 3}, "replicas"),
+        ({"image": {"digest": "latest"}}, "digest"),
+    ],
+)
+def test_values_schema_rejects_bad_values(values, key, tmp_path):
+    result, _ = render(values, tmp_path)
+    assert "error" in result and key in result["error"]
+
+
+def test_core_objects_and_pod_templates_pass_kubernetes_validate_strict(rendered, tmp_path):
+    docs = [d for name in rendered for d in rendered[name][1]]
+    core = [d for d in docs if d["kind"] in CORE_KINDS]
+    # KubeRay's CRD schemas are not vendored (megabytes of generated pod schema); their pod templates
+    # are validated as core v1 PodTemplates instead, which is what KubeRay turns them into.
+    templates = [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}", "namespace": "oncoserve"},
+                  "template": {"spec": spec}} for i, spec in enumerate(s for d in docs if d["kind"] in ("RayService", "RayJob") for s in pod_specs(d))]  # fmt: skip
+    files = []
+    for i, doc in enumerate(core + templates):
+        path = tmp_path / f"{i:03d}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        files.append(str(path))
+    run = subprocess.run([str(INFRA_BIN / "kubernetes-validate"), "--strict", "--quiet", "-k", "1.31", *files],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len(templates) >= 6
+
+
+def _checkov(path: Path, framework: str) -> dict:
+    run = subprocess.run([str(INFRA_BIN / "checkov"), "-d", str(path), "--framework", framework, "--skip-download",
+                          "--compact", "-o", "json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    report = json.loads(run.stdout)
+    report = report[0] if isinstance(report, list) else report
+    return report
+
+
+def test_checkov_passes_on_the_rendered_chart(rendered, tmp_path):
+    for name in ("default", "gpu", "kserve"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, doc in enumerate(rendered[name][1]):
+            (folder / f"{i:03d}.yaml").write_text(yaml.safe_dump(doc))
+        report = _checkov(folder, "kubernetes")
+        failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+        assert failed == [], (name, failed)
+        # Every accepted finding carries its reason.
+        skipped = report["results"].get("skipped_checks", [])
+        assert skipped and all(c["check_result"].get("suppress_comment") for c in skipped)
+
+
+def test_terraform_is_formatted_and_passes_checkov():
+    terraform = shutil.which("terraform")
+    assert terraform, "terraform is not installed (see ENVIRONMENT: terraform 1.11)"
+    fmt = subprocess.run([terraform, "fmt", "-check", "-recursive", str(TERRAFORM)], capture_output=True, text=True, timeout=120)
+    assert fmt.returncode == 0, f"not formatted: {fmt.stdout}"
+    report = _checkov(TERRAFORM, "terraform")
+    failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+    assert failed == [] and report["summary"]["passed"] > 200
+    assert all(c["check_result"].get("suppress_comment") for c in report["results"].get("skipped_checks", []))
+    variables = (TERRAFORM / "variables.tf").read_text()
+    assert variables.count("description") >= variables.count('variable "') and variables.count("validation {") >= 6
