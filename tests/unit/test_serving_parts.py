@@ -223,3 +223,23 @@ def test_packaged_deployment_config_states_every_setting():
 
     raw = yaml.safe_load(deploy_config.DEFAULT_FILE.read_text())
     assert raw == deploy_config.load().document()
+
+
+def test_cluster_app_builder_applies_the_config_and_the_backend_switch(tmp_path, monkeypatch):
+    """What KubeRay runs (`import_path: services.app:app_builder`) builds the same deployments."""
+    from services.app import app_builder, deployment_options
+
+    monkeypatch.setenv("ONCOSERVE_HOME", str(tmp_path))
+    config = deploy_config.load()
+    app = app_builder({"config": config.document(), "backend": {"kind": "triton", "triton_url": "tr:8001", "fallback_to_embedded": True}})
+    gateway = app._bound_deployment
+    assert gateway.name == "gateway"
+    tasks = {a._bound_deployment.name: a._bound_deployment for a in gateway.init_args[1:]}
+    assert list(tasks) == ["localization", "segmentation", "classification", "survival"]
+    expected = deployment_options(config)
+    for name, deployment in tasks.items():
+        assert deployment.init_args[2]["backend"] == {"kind": "triton", "threads": 1, "triton_url": "tr:8001",
+                                                       "fallback_to_embedded": True, "timeout_s": 60.0}  # fmt: skip
+        assert deployment.init_args[2]["batching"] == config.deployments[name].batching.model_dump()
+        assert deployment._deployment_config.max_ongoing_requests == expected[name]["max_ongoing_requests"]
+        assert deployment._deployment_config.autoscaling_config.max_replicas == expected[name]["autoscaling_config"]["max_replicas"]
