@@ -68,7 +68,9 @@ class Deployment(_Strict):
         """Keyword arguments for `serve.deployment(...).options(...)`."""
         return {"max_ongoing_requests": self.max_ongoing_requests,
                 "autoscaling_config": self.autoscaling.model_dump(),
-                "ray_actor_options": {"num_cpus": self.num_cpus}}  # fmt: skip
+                "ray_actor_options": {"num_cpus": self.num_cpus},
+                # JSON log lines, each with the request id Serve assigns (also the x-request-id header).
+                "logging_config": {"encoding": "JSON"}}  # fmt: skip
 
 
 class DeploymentConfig(_Strict):

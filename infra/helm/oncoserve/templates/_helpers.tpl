@@ -102,5 +102,6 @@ applications:
         max_ongoing_requests: {{ $d.max_ongoing_requests }}
         autoscaling_config: {{ toJson $d.autoscaling }}
         ray_actor_options: {num_cpus: {{ $d.num_cpus }}}
+        logging_config: {encoding: JSON}
     {{- end }}
 {{- end -}}
