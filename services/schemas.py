@@ -14,6 +14,7 @@ class LocalizationFindings(BaseModel):
     found: bool
     bbox_vox: list[float] = Field(..., description="[x0, y0, z0, x1, y1, z1], inclusive, input grid")
     centroid_vox: list[float] = Field(..., description="[x, y, z], input grid")
+    hemisphere: str | None = Field(None, description="left | right | midline: tumour centre vs the brain's centre (RAS)")
 
 
 class SegmentationFindings(BaseModel):

@@ -21,6 +21,7 @@ from imaging.study import CLASS_LABELS
 
 TASKS = ("localization", "segmentation", "classification", "survival")
 CURVE_POINTS = 40
+MIDLINE_MM = 5.0  # tumour centre within this distance of the brain's centre plane: "midline"
 DEFAULT_AGE = 60.0  # survival's age input when a study has none (the training cohort's centre)
 
 
@@ -68,7 +69,18 @@ def _localization(heatmap: np.ndarray, prepared: PreparedStudy) -> dict:
     centre = loc.centroid_vox * 2 + 0.5
     return {"found": loc.found,
             "bbox_vox": [round(float(v), 1) for v in box_to_source(box, prepared)],
-            "centroid_vox": [round(float(v), 1) for v in points_to_source(centre[None], prepared)[0]]}  # fmt: skip
+            "centroid_vox": [round(float(v), 1) for v in points_to_source(centre[None], prepared)[0]],
+            "hemisphere": _hemisphere(centre, prepared) if loc.found else None}  # fmt: skip
+
+
+def _hemisphere(centre_vox: np.ndarray, prepared: PreparedStudy) -> str:
+    """Side of the tumour centre relative to the brain's own centre (RAS: +x is the patient's right),
+    so it does not depend on where the scanner put the world origin."""
+    brain = np.argwhere(prepared.brain_mask).mean(axis=0)
+    dx = float(prepared.grid.vox_to_world(centre_vox[None])[0, 0] - prepared.grid.vox_to_world(brain[None])[0, 0])
+    if abs(dx) < MIDLINE_MM:
+        return "midline"
+    return "right" if dx > 0 else "left"
 
 
 def _classification(out: dict) -> dict:
