@@ -35,6 +35,7 @@ deployments:
   segmentation: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
   classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
   survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
+  reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
 """
 
 

@@ -105,8 +105,18 @@ def evaluate_on(task: str, model_dir: Path, eval_data: Path, cache_dir: Path) ->
     return evaluate(task, str(model_dir / "model.onnx"), data.cases, extras)["metrics"]
 
 
+def _reporting_gates(registry: Registry, info: VersionInfo, spec: dict) -> list[GateResult]:
+    """A reporting version is checked on the reference cases, recomputed here from its artifacts."""
+    from services.reporting import model as reporting_model
+
+    metrics = reporting_model.evaluate(registry.download(info.task, info.version))
+    return _metric_gates(metrics, spec, "recomputed on the reference cases")
+
+
 def run_gates(registry: Registry, info: VersionInfo, gates: dict, eval_data: Path | None, cache_dir: Path) -> list[GateResult]:
     task = info.task
+    if task == "reporting":
+        return _reporting_gates(registry, info, gates.get(task, {}))
     spec = gates.get(task, {})
     defaults = gates.get("defaults", {})
     model_dir = registry.download(task, info.version)

@@ -38,6 +38,7 @@ def prune_metrics(mdir: Path) -> None:
 def build_app(settings, config: deploy_config.DeploymentConfig):
     """The bound application. Replicas share a Prometheus multiprocess directory under the home."""
     from services.gateway import StudyGateway
+    from services.reporting_service import reporting_deployment
     from services.task_service import task_deployment
 
     mdir = metrics_dir(settings)
@@ -55,7 +56,9 @@ def build_app(settings, config: deploy_config.DeploymentConfig):
         task: task_deployment(task, options(task)).bind(task, fields, config.deployments[task].model_dump(), config.watch_interval_s)
         for task in TASKS
     }
-    return StudyGateway.options(**options("gateway")).bind(fields, *(bound[t] for t in TASKS))
+    reporting = reporting_deployment(options("reporting")).bind(fields, config.deployments["reporting"].model_dump(),
+                                                                config.watch_interval_s)  # fmt: skip
+    return StudyGateway.options(**options("gateway")).bind(fields, *(bound[t] for t in TASKS), reporting)
 
 
 def deployment_options(config: deploy_config.DeploymentConfig) -> dict[str, dict]:

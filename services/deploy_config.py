@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_FILE = Path(__file__).with_name("deployments.yaml")
 MODEL_TASKS = ("localization", "segmentation", "classification", "survival")
+DEPLOYMENTS = ("gateway", *MODEL_TASKS, "reporting")
 
 
 class ConfigError(ValueError):
@@ -57,12 +58,28 @@ class Backend(_Strict):
         return self
 
 
+class Generator(_Strict):
+    kind: Literal["template", "openai", "llamacpp"] = "template"
+    url: str | None = Field(None, description="OpenAI-compatible base URL (kind: openai)")
+    model: str | None = Field(None, description="model name at that endpoint (kind: openai)")
+    model_path: str | None = Field(None, description="GGUF file (kind: llamacpp; default: the packaged gemma-3-270m)")
+    max_tokens: int = Field(512, ge=16, le=8192)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Generator":
+        if self.kind == "openai" and not (self.url and self.model):
+            raise ValueError("generator kind openai needs url and model")
+        return self
+
+
 class Deployment(_Strict):
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(8, ge=1)
     autoscaling: Autoscaling = Autoscaling()
     batching: Batching | None = Field(None, description="model deployments only (default: Batching())")
     backend: Backend | None = Field(None, description="model deployments only (default: Backend())")
+    generator: Generator | None = Field(None, description="reporting only (default: the template composer)")
+    retrieval: bool | None = Field(None, description="reporting only: embedding retrieval over the knowledge base")
 
     def serve_options(self) -> dict:
         """Keyword arguments for `serve.deployment(...).options(...)`."""
@@ -80,17 +97,24 @@ class DeploymentConfig(_Strict):
 
     @model_validator(mode="after")
     def _all_tasks(self) -> "DeploymentConfig":
-        missing = [name for name in ("gateway", *MODEL_TASKS) if name not in self.deployments]
+        missing = [name for name in DEPLOYMENTS if name not in self.deployments]
         if missing:
             raise ValueError(f"deployments missing: {', '.join(missing)}")
-        unknown = sorted(set(self.deployments) - {"gateway", *MODEL_TASKS})
+        unknown = sorted(set(self.deployments) - set(DEPLOYMENTS))
         if unknown:
             raise ValueError(f"unknown deployments: {', '.join(unknown)}")
-        if self.deployments["gateway"].batching or self.deployments["gateway"].backend:
-            raise ValueError("gateway: batching and backend apply to the model deployments only")
+        for name in ("gateway", "reporting"):
+            if self.deployments[name].batching or self.deployments[name].backend:
+                raise ValueError(f"{name}: batching and backend apply to the model deployments only")
+        for name in ("gateway", *MODEL_TASKS):
+            if self.deployments[name].generator or self.deployments[name].retrieval is not None:
+                raise ValueError(f"{name}: generator and retrieval apply to the reporting deployment only")
         for task in MODEL_TASKS:
             spec = self.deployments[task]
             spec.batching, spec.backend = spec.batching or Batching(), spec.backend or Backend()
+        reporting = self.deployments["reporting"]
+        reporting.generator = reporting.generator or Generator()
+        reporting.retrieval = True if reporting.retrieval is None else reporting.retrieval
         return self
 
     def document(self) -> dict:

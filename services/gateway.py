@@ -93,7 +93,7 @@ def _age(raw) -> float | None:
 @serve.deployment(name="gateway")
 @serve.ingress(api)
 class StudyGateway:
-    def __init__(self, settings_fields: dict, localization, segmentation, classification, survival):
+    def __init__(self, settings_fields: dict, localization, segmentation, classification, survival, reporting):
         from oncoserve.audit import AuditLog
         from oncoserve.auth import TokenStore
         from oncoserve.settings import Settings
@@ -101,6 +101,7 @@ class StudyGateway:
         self.settings = Settings(**settings_fields)
         self.tasks = {"localization": localization, "segmentation": segmentation,
                       "classification": classification, "survival": survival}  # fmt: skip
+        self.reporting = reporting
         self.max_bytes = int(self.settings.serve_max_request_mb * 1024 * 1024)
         self.audit = AuditLog(self.settings.audit_file)
         self.tokens = TokenStore(self.settings.tokens_file)
@@ -216,6 +217,19 @@ class StudyGateway:
         metrics.STAGE_SECONDS.labels("study", "fanout", "-").observe(time.perf_counter() - t1)
         return results, prepared
 
+    async def _report(self, findings) -> dict:
+        """The reporting deployment's report for assembled findings; a failure there never loses the
+        analysis (the findings say the report is unavailable and why)."""
+        try:
+            result = await self.reporting.report.remote(findings.model_dump())
+        except Exception as exc:
+            log.exception("reporting failed")
+            findings.report = {"error": f"report unavailable ({type(_cause(exc)).__name__}: {str(_cause(exc))[:200]})"}
+            return {}
+        findings.report = result["report"]
+        findings.model_versions["reporting"] = result["version"]
+        return result
+
     def _record(self, identity, request_id: str, source: StudyInput, versions: dict, route: str) -> None:
         # Who asked and which versions answered; the case id only as a salted hash (no PHI).
         self.audit.event(identity.name if identity else "anonymous", identity.role if identity else "none", "analyze",
@@ -247,15 +261,18 @@ class StudyGateway:
             results, prepared = await self._run(source, TASKS)
             versions = {task: results[task]["version"] for task in TASKS}
             analysis = assemble(source.study, prepared.version, results, versions)
+            report = await self._report(analysis.findings)
             body = {"findings": analysis.findings.model_dump(),
                     "mask_nifti_gz_b64": base64.b64encode(_mask_bytes(analysis.mask)).decode()}  # fmt: skip
+            if report:
+                body["report_markdown"], body["report_fhir"] = report["markdown"], report["fhir"]
             if source.kind == "dicom":
                 from services.dicom_seg import build_dicom_seg
 
                 seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference, versions["segmentation"])
                 body["dicom_seg_b64"] = base64.b64encode(seg).decode()
             body["elapsed_ms"], body["request_id"] = round((time.perf_counter() - t0) * 1000, 1), _request_id()
-            self._record(identity, body["request_id"], source, versions, "analyze")
+            self._record(identity, body["request_id"], source, analysis.findings.model_versions, "analyze")
             return JSONResponse(body)
 
         return await self._guarded("/v1/studies:analyze", work)
@@ -279,8 +296,28 @@ class StudyGateway:
 
         return await self._guarded("/v1/{task}:predict", work)
 
+    @api.post("/v1/reports", summary="A grounded report for a findings document (JSON in, report out)")
+    async def reports(self, request: Request):
+        async def work():
+            from pydantic import ValidationError
+
+            from services.schemas import Findings
+
+            body = await self._body(request)
+            try:
+                findings = Findings.model_validate_json(body)
+            except ValidationError as exc:
+                raise InputError(f"not a findings document: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", 422) from None
+            report = await self._report(findings)
+            if not report:
+                raise InputError(findings.report["error"], 503)
+            return JSONResponse({"report": report["report"], "report_markdown": report["markdown"], "report_fhir": report["fhir"],
+                                 "model_version": report["version"], "request_id": _request_id()})  # fmt: skip
+
+        return await self._guarded("/v1/reports", work)
+
     async def _describe_all(self) -> dict:
-        calls = {task: handle.describe.remote() for task, handle in self.tasks.items()}
+        calls = {task: handle.describe.remote() for task, handle in {**self.tasks, "reporting": self.reporting}.items()}
         return {task: await call for task, call in calls.items()}
 
     @api.get("/v1/models", summary="The model version each task serves now")
@@ -457,14 +494,17 @@ class StudyGateway:
             results, prepared = await self._run(source, TASKS)
             versions = {task: results[task]["version"] for task in TASKS}
             analysis = assemble(source.study, prepared.version, results, versions)
+            report = await self._report(analysis.findings)
             response = study_pb2.AnalyzeResponse(findings_json=analysis.findings.model_dump_json(),
+                                                 report_markdown=report.get("markdown", ""),
+                                                 report_fhir_json=json.dumps(report["fhir"]) if report else "",
                                                  segmentation_nifti_gz=_mask_bytes(analysis.mask), request_id=_request_id())  # fmt: skip
             if source.kind == "dicom":
                 from services.dicom_seg import build_dicom_seg
 
                 response.dicom_seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference,
                                                              versions["segmentation"])  # fmt: skip
-            self._record(None, response.request_id, source, versions, "grpc:Analyze")
+            self._record(None, response.request_id, source, analysis.findings.model_versions, "grpc:Analyze")
             return response
 
         return await self._grpc("Analyze", grpc_context, work, study_pb2.AnalyzeResponse())

@@ -23,6 +23,10 @@ BACKEND_ERRORS = Counter("oncoserve_backend_errors", "Inference backend failures
 QUEUE_DEPTH = Gauge("oncoserve_queue_depth", "Requests waiting or running in a replica", ["task"], multiprocess_mode="livesum")
 MODEL_VERSION = Gauge("oncoserve_model_version_info", "1 for the model version a replica serves", ["task", "version"],
                       multiprocess_mode="livemax")  # fmt: skip
+REPORT_GUARD = Counter("oncoserve_report_guard", "Report texts checked by the grounding guard, by generator and outcome",
+                       ["generator", "outcome"])  # fmt: skip
+REPORT_FORMAT = Counter("oncoserve_report_format", "Report texts by format compliance (required sections, closing statement)",
+                        ["generator", "outcome"])  # fmt: skip
 SWAPS = Counter("oncoserve_model_swaps", "Hot-swaps to a new champion, by outcome", ["task", "outcome"])
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from imaging.preprocess import PREPROCESSING_VERSION
+from oncoserve.lineage import git_commit
 from training import networks, tasks
 from training.data import load_dataset, split_cases
 from training.errors import TrainingError
@@ -28,7 +28,6 @@ from training.loop import CHECKPOINT_FILE, train_loop_per_worker
 from training.report import calibration_plot, km_plot, model_card, overlay_plot, segmentation_prediction
 
 EXPERIMENT_PREFIX = "oncoserve-"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -55,14 +54,6 @@ class JobConfig:
     actor: str = "local"  # who asked (recorded in the audit log with the registration)
     audit_file: Path | None = None
     threads_per_worker: int | None = None  # default: the machine's cores shared among the workers
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _flat_metrics(metrics: dict) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """`oncoserve predict CASE_DIR --out DIR [--url URL]`: analyse one study through the serving API.
 
 CASE_DIR is a case folder with BraTS-named NIfTI files (*_t1, *_t1ce, *_t2, *_flair), a zip of a
-DICOM study, or a folder of DICOM files. Writes DIR/findings.json, DIR/segmentation.nii.gz and, for
-DICOM input, DIR/segmentation.dcm (DICOM SEG).
+DICOM study, or a folder of DICOM files. Writes DIR/findings.json, DIR/segmentation.nii.gz, the report
+(DIR/report.md, DIR/report.fhir.json) and, for DICOM input, DIR/segmentation.dcm (DICOM SEG).
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ def predict(
     (out / "findings.json").write_text(json.dumps(body["findings"], indent=2) + "\n")
     (out / "segmentation.nii.gz").write_bytes(base64.b64decode(body["mask_nifti_gz_b64"]))
     written = ["findings.json", "segmentation.nii.gz"]
+    if body.get("report_markdown"):
+        (out / "report.md").write_text(body["report_markdown"])
+        (out / "report.fhir.json").write_text(json.dumps(body["report_fhir"], indent=2) + "\n")
+        written += ["report.md", "report.fhir.json"]
     if body.get("dicom_seg_b64"):
         (out / "segmentation.dcm").write_bytes(base64.b64decode(body["dicom_seg_b64"]))
         written.append("segmentation.dcm")
@@ -100,4 +104,7 @@ def predict(
                   + f"; survival risk {f['survival']['risk_group']}"
                   + (f"; missing {', '.join(f['quality']['missing_modalities'])}" if f["quality"]["missing_modalities"] else "")
                   + ("; OUT OF DISTRIBUTION" if f["quality"]["ood_flag"] else ""))  # fmt: skip
+    report = f.get("report") or {}
+    if report.get("integrated_diagnosis"):
+        console.print(f"report ({report['generator']}): {report['integrated_diagnosis']}")
     console.print(f"wrote {', '.join(str(out / w) for w in written)} (request {body['request_id']})")

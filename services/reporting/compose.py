@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.reporting import fhir, guard, template
 from services.reporting.facts import Facts, from_findings
-from services.reporting.generators import PROMPT_VERSION, Generator, GeneratorError, load_prompt
+from services.reporting.generators import PROMPT_DIR, PROMPT_VERSION, Generator, GeneratorError, load_prompt
 from services.reporting.kb import KnowledgeBase
 
 
@@ -28,10 +29,11 @@ def _facts_text(f: Facts, sections: list[template.Section]) -> str:
 
 
 class Reporter:
-    def __init__(self, kb: KnowledgeBase, retriever=None, generator: Generator | None = None, prompt_version: str = PROMPT_VERSION):
+    def __init__(self, kb: KnowledgeBase, retriever=None, generator: Generator | None = None,
+                 prompt_version: str = PROMPT_VERSION, prompt_dir: Path = PROMPT_DIR):  # fmt: skip
         self.kb, self.retriever, self.generator = kb, retriever, generator
         self.prompt_version = prompt_version
-        self.prompt = load_prompt(prompt_version)
+        self.prompt = load_prompt(prompt_version, prompt_dir)
 
     def _citations(self, facts: Facts, sections: list[template.Section]) -> dict[str, str]:
         """The template's fixed citations plus the passages retrieval finds for this diagnosis."""

@@ -40,6 +40,7 @@ deployments:
     autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, upscale_delay_s: 0.5, downscale_delay_s: 600}
   classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
   survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, retrieval: true}
 """
 
 
@@ -49,11 +50,16 @@ def served(live_stack, trained, tmp_path_factory):
     config.write_text(TEST_CONFIG)
     os.environ["ONCOSERVE_SERVE_MAX_REQUEST_MB"] = str(MAX_REQUEST_MB)
     with compiled_champions(live_stack, {t: trained[t] for t in TASKS}) as (registry, store):
+        registered = oncoserve("reporting", "register")
+        assert registered.returncode == 0, registered.stderr[-2000:]
+        reporting = registered.stdout.split("registered model reporting version")[-1].split()[0]
+        promoted = oncoserve("models", "promote", "reporting", reporting, "--to", "champion", "--reason", "serving tests")
+        assert promoted.returncode == 0, promoted.stdout[-2000:] + promoted.stderr[-2000:]
         up = oncoserve("serve", "up", "--config", str(config))
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         try:
             yield {"url": live_stack.serve_url, "grpc": f"127.0.0.1:{live_stack.serve_grpc_port}",
-                   "registry": registry, "store": store, "settings": live_stack}  # fmt: skip
+                   "registry": registry, "store": store, "settings": live_stack, "reporting": reporting}  # fmt: skip
         finally:
             down = oncoserve("serve", "down")
             os.environ.pop("ONCOSERVE_SERVE_MAX_REQUEST_MB", None)
@@ -79,7 +85,7 @@ def test_status_reports_every_deployment(served, trained):
     info = json.loads(run.stdout)
     deployments = info["applications"]["oncoserve"]["deployments"]
     assert {"gateway", *TASKS} <= set(deployments)
-    assert info["model_versions"] == {t: trained[t] for t in TASKS}
+    assert info["model_versions"] == {**{t: trained[t] for t in TASKS}, "reporting": served["reporting"]}
     assert httpx.get(f"{served['url']}/docs", timeout=10).status_code == 200
     assert httpx.get(f"{served['url']}/readyz", timeout=10).json()["status"] == "ready"
 
@@ -90,7 +96,7 @@ def test_predict_writes_findings_and_a_mask_on_the_input_grid(served, tiny_datas
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     findings = json.loads((tmp_path / "out" / "findings.json").read_text())
     assert FINDING_KEYS <= set(findings)
-    assert findings["model_versions"] == {t: trained[t] for t in TASKS}
+    assert findings["model_versions"] == {**{t: trained[t] for t in TASKS}, "reporting": served["reporting"]}
     assert set(findings["segmentation"]["volumes_ml"]) == {"NCR", "ED", "ET", "WT", "TC"}
     assert set(findings["classification"]) == {"grade", "idh", "codeletion_1p19q", "mgmt"}
     assert len(findings["localization"]["bbox_vox"]) == 6 and len(findings["localization"]["centroid_vox"]) == 3
@@ -100,6 +106,15 @@ def test_predict_writes_findings_and_a_mask_on_the_input_grid(served, tiny_datas
     reference = read_case(tiny_dataset, case.name).reference
     assert mask.shape == reference.shape and np.allclose(mask.affine, reference.affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 4}
+    # The grounded report, as Markdown and as a FHIR R4 DiagnosticReport.
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    report = findings["report"]
+    assert report["generator"] == "template" and report["guard"]["passed"] and report["citations"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Layered diagnosis" in markdown and report["integrated_diagnosis"] in markdown
+    fhir = DiagnosticReport.model_validate_json((tmp_path / "out" / "report.fhir.json").read_text())
+    assert fhir.identifier[0].value == findings["case_id"]
 
 
 def test_predict_without_a_server_says_how_to_start_one(tiny_dataset, tmp_path):
@@ -144,6 +159,18 @@ def test_bad_requests_get_clear_4xx(served, tiny_dataset):
     outside = httpx.post(f"{url}/v1/studies:analyze", json={"s3_uri": "s3://oncoserve-models/triton/"}, timeout=30)
     assert outside.status_code == 403
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+
+
+def test_reports_endpoint_takes_findings_json(served, tmp_path):
+    from services.reporting import reference
+
+    response = httpx.post(f"{served['url']}/v1/reports", json=reference.BASE, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == served["reporting"] and body["report"]["integrated_diagnosis"] == "Glioblastoma, IDH-wildtype"
+    assert "left hemisphere" in body["report_markdown"] and body["report_fhir"]["resourceType"] == "DiagnosticReport"
+    broken = httpx.post(f"{served['url']}/v1/reports", json={"case_id": "x"}, timeout=30)
+    assert broken.status_code == 422 and "not a findings document" in broken.json()["error"]
 
 
 def test_gzip_body_and_s3_uri_inputs(served, tiny_dataset):
@@ -219,7 +246,8 @@ def test_grpc_study_service(served, tiny_dataset, trained):
     with grpc.insecure_channel(served["grpc"], options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         response = study_pb2_grpc.StudyServiceStub(channel).Analyze(request, timeout=180)
         findings = json.loads(response.findings_json)
-        assert findings["case_id"] == case.name and findings["model_versions"] == {t: trained[t] for t in TASKS}
+        assert findings["case_id"] == case.name and findings["model_versions"]["segmentation"] == trained["segmentation"]
+        assert "## Findings" in response.report_markdown and json.loads(response.report_fhir_json)["resourceType"] == "DiagnosticReport"
         mask = nib.Nifti1Image.from_bytes(gzip.decompress(response.segmentation_nifti_gz))
         assert mask.shape == read_case(tiny_dataset, case.name).reference.shape
         with pytest.raises(grpc.RpcError) as refused:
@@ -258,6 +286,8 @@ def test_metrics_and_audit(served, trained):
     assert {(t, stage) for t in TASKS for stage in ("load", "infer", "postprocess")} <= stages
     assert 'oncoserve_requests_total{route="/v1/studies:analyze",status="200"}' in text
     assert "oncoserve_batch_size_count" in text
+    assert 'oncoserve_report_guard_total{generator="template",outcome="passed"}' in text
+    assert 'oncoserve_report_format_total{generator="template",outcome="compliant"}' in text
     audit = [json.loads(line) for line in (served["settings"].audit_file).read_text().splitlines()]
     analyses = [a for a in audit if a.get("action") == "analyze"]
     assert analyses and all(a["model_versions"] for a in analyses)

@@ -11,25 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.reporting import guard, kb, template
+from services.reporting import guard, kb, reference, template
 from services.reporting.compose import Reporter, sections_of
 from services.reporting.facts import diagnose, from_findings
 from services.reporting.generators import GeneratorError, LlamaCpp, OpenAICompatible
 
-FINDINGS = {
-    "case_id": "case-7", "model_versions": {"localization": "3", "segmentation": "3", "classification": "4", "survival": "2"},
-    "localization": {"found": True, "bbox_vox": [10, 12, 14, 30, 34, 36], "centroid_vox": [20, 23, 25], "hemisphere": "left"},
-    "segmentation": {"volumes_ml": {"NCR": 4.2, "ED": 31.7, "ET": 8.9, "WT": 44.8, "TC": 13.1}, "mask": "segmentation.nii.gz"},
-    "classification": {
-        "grade": {"label": "HGG", "probabilities": {"LGG": 0.12, "HGG": 0.88}, "uncertainty": 0.04},
-        "idh": {"label": "wildtype", "probabilities": {"wildtype": 0.91, "mutant": 0.09}, "uncertainty": 0.03},
-        "codeletion_1p19q": {"label": "intact", "probabilities": {"intact": 0.95, "codeleted": 0.05}, "uncertainty": 0.02},
-        "mgmt": {"label": "methylated", "probabilities": {"unmethylated": 0.3, "methylated": 0.7}, "uncertainty": 0.05},
-    },
-    "survival": {"risk_score": 1.23, "risk_group": "high", "median_survival_days": 410.0, "curve": []},
-    "quality": {"missing_modalities": ["flair"], "ood_score": 0.05, "ood_flag": False},
-    "report": None, "preprocessing_version": "1.0/2mm/96x112x96",
-}  # fmt: skip
+FINDINGS = reference.BASE
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +32,7 @@ def reporter(knowledge):
 def numbers_in(text: str) -> set[float]:
     body = text.split("## References")[0]
     body = re.sub(r"\[[a-z0-9-]+#\d+\]", "", body)  # citation ids
-    body = body.replace("1p/19q", "").replace("case-7", "")
+    body = body.replace("1p/19q", "").replace("ref-gbm", "")
     return {float(n) for n in re.findall(r"\d+(?:\.\d+)?", body)}
 
 
@@ -66,12 +53,7 @@ def test_template_report_has_every_section_and_only_numbers_from_the_findings(re
 @pytest.mark.parametrize(
     "edit, problem",
     [
-        (lambda t: t.replace("edema 31.7 mL", "edema 52.0 mL"), "volume '52.0 mL'"),
-        (lambda t: t + "\nThe tumour is IDH-mutant.", "contradicts the predicted IDH status"),
-        (lambda t: t.replace("left hemisphere", "right hemisphere"), "laterality 'right'"),
-        (lambda t: t + "\nIt involves the temporal lobe.", "region 'temporal'"),
-        (lambda t: t + "\nFeatures suggest oligodendroglioma.", "tumour type 'oligodendroglioma'"),
-        (lambda t: t + "\nExpected survival is 36 months.", "duration '36 months'"),
+        *reference.PLANTED,
         (lambda t: t.replace("## Prognosis", "## Outlook"), "required sections missing: Prognosis"),
         (lambda t: t.replace(template.DISCLAIMER, ""), "closing statement"),
     ],

@@ -18,7 +18,8 @@ from services.study_input import InputError, from_dicom_zip, from_nifti, from_s3
 # -- deployment config ------------------------------------------------------------------------------
 def test_packaged_deployment_config_is_valid_and_complete():
     config = deploy_config.load()
-    assert set(config.deployments) == {"gateway", "localization", "segmentation", "classification", "survival"}
+    assert set(config.deployments) == {"gateway", "localization", "segmentation", "classification", "survival", "reporting"}
+    assert config.deployments["reporting"].generator.kind == "template" and config.deployments["reporting"].retrieval
     options = config.deployments["segmentation"].serve_options()
     assert options["autoscaling_config"]["max_replicas"] >= options["autoscaling_config"]["min_replicas"]
     assert options["ray_actor_options"]["num_cpus"] > 0
@@ -31,6 +32,8 @@ def test_packaged_deployment_config_is_valid_and_complete():
         ({"survival": {"backend": {"kind": "triton"}}}, "needs triton_url"),
         ({"survival": {"batching": {"max_batch_size": 0}}}, "max_batch_size"),
         ({"classification": {"replicas": 2}}, "Extra inputs"),
+        ({"reporting": {"generator": {"kind": "openai"}}}, "needs url and model"),
+        ({"segmentation": {"generator": {"kind": "template"}}}, "reporting deployment only"),
     ],
 )
 def test_invalid_deployment_configs_name_the_field(tmp_path, patch, message):
@@ -234,8 +237,9 @@ def test_cluster_app_builder_applies_the_config_and_the_backend_switch(tmp_path,
     app = app_builder({"config": config.document(), "backend": {"kind": "triton", "triton_url": "tr:8001", "fallback_to_embedded": True}})
     gateway = app._bound_deployment
     assert gateway.name == "gateway"
-    tasks = {a._bound_deployment.name: a._bound_deployment for a in gateway.init_args[1:]}
+    tasks = {a._bound_deployment.name: a._bound_deployment for a in gateway.init_args[1:5]}
     assert list(tasks) == ["localization", "segmentation", "classification", "survival"]
+    assert gateway.init_args[5]._bound_deployment.name == "reporting"
     expected = deployment_options(config)
     for name, deployment in tasks.items():
         assert deployment.init_args[2]["backend"] == {"kind": "triton", "threads": 1, "triton_url": "tr:8001",
