@@ -29,6 +29,7 @@ DEFAULT_SPACING_MM = 2.0
 DEFAULT_SHAPE = (96, 112, 96)
 # Fraction of a modality's field of view that must overlap the reference modality's.
 MIN_FOV_OVERLAP = 0.5
+MIN_FOV_MM, MAX_FOV_MM = 60.0, 600.0  # per axis, of any input volume
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,24 @@ def check_geometry(study: Study, config: PreprocessConfig) -> None:
             )
 
 
+def check_plausible(study: Study) -> None:
+    """Refuse what cannot be a head MRI before any work: a blank image, or a field of view far outside
+    what a head scan covers (a few mm, or metres: wrong units or a non-image)."""
+    for name in study.present:
+        vol = study.images[name]
+        extent = np.asarray(vol.shape) * np.asarray(vol.spacing)
+        if extent.min() < MIN_FOV_MM or extent.max() > MAX_FOV_MM:
+            raise StudyError(
+                f"{study.case_id}: {name} covers {' x '.join(f'{e:.0f}' for e in extent)} mm; a head MRI covers "
+                f"{MIN_FOV_MM:.0f}-{MAX_FOV_MM:.0f} mm per axis (wrong voxel size in the header?)"
+            )
+        low, high = float(vol.data.min()), float(vol.data.max())
+        if high - low <= 0:
+            raise StudyError(f"{study.case_id}: {name} is blank (every voxel is {low:g})")
+
+
 def preprocess(study: Study, config: PreprocessConfig = PreprocessConfig()) -> PreparedStudy:
+    check_plausible(study)
     check_geometry(study, config)
     grid = model_grid(study, config)
     channels = np.zeros((len(MODALITIES), *grid.shape), dtype=np.float32)

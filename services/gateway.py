@@ -30,6 +30,8 @@ import grpc
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from ray import serve
 
 from imaging.errors import StudyError
@@ -245,6 +247,12 @@ class StudyGateway:
         except InputError as exc:
             status = exc.status
             return _error(exc.status, str(exc))
+        except HTTPException as exc:  # Starlette's own refusals (a malformed multipart body, too many parts)
+            status = exc.status_code
+            return _error(exc.status_code, f"malformed request: {exc.detail}")
+        except MultiPartException as exc:
+            status = 400
+            return _error(400, f"malformed multipart body: {exc.message}")
         except Exception as exc:
             log.exception("%s failed", route)
             return _error(500, f"internal error ({type(_cause(exc)).__name__}); see the server log for request {_request_id()}")

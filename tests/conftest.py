@@ -123,3 +123,43 @@ def compiled_champions(settings, versions: dict[str, str]):
     finally:
         for task, version in before.items():
             registry.set_alias(task, "champion", version) if version else registry.delete_alias(task, "champion")
+
+
+MAX_REQUEST_MB = 24  # above one raw OIP v2 study tensor (16.5 MB)
+SERVE_TEST_CONFIG = """
+application: oncoserve
+watch_interval_s: 0.5
+deployments:
+  gateway: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  localization: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, batching: {max_batch_size: 4, batch_wait_timeout_s: 0.02}}
+  segmentation:
+    num_cpus: 0.1
+    max_ongoing_requests: 2
+    autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, upscale_delay_s: 0.5, downscale_delay_s: 600}
+  classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, retrieval: true}
+"""
+
+
+@pytest.fixture(scope="session")
+def served(live_stack, trained, tmp_path_factory):
+    config = tmp_path_factory.mktemp("serve") / "deployments.yaml"
+    config.write_text(SERVE_TEST_CONFIG)
+    os.environ["ONCOSERVE_SERVE_MAX_REQUEST_MB"] = str(MAX_REQUEST_MB)
+    """The Serve application on the shared stack, deployed by the real CLI (`oncoserve serve up`)."""
+    with compiled_champions(live_stack, {t: trained[t] for t in TASKS}) as (registry, store):
+        registered = oncoserve("reporting", "register")
+        assert registered.returncode == 0, registered.stderr[-2000:]
+        reporting = registered.stdout.split("registered model reporting version")[-1].split()[0]
+        promoted = oncoserve("models", "promote", "reporting", reporting, "--to", "champion", "--reason", "serving tests")
+        assert promoted.returncode == 0, promoted.stdout[-2000:] + promoted.stderr[-2000:]
+        up = oncoserve("serve", "up", "--config", str(config))
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        try:
+            yield {"url": live_stack.serve_url, "grpc": f"127.0.0.1:{live_stack.serve_grpc_port}",
+                   "registry": registry, "store": store, "settings": live_stack, "reporting": reporting}  # fmt: skip
+        finally:
+            down = oncoserve("serve", "down")
+            os.environ.pop("ONCOSERVE_SERVE_MAX_REQUEST_MB", None)
+            assert down.returncode == 0, down.stderr[-2000:]

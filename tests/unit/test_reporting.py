@@ -189,3 +189,23 @@ def test_retrieval_finds_the_relevant_passages(knowledge):
     assert retriever.search("median overall survival with temozolomide", k=1)[0][0].doc == "prognosis"
     report = Reporter(knowledge, retriever=retriever).report(FINDINGS)
     assert any(c["id"].startswith("prognosis#") for c in report.data["citations"]) and report.data["guard"]["passed"]
+
+
+def test_reporting_deployment_counts_guard_outcomes_and_fallbacks(knowledge, chat_server):
+    """The Serve deployment's `report` (run here without Ray) counts every guard verdict."""
+    import asyncio
+
+    from services import metrics
+    from services.reporting_service import LoadedReporter, ReportingService
+
+    def count(generator: str, outcome: str) -> float:
+        return metrics.REPORT_GUARD.labels(generator, outcome)._value.get()
+
+    service = object.__new__(ReportingService)  # the deployment's body, without a registry behind it
+    service.current = LoadedReporter("7", Reporter(knowledge, generator=OpenAICompatible(chat_server, "m")))
+    ChatServer.reply = "The tumour is in the right temporal lobe and measures 80 mL."
+    before = count("openai", "rejected")
+    result = asyncio.run(service.report(FINDINGS))
+    assert result["version"] == "7" and result["report"]["generator"] == "template (fallback from openai)"
+    assert count("openai", "rejected") == before + 1
+    assert metrics.REPORT_FORMAT.labels("openai", "noncompliant")._value.get() >= 1
