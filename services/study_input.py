@@ -65,8 +65,8 @@ def from_nifti(files: dict[str, bytes], case_id: str | None, age: float | None, 
             path.write_bytes(data)
             try:
                 images[modality] = nifti.load(path, max_voxels=max_voxels)
-            except StudyError as exc:
-                raise InputError(str(exc)) from None
+            except StudyError as exc:  # (without our temporary folder's path in the message)
+                raise InputError(str(exc).replace(f"{tmp}/", "")) from None
     identity = b"|".join(hashlib.sha256(files[m]).digest() for m in sorted(files))
     return StudyInput(_study(_case_id(case_id, identity), images, age), "nifti")
 

@@ -24,6 +24,15 @@ def nifti(data: np.ndarray, affine=None, compress: bool = True) -> bytes:
     return gzip.compress(raw) if compress else raw
 
 
+def singular_affine_nifti() -> bytes:
+    """nibabel will not build an image from a singular affine: write a good one, then in the NIfTI-1
+    header set qform_code 0 (offset 252), sform_code 1 (254) and zero the sform rows (280-327)."""
+    raw = bytearray(nib.Nifti1Image(brain_like(), np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes())
+    raw[252:256] = np.array([0, 1], dtype="<i2").tobytes()
+    raw[280:328] = bytes(48)
+    return gzip.compress(bytes(raw))
+
+
 def brain_like(shape=(48, 56, 48)) -> np.ndarray:
     rng = np.random.default_rng(0)
     return (rng.random(shape) * 100).astype(np.float32)
@@ -72,7 +81,7 @@ def corpus(max_request_mb: int) -> list[tuple[str, str, dict, int]]:
         ("NaN voxels", ANALYZE, _files(t1=nifti(nan)), 422),
         ("infinite voxels", ANALYZE, _files(t1=nifti(inf)), 422),
         ("absurd dimensions in the header", ANALYZE, _files(t1=bytes(huge_header)), 422),
-        ("singular affine", ANALYZE, _files(t1=nifti(brain_like(), np.zeros((4, 4)))), 422),
+        ("singular affine", ANALYZE, _files(t1=singular_affine_nifti()), 422),
         ("blank volume (not a brain)", ANALYZE, _files(t1=nifti(np.zeros((48, 56, 48), np.float32))), 422),
         ("tiny field of view (not a head)", ANALYZE, _files(t1=nifti(brain_like((8, 8, 8)), np.diag([1.0, 1, 1, 1]))), 422),
         ("metre-sized voxels (wrong units)", ANALYZE, _files(t1=nifti(brain_like(), np.diag([1000.0, 1000, 1000, 1]))), 422),

@@ -23,6 +23,7 @@ def test_hostile_input_gets_a_clear_4xx(served, name, route, request_kwargs, exp
     assert response.status_code == expected, (name, response.status_code, response.text[:400])
     body = response.json()
     assert body["error"] and "Traceback" not in response.text and len(body["error"]) < 2000
+    assert "/tmp/" not in body["error"], "the message leaks a server path"
     assert body["request_id"] == response.headers["x-request-id"]
     assert httpx.get(f"{served['url']}/healthz", timeout=10).status_code == 200
 
