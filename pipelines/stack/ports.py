@@ -11,10 +11,11 @@ from pipelines.stack.process import port_free
 S3_OFFSETS = [0, 1, 2, 3, 4, 5, 10000, 10001, 10002, 10003, 10005]  # weed mini's servers and their gRPC ports
 
 
-def _free_block(host: str, offsets: list[int], rng: random.Random) -> int:
+def _free_block(host: str, offsets: list[int], rng: random.Random, taken: frozenset[int] = frozenset()) -> int:
     for _ in range(500):
         base = rng.randrange(20000, 29000)
-        if all(port_free(host, base + off) for off in offsets):
+        ports = [base + off for off in offsets]
+        if not taken.intersection(ports) and all(port_free(host, p) for p in ports):
             return base
     raise RuntimeError(f"no free block of ports found on {host}")
 
@@ -23,7 +24,8 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
     """ONCOSERVE_* variables for a stack with its own home and ports that are free right now."""
     rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
     s3 = _free_block(host, S3_OFFSETS, rng)
-    other = _free_block(host, list(range(9)), rng)
+    # The two blocks are picked independently; the second must not land on the first (both are free now).
+    other = _free_block(host, list(range(9)), rng, frozenset(s3 + off for off in S3_OFFSETS))
     return {
         "ONCOSERVE_HOME": str(home),
         "ONCOSERVE_S3_PORT": str(s3),

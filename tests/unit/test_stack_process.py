@@ -66,3 +66,14 @@ def test_status_of_a_never_started_stack_reports_down_and_writes_nothing(tmp_pat
     assert {p.name for p in parts} == {"s3", "ray", "mlflow"}
     assert not any(p.running or p.healthy for p in parts)
     assert not home.exists()
+
+
+def test_private_port_blocks_never_overlap():
+    from pathlib import Path
+
+    from pipelines.stack.ports import S3_OFFSETS, private_stack_env
+
+    for _ in range(100):
+        env = private_stack_env(Path("/tmp/unused"))
+        s3, other = int(env["ONCOSERVE_S3_PORT"]), int(env["ONCOSERVE_MLFLOW_PORT"])
+        assert not {s3 + off for off in S3_OFFSETS} & set(range(other, other + 9))
