@@ -135,7 +135,8 @@ deployments:
   segmentation:
     num_cpus: 0.1
     max_ongoing_requests: 2
-    autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, upscale_delay_s: 0.5, downscale_delay_s: 600}
+    autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, upscale_delay_s: 0.5, downscale_delay_s: 600,
+                  look_back_period_s: 2.0}
   classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
   survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
   reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, retrieval: true}

@@ -265,10 +265,14 @@ def test_autoscaling_adds_a_segmentation_replica_under_a_burst(served, tiny_data
 
     assert running() == 1
     errors: list = []
+    scaled_up = threading.Event()
 
     def burst():
+        # Load until the second replica runs (bounded: at most 40 requests per client).
         with httpx.Client(timeout=300) as client:
-            for _ in range(3):
+            for _ in range(40):
+                if scaled_up.is_set():
+                    return
                 r = client.post(f"{served['url']}/v1/segmentation:predict", files=files)
                 if r.status_code != 200:
                     errors.append(r.status_code)
@@ -276,7 +280,8 @@ def test_autoscaling_adds_a_segmentation_replica_under_a_burst(served, tiny_data
     threads = [threading.Thread(target=burst) for _ in range(6)]
     for t in threads:
         t.start()
-    scaled = wait_until(lambda: running() >= 2, timeout_s=120, interval_s=1.0)
+    scaled = wait_until(lambda: running() >= 2, timeout_s=180, interval_s=1.0)
+    scaled_up.set()
     for t in threads:
         t.join()
     assert scaled, "no second segmentation replica under a burst of 6 concurrent clients"
