@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import os
 import shutil
 import statistics
 import subprocess
@@ -69,7 +70,7 @@ def _cli(settings, *args) -> str:
     env = {f"ONCOSERVE_{k.upper()}": str(v) for k, v in settings.model_dump(mode="json").items() if v is not None}
     env["ONCOSERVE_TOKEN"] = (settings.home / "token").read_text()
     exe = str(Path(sys.executable).parent / "oncoserve")
-    run = subprocess.run([exe, *args], capture_output=True, text=True, env={**__import__("os").environ, **env})
+    run = subprocess.run([exe, *args], capture_output=True, text=True, env={**os.environ, **env})
     if run.returncode != 0:
         raise RuntimeError(f"oncoserve {' '.join(args)} failed: {run.stderr[-1500:]}")
     return run.stdout

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imaging import nifti
+from imaging.dataset import check_case_id
 from imaging.deidentify import Deidentifier, age_years
 from imaging.dicom_series import group_series, map_series, read_datasets, series_to_volume, sorted_slices
 from imaging.errors import StudyError
+from imaging.ingest import NIFTI_NAME  # BraTS names: *_t1, *_t1ce, *_t2, *_flair (and *_seg, ignored here)
 from imaging.study import MODALITIES, Study
 
-NIFTI_NAME = re.compile(r"_(t1ce|t1|t2|flair)\.nii(\.gz)?$", re.IGNORECASE)
 S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,62})/([A-Za-z0-9._/-]{1,512})$")
 MAX_S3_CASE_BYTES = 512 * 1024 * 1024
 
@@ -41,9 +42,10 @@ class StudyInput:
 
 def _case_id(given: str | None, identity: bytes) -> str:
     if given:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", given):
-            raise InputError(f"case_id {given[:40]!r}: use letters, digits, '.', '_' or '-' (at most 128)", 400)
-        return given
+        try:
+            return check_case_id(given)
+        except StudyError:
+            raise InputError(f"case_id {given[:40]!r}: use letters, digits, '.', '_' or '-' (at most 128)", 400) from None
     # Without a case id, a content hash: the same upload gets the same id and nothing identifying.
     return "case-" + hashlib.sha256(identity).hexdigest()[:12]
 
@@ -106,7 +108,7 @@ def from_s3(store, uri: str, allowed_buckets: tuple[str, ...], case_id: str | No
         objects = list(store.list_objects(bucket, prefix=prefix, recursive=False))
         for obj in objects:
             m = NIFTI_NAME.search(obj.object_name)
-            if not m:
+            if not m or m.group(1).lower() == "seg":
                 continue
             total += obj.size or 0
             if total > MAX_S3_CASE_BYTES:

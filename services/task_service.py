@@ -71,6 +71,7 @@ class TaskService:
         self._infer_batch.set_max_batch_size(batching.get("max_batch_size", 4))
         self._infer_batch.set_batch_wait_timeout_s(batching.get("batch_wait_timeout_s", 0.01))
         self._swap_lock = threading.Lock()
+        self._input_names: dict[str, frozenset[str]] = {}
         self._watcher = AliasWatcher(self._registry, task, "champion", self._on_alias_moved, watch_interval_s)
         self._watcher.current = self.model.version
         self._watcher.start()
@@ -149,7 +150,10 @@ class TaskService:
 
     async def infer_raw(self, inputs: dict[str, np.ndarray]) -> dict:
         """Raw model inference (Open Inference Protocol v2): tensors in, tensors out."""
-        expected = {t["name"] for t in self.model.backend.metadata()["inputs"]}
+        model = self.model
+        expected = self._input_names.get(model.version)
+        if expected is None:  # once per version: metadata() is a network call on the Triton backend
+            expected = self._input_names[model.version] = frozenset(t["name"] for t in model.backend.metadata()["inputs"])
         if set(inputs) != expected:
             raise ValueError(f"model {self.task} takes inputs {sorted(expected)}, got {sorted(inputs)}")
         metrics.QUEUE_DEPTH.labels(self.task).inc()

@@ -17,9 +17,9 @@ import httpx
 import typer
 
 from imaging.dataset import read_clinical
+from imaging.ingest import NIFTI_NAME
 from oncoserve.settings import Settings
 from pipelines.cli._console import console, err_console
-from services.study_input import NIFTI_NAME
 
 
 def _fail(message: str, code: int = 1):
@@ -36,7 +36,7 @@ def _upload(case: Path) -> tuple[dict, str]:
     files = {}
     for path in sorted(case.iterdir()):
         match = NIFTI_NAME.search(path.name)
-        if match and path.is_file():
+        if match and path.is_file() and match.group(1).lower() != "seg":
             files[match.group(1).lower()] = (path.name, path.read_bytes(), "application/octet-stream")
     if files:
         return files, "nifti"
