@@ -47,7 +47,8 @@ class Promoter:
         return run_gates(self.registry, self.registry.version(task, version), self.gates, eval_data, self.cache_dir)
 
     def promote(self, who: Identity | None, task: str, version: str, to: str, reason: str | None = None,
-                force: bool = False, eval_data: Path | None = None) -> PromotionResult:  # fmt: skip
+                force: bool = False, eval_data: Path | None = None, gates: list[GateResult] | None = None) -> PromotionResult:  # fmt: skip
+        """`gates`: results the caller has just computed for this version (the pipeline's gate step)."""
         if to not in TARGET_ROLE:
             raise ValueError(f"--to must be candidate or champion, not {to!r}")
         require(who, TARGET_ROLE[to], f"promoting to {to}")
@@ -56,7 +57,8 @@ class Promoter:
             if not reason or not reason.strip():
                 raise ValueError("a forced promotion needs --reason")
         info = self.registry.version(task, version)  # RegistryError if absent
-        gates = run_gates(self.registry, info, self.gates, eval_data, self.cache_dir)
+        if gates is None:
+            gates = run_gates(self.registry, info, self.gates, eval_data, self.cache_dir)
         passed = all(g.passed for g in gates)
         holder = self.registry.alias(task, to)
         action_id = self.audit.begin(

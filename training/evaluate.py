@@ -35,8 +35,8 @@ def evaluate_segmentation(sess, cases: list[CaseArrays], extras: dict) -> dict:
         voxel_ml = c.spacing_mm**3 / 1000
         pred = remove_stray_voxels(probabilities_to_labels(probs), voxel_ml)
         truth = CLASS_TO_LABEL[c.seg_classes]
-        rows.append({"case_id": c.case_id, **metrics.segmentation_scores(pred, truth, (c.spacing_mm,) * 3)})
-    keys = [k for k in rows[0] if k != "case_id"] if rows else []
+        rows.append({"case_id": c.case_id, "site": c.site, **metrics.segmentation_scores(pred, truth, (c.spacing_mm,) * 3)})
+    keys = [k for k in rows[0] if k not in ("case_id", "site")] if rows else []
     return {"metrics": {k: _mean(r[k] for r in rows) for k in keys} | {"n_cases": len(rows)}, "per_case": rows}
 
 
@@ -54,6 +54,7 @@ def evaluate_localization(sess, cases: list[CaseArrays], extras: dict) -> dict:
         truth_centre = (truth_box[:3] + truth_box[3:]) / 2
         rows.append({
             "case_id": c.case_id,
+            "site": c.site,
             "box_iou": metrics.box_iou(box, truth_box),
             "centre_distance_mm": metrics.centre_distance_mm(centre, truth_centre, (c.spacing_mm,) * 3),
             "hit": float(metrics.centre_in_box(centre, truth_box)),
@@ -105,7 +106,7 @@ def evaluate_classification(sess, cases: list[CaseArrays], extras: dict) -> dict
         if with_it:
             p, _ = _classify(sess, with_it, drop=m)
             result |= _cls_metrics(p, np.array([c.cls for c in with_it]), prefix=f"without_{modality}/")
-    rows = [{"case_id": c.case_id, **{f"p_{t}": float(p[i]) for i, t in enumerate(CLS_TASKS)},
+    rows = [{"case_id": c.case_id, "site": c.site, **{f"p_{t}": float(p[i]) for i, t in enumerate(CLS_TASKS)},
              **{f"label_{t}": int(c.cls[i]) for i, t in enumerate(CLS_TASKS)}} for c, p in zip(cases, probs)]  # fmt: skip
     return {"metrics": result | {"n_cases": len(cases)}, "per_case": rows}
 
@@ -128,7 +129,7 @@ def evaluate_survival(sess, cases: list[CaseArrays], extras: dict) -> dict:
         if high.any() and (~high).any():
             test = logrank_test(days[high], days[~high], events[high], events[~high])
             out["logrank_p"] = float(test.p_value)
-    rows = [{"case_id": c.case_id, "risk": float(r), "os_days": float(c.os_days), "os_event": int(c.os_event)}
+    rows = [{"case_id": c.case_id, "site": c.site, "risk": float(r), "os_days": float(c.os_days), "os_event": int(c.os_event)}
             for c, r in zip(cases, risks)]  # fmt: skip
     return {"metrics": out, "per_case": rows}
 

@@ -9,7 +9,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -54,6 +54,8 @@ class JobConfig:
     actor: str = "local"  # who asked (recorded in the audit log with the registration)
     audit_file: Path | None = None
     threads_per_worker: int | None = None  # default: the machine's cores shared among the workers
+    lr: float | None = None  # default: the task's own learning rate
+    tags: dict[str, str] = field(default_factory=dict)  # set on the MLflow run and the registered version
 
 
 def _flat_metrics(metrics: dict) -> dict[str, float]:
@@ -96,10 +98,10 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         if not usable:
             raise TrainingError(f"{cfg.task}: no training case in {cfg.data_dir} has the labels this task needs")
         experiment = mlflow.set_experiment(EXPERIMENT_PREFIX + cfg.task)
-        run = client.create_run(experiment.experiment_id, run_name=f"{cfg.task}-train")
+        run = client.create_run(experiment.experiment_id, run_name=f"{cfg.task}-train", tags=cfg.tags)
         run_id = run.info.run_id
         params = {"task": cfg.task, "epochs": epochs, "workers": cfg.workers, "seed": cfg.seed, "lr": task.lr,
-                  "batch_size": task.batch_size, "preprocessing_version": data.preprocessing,
+                  "batch_size": task.batch_size, "lr_override": cfg.lr, "preprocessing_version": data.preprocessing,
                   "dataset_hash": data.dataset_hash, "n_train": len(split["train"]), "n_val": len(split["val"]),
                   "n_test": len(split["test"]), "gpu": cfg.gpu}  # fmt: skip
         for k, v in params.items():
@@ -112,7 +114,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         train_loop_config={
             "task": cfg.task, "data_dir": str(cfg.data_dir), "cache_dir": str(cfg.home / "cache"),
             "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
-            "tracking_uri": cfg.tracking_uri, "resume_from": resume_from, "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
+            "tracking_uri": cfg.tracking_uri, "resume_from": resume_from, "lr": cfg.lr, "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
         run_config=RunConfig(
@@ -175,7 +177,7 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log) -> TrainR
     for key, value in metrics.items():
         client.log_metric(run_id, f"test.{key}", value)
     client.log_metric(run_id, "onnx_parity_max_abs_diff", exported.parity_max_abs_diff)
-    version = register(client, cfg.tracking_uri, cfg.task, run_id, data, exported, metrics, info["git_commit"])
+    version = register(client, cfg.tracking_uri, cfg.task, run_id, data, exported, metrics, info["git_commit"], cfg.tags)
     if cfg.audit_file is not None:
         from oncoserve.audit import AuditLog
 
@@ -204,7 +206,8 @@ def _plots(task_name, onnx_path, test_cases, evaluation, extras, tmp: Path) -> l
     return plots
 
 
-def register(client: MlflowClient, tracking_uri: str, task: str, run_id: str, data, exported, metrics: dict, commit: str) -> str:
+def register(client: MlflowClient, tracking_uri: str, task: str, run_id: str, data, exported, metrics: dict, commit: str,
+             extra_tags: dict[str, str] | None = None) -> str:  # fmt: skip
     """A new version under the task's name, tagged with its lineage and evaluation."""
     try:
         client.get_registered_model(task)
@@ -222,6 +225,7 @@ def register(client: MlflowClient, tracking_uri: str, task: str, run_id: str, da
         "onnx_parity_max_abs_diff": f"{exported.parity_max_abs_diff:.3e}",
         "metrics": json.dumps(metrics),
         "run_link": f"{tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}",
+        **(extra_tags or {}),
     }
     mv = client.create_model_version(task, f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags)
     return str(mv.version)

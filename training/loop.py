@@ -41,7 +41,8 @@ def train_loop_per_worker(config: dict) -> None:
     split = config["split"]
 
     model = networks.build(config["task"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=1e-4)
+    lr = config.get("lr") if config.get("lr") is not None else task.lr
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

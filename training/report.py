@@ -119,3 +119,60 @@ support for trained readers, never a diagnosis, and treatment plans are for the 
   signal and its figures are expected to be near chance.
 - Figures on few test cases have wide confidence intervals.
 """
+
+
+def _calibration_points(p: np.ndarray, y: np.ndarray, bins: int = 5) -> tuple[list[float], list[float]]:
+    edges = np.linspace(0, 1, bins + 1)
+    centres, rates = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (p >= lo) & (p < hi if hi < 1 else p <= hi)
+        if sel.any():
+            centres.append(float(p[sel].mean()))
+            rates.append(float(y[sel].mean()))
+    return centres, rates
+
+
+def comparison_plots(task: str, rows_a: list[dict] | None, rows_b: list[dict], labels: tuple[str | None, str], out_dir: Path) -> list[Path]:
+    """Plots for a two-version comparison on paired cases: calibration curves of both (classification)
+    and the per-case figure of one version against the other (the diagonal = no change). Without A
+    (a first version): its calibration curves and the distribution of its per-case figure."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if task == "classification":
+        fig, axes = plt.subplots(1, len(CLS_TASKS), figsize=(4 * len(CLS_TASKS), 4))
+        for ax, marker in zip(axes, CLS_TASKS):
+            ax.plot([0, 1], [0, 1], "k--", lw=1)
+            for rows, label in ((rows_a, labels[0]), (rows_b, labels[1])):
+                if rows is None:
+                    continue
+                known = [r for r in rows if r[f"label_{marker}"] >= 0]
+                if known:
+                    xs, ys = _calibration_points(np.array([r[f"p_{marker}"] for r in known]), np.array([r[f"label_{marker}"] for r in known]))
+                    ax.plot(xs, ys, "o-", label=label)
+            ax.set(title=f"{marker} calibration", xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
+            ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "calibration.png", dpi=80)
+        plt.close(fig)
+        plots.append(out_dir / "calibration.png")
+    column = {"segmentation": "dice_WT", "localization": "box_iou", "classification": "p_grade", "survival": "risk"}[task]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if rows_a is None:
+        ax.hist([r[column] for r in rows_b if np.isfinite(r[column])], bins=10)
+        ax.set(xlabel=column, ylabel="cases", title=f"{task} {labels[1]}: per-case {column}")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"per_case_{column}.png", dpi=80)
+        plt.close(fig)
+        return plots + [out_dir / f"per_case_{column}.png"]
+    xs = [r[column] for r in rows_a]
+    ys = [r[column] for r in rows_b]
+    ax.scatter(xs, ys, s=18)
+    finite = [v for v in xs + ys if np.isfinite(v)] or [0.0, 1.0]
+    lo, hi = min(finite), max(finite)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set(xlabel=f"{column}, {labels[0]}", ylabel=f"{column}, {labels[1]}", title=f"{task}: per-case {column}")
+    fig.tight_layout()
+    fig.savefig(out_dir / f"per_case_{column}.png", dpi=80)
+    plt.close(fig)
+    plots.append(out_dir / f"per_case_{column}.png")
+    return plots

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.cli import auth, data, demo, models, plan, platform, predict, reporting, serve, stack, train
+from pipelines.cli import auth, data, demo, models, pipeline, plan, platform, predict, reporting, serve, stack, train
 
 app = typer.Typer(
     name="oncoserve",
@@ -20,6 +20,7 @@ app.add_typer(platform.app, name="platform")
 app.add_typer(serve.app, name="serve")
 app.add_typer(plan.app, name="plan")
 app.add_typer(reporting.app, name="reporting")
+app.add_typer(pipeline.app, name="pipeline")
 app.command("compile")(models.compile_)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)

@@ -126,6 +126,30 @@ def audit(task: str = typer.Option(None, "--task"), as_json: bool = typer.Option
     console.print(table)
 
 
+@app.command()
+def compare(
+    task: str = typer.Argument(..., help="localization | segmentation | classification | survival"),
+    a: str = typer.Argument(..., help="Version A (e.g. the champion)."),
+    b: str = typer.Argument(..., help="Version B (the candidate); the report is attached to its MLflow run."),
+    data: Path = typer.Option(None, "--data", help="Score both on this dataset (cases either trained on are left out); "
+                                                   "default: the held-out test cases both were registered with."),
+    out: Path = typer.Option(None, "--out", help="Report folder (default: ONCOSERVE_HOME/compare/TASK/vA-vB)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=50, max=20000, help="Bootstrap resamples for the 95 % intervals."),
+) -> None:
+    """Two versions side by side: metrics with bootstrap intervals, per site, calibration, disagreeing cases."""
+    from pipelines.compare import compare_versions
+
+    settings = Settings()
+    registry = Registry(settings.mlflow_url)
+    out = out or settings.home / "compare" / task / f"v{a}-v{b}"
+    with user_errors(*ERRORS, FileNotFoundError), console.status(f"comparing {task} v{a} and v{b}"):
+        cli_identity(settings)
+        report = compare_versions(registry, task, a, b, out, settings.home / "cache", data=data, n_boot=bootstrap)
+    console.print(Markdown(report.markdown.read_text()))
+    console.print(f"report: {report.markdown} (+ comparison.json, plots); attached to MLflow run {report.attached_to_run} "
+                  f"under compare/v{a}-v{b}")  # fmt: skip
+
+
 def compile_(
     task: str = typer.Argument(...),
     version: str = typer.Option(..., "--version"),
