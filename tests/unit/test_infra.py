@@ -19,7 +19,7 @@ CHART = ROOT / "infra" / "helm" / "oncoserve"
 TERRAFORM = ROOT / "infra" / "terraform"
 INFRA_BIN = ROOT / ".venv-infra" / "bin"
 GPU_VALUES = {"triton": {"enabled": True}, "ray": {"gpuWorkers": {"enabled": True}}, "serve": {"modelBackend": "triton"},
-              "training": {"enabled": True, "gpu": True}}  # fmt: skip
+              "training": {"enabled": True, "gpu": True}, "pipeline": {"enabled": True, "gpu": True, "promote": "champion"}}  # fmt: skip
 KSERVE_VALUES = {"triton": {"enabled": True, "mode": "kserve"}}
 CORE_KINDS = {"Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget", "ConfigMap", "ServiceAccount"}
 
@@ -199,3 +199,35 @@ def test_terraform_is_formatted_and_passes_checkov():
     assert all(c["check_result"].get("suppress_comment") for c in report["results"].get("skipped_checks", []))
     variables = (TERRAFORM / "variables.tf").read_text()
     assert variables.count("description") >= variables.count('variable "') and variables.count("validation {") >= 6
+
+
+def test_pipeline_rayjob_runs_the_cli_command_with_a_valid_definition(rendered, tmp_path):
+    """The chart's pipeline job: `oncoserve pipeline run --config` on a document the loader accepts."""
+    from pipelines.cli.pipeline import run as cli_run
+    from pipelines.pipeline_config import DEFAULT_CONFIG, PipelineConfig, load_config
+
+    docs = rendered["gpu"][1]
+    job = one(docs, "RayJob", "-pipeline")
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:3] == ["oncoserve", "pipeline", "run"]
+    options = dict(zip(entry[3::2], entry[4::2]))
+    assert options["--config"] == "/etc/oncoserve/pipeline/pipeline.yaml" and options["--promote"] == "champion"
+    # Every option the job passes is an option of the CLI command.
+    import inspect
+
+    cli_options = {p.default.param_decls[0] for p in inspect.signature(cli_run).parameters.values()}
+    assert set(options) <= cli_options, set(options) - cli_options
+    config_map = one(docs, "ConfigMap", "-pipeline")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(config_map["data"]["pipeline.yaml"])
+    chart_config = load_config(path)
+    assert chart_config.training.workers == 2 and chart_config.tasks == load_config(DEFAULT_CONFIG).tasks
+    # Same schema both places (Helm drops null values, so the chart's document may leave optional keys out).
+    fields = set(PipelineConfig.model_fields)
+    assert set(yaml.safe_load(DEFAULT_CONFIG.read_text())) == fields
+    assert fields - {"data", "gates"} <= set(yaml.safe_load(path.read_text())) <= fields
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert {"/data", "/etc/oncoserve/pipeline", "/var/lib/oncoserve/auth"} <= mounts  # the driver runs on the head
+    assert any(e["name"] == "ONCOSERVE_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in head["containers"][0]["env"])
+    assert "RayJob" not in kinds(rendered["default"][1])  # jobs are opt-in
