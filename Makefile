@@ -11,7 +11,7 @@ SHELL := /bin/bash
 # pip warns about every optional local index it cannot read; keep the log readable.
 QUIET := { grep -v 'is ignored' || true; }
 
-.PHONY: venv demo test bench lock clean
+.PHONY: venv demo test bench lock clean chromium
 
 venv: $(STAMP)
 
@@ -47,7 +47,15 @@ $(INFRA_VENV)/.installed: tests/external/requirements-infra.lock
 	@$(INFRA_VENV)/bin/pip install -q --disable-pip-version-check -r $< 2>&1 | $(QUIET)
 	@touch $@
 
-test: venv $(BRATS_VENV)/.installed $(INFRA_VENV)/.installed
+# The web UI tests drive Debian's chromium with Playwright (never `playwright install`).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@test -x /usr/bin/chromium || { echo "==> installing chromium (Debian) for the web UI tests"; \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null; }; }
+	@test -x /usr/bin/chromium || { echo "chromium failed to install (apt-get install chromium)"; exit 1; }
+
+test: venv chromium $(BRATS_VENV)/.installed $(INFRA_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: venv

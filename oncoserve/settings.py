@@ -46,7 +46,11 @@ class Settings(BaseSettings):
     # Registry, promotion, compile.
     token: str | None = Field(None, description="API token for the CLI (else read from ONCOSERVE_HOME/token).")
     gates_file: Path | None = Field(None, description="Promotion gates (TOML); default: the packaged pipelines/gates.toml.")
-    platform_port: int = Field(8600, description="Port of the platform API (`oncoserve platform serve`).")
+    platform_port: int = Field(8600, description="Port of the platform API (a stack component; `oncoserve platform serve`).")
+    platform_public_url: str | None = Field(None, description="URL browsers reach the platform API at; default: http://HOST:PLATFORM_PORT.")
+    cors_origins: list[str] | None = Field(None, description="Origins allowed to call the platform API from a browser; "
+                                                              "default: only the serving API's (where the web UI is served).")
+    ui_demo_cases: Path | None = Field(None, description="Dataset folder whose cases the web UI offers as demo studies.")
     triton_repo_prefix: str = Field("triton", description="Folder of the Triton model repository in the models bucket.")
 
     # Serving (Ray Serve on the stack's Ray).
@@ -85,6 +89,14 @@ class Settings(BaseSettings):
     @property
     def serve_url(self) -> str:
         return f"http://{self.host}:{self.serve_http_port}"
+
+    @property
+    def platform_url(self) -> str:
+        return self.platform_public_url or f"http://{self.host}:{self.platform_port}"
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        return self.cors_origins if self.cors_origins is not None else [self.serve_url]
 
     @property
     def s3_endpoint(self) -> str:

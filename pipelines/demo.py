@@ -1,8 +1,12 @@
 """`make demo`: the platform's main job on the embedded stack.
 
-Stack up -> a synthetic phantom dataset (its manifest stored in S3) -> the four tasks trained with Ray
-Train, tracked and registered in MLflow -> a table of the registered versions and their held-out
-metrics -> stack down. Later stages extend it to promotion, compilation and serving.
+Stack up -> a synthetic phantom dataset (manifest in S3) and a second synthetic site as an evaluation
+set -> `pipeline run --promote champion` (Ray Train, MLflow registry, comparison, gates, Triton
+repository) -> the reporting model registered and promoted -> `serve up` -> one unseen study of the
+second site analysed through the REST API -> the findings, the report and where every artifact is.
+
+The stack and the Serve application stay up afterwards (so the UI and the APIs can be tried) unless
+`--down` is given. Re-running reuses the data, and the pipeline finds the versions it already made.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import time
 
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -19,14 +24,7 @@ from oncoserve.object_store import object_store
 from oncoserve.settings import Settings
 from pipelines.stack import EmbeddedStack, StackError
 
-# Demo-sized training: about 10 minutes for all four tasks on 2 CPU cores.
-DEMO_EPOCHS = {"segmentation": 20, "localization": 30, "classification": 50, "survival": 40}
-HEADLINE = {
-    "segmentation": ["dice_WT", "dice_TC", "dice_ET", "hd95_WT"],
-    "localization": ["hit_rate", "box_iou", "centre_distance_mm"],
-    "classification": ["grade_auc", "idh_auc", "grade_ece", "idh_ece"],
-    "survival": ["c_index", "logrank_p"],
-}
+EVAL_SITE = "site-b"
 
 
 def _store_manifest(settings: Settings, data_dir, console: Console) -> str:
@@ -43,19 +41,19 @@ def _store_manifest(settings: Settings, data_dir, console: Console) -> str:
     return doc["dataset_hash"]
 
 
-def _synthesise(data_dir, n: int, seed: int, console: Console) -> None:
+def _synthesise(data_dir, n: int, seed: int, sites: int, console: Console) -> None:
     from imaging.phantoms import synthesise
 
     if data_dir.exists():
         console.print(f"using the phantom dataset at {data_dir}")
         return
-    columns = (TextColumn("synthesising phantoms"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn(f"synthesising {data_dir.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("cases", total=n)
-        synthesise(data_dir, n, seed, sites=2, progress=lambda done, total: progress.update(bar, completed=done))
+        synthesise(data_dir, n, seed, sites=sites, progress=lambda done, total: progress.update(bar, completed=done))
 
 
-def demo_identity(settings: Settings, console: Console) -> str:
+def demo_identity(settings: Settings, console: Console):
     """The demo acts as an admin; on a fresh home it creates that first token (saved to HOME/token, mode 600)."""
     import os
 
@@ -69,55 +67,139 @@ def demo_identity(settings: Settings, console: Console) -> str:
             handle.write(token)
         console.print(f"created the first (admin) API token, saved to {settings.home / 'token'}")
     who = store.authenticate(settings.cli_token())
-    if who is None or not who.at_least("data-scientist"):
-        raise StackError("the demo needs a data-scientist (or higher) token in ONCOSERVE_TOKEN or ONCOSERVE_HOME/token")
-    return who.name
+    if who is None or not who.at_least("platform"):
+        raise StackError("the demo promotes champions: it needs a platform (or admin) token in ONCOSERVE_TOKEN or ONCOSERVE_HOME/token")
+    return who
 
 
-def run(settings: Settings, console: Console, keep_up: bool = False, cases: int = 60, seed: int = 7,
-        epochs: dict[str, int] | None = None) -> dict:  # fmt: skip
-    from training.jobs import JobConfig, run_job
+def _reporting_champion(settings: Settings, who, console: Console) -> str:
+    """The reporting model: registered and promoted once; later demos reuse the champion."""
+    from oncoserve.audit import AuditLog
+    from pipelines.promotion import Promoter
+    from pipelines.reporting_registry import register_reporting
+    from serving.registry import Registry
 
-    epochs = epochs or DEMO_EPOCHS
+    registry = Registry(settings.mlflow_url)
+    current = registry.alias("reporting", "champion")
+    if current is not None:
+        return current
+    version, metrics = register_reporting(settings)
+    Promoter(registry, AuditLog(settings.audit_file), settings.home / "cache", settings.gates_file).promote(
+        who, "reporting", version, "champion", reason="demo")  # fmt: skip
+    console.print(f"reporting v{version} registered and promoted (" + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + ")")
+    return version
+
+
+def _wait_ready(settings: Settings, timeout_s: float = 300) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            ready = httpx.get(f"{settings.serve_url}/readyz", timeout=10)
+            if ready.status_code == 200:
+                return ready.json()
+            last = f"HTTP {ready.status_code}: {ready.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(1.0)
+    raise StackError(f"serving did not become ready in {timeout_s:.0f} s ({last}); see `oncoserve serve status`")
+
+
+def _demo_case(eval_dir):
+    """An unseen study from the second site (no model trained on that site)."""
+    return sorted(p for p in eval_dir.iterdir() if p.is_dir())[0]
+
+
+def run(settings: Settings, console: Console, down: bool = False, cases: int = 60, seed: int = 7, epochs: int | None = None) -> dict:
+    from pipelines import serving
+    from pipelines.pipeline import PipelineRunner, default_summary_path, write_summary
+    from pipelines.pipeline_config import EvaluationSet, load_config
+    from pipelines.progress import ConsoleHooks, summary_table
+    from pipelines.study_client import analyze, findings_line, write_outputs
+
+    started = time.monotonic()
     stack = EmbeddedStack(settings)
-    t0 = time.monotonic()
     with console.status("bringing the embedded stack up") as spinner:
         parts = stack.up(on_event=lambda n, m: spinner.console.log(f"{n}: {m}"))
     for p in parts:
         console.print(f"  {p.name:<8} {'healthy' if p.healthy else 'DOWN':<8} {p.url:<24} log {p.log}")
-    results: dict = {"stack_up_s": round(time.monotonic() - t0, 1), "versions": {}}
+    results: dict = {"stack_up_s": round(time.monotonic() - started, 1)}
     try:
-        actor = demo_identity(settings, console)
+        who = demo_identity(settings, console)
         data_dir = settings.home / "demo-data" / f"phantoms-n{cases}-seed{seed}"
-        _synthesise(data_dir, cases, seed, console)
+        eval_dir = settings.home / "demo-data" / f"{EVAL_SITE}-n12-seed{seed + 100}"
+        _synthesise(data_dir, cases, seed, 2, console)
+        _synthesise(eval_dir, 12, seed + 100, 1, console)
         results["dataset_hash"] = _store_manifest(settings, data_dir, console)
-        table = Table(title="registered versions (metrics on held-out test cases)")
-        for col in ("task", "version", "epochs", "train s", "metrics"):
-            table.add_column(col)
-        for task, n_epochs in epochs.items():
-            started = time.monotonic()
-            columns = (TextColumn(f"training {task}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.description}"), TimeElapsedColumn())  # fmt: skip
-            with Progress(*columns, console=console) as progress:
-                bar = progress.add_task("", total=n_epochs)
-                cfg = JobConfig(task=task, data_dir=data_dir, tracking_uri=settings.mlflow_url,
-                                ray_address=settings.ray_address, home=settings.home, epochs=n_epochs, seed=seed,
-                                actor=actor, audit_file=settings.audit_file)  # fmt: skip
-                result = run_job(cfg, log=progress.console.log,
-                                 on_epoch=lambda d, t, v: progress.update(bar, completed=d, description=f"val_loss {v:.3f}"))  # fmt: skip
-            seconds = round(time.monotonic() - started)
-            shown = {k: result.metrics[k] for k in HEADLINE[task] if k in result.metrics}
-            results["versions"][task] = {"version": result.version, "run_id": result.run_id, "seconds": seconds, "metrics": shown}
-            table.add_row(task, result.version, str(n_epochs), str(seconds), ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
-        console.print(table)
-        console.print(f"MLflow UI: {settings.mlflow_url} (experiments oncoserve-<task>, models <task>)")
+
+        config = load_config()
+        config.data = data_dir
+        config.evaluation_sets = [EvaluationSet(name=EVAL_SITE, path=eval_dir)]
+        if epochs:
+            config.training.epochs = {t: epochs for t in config.tasks}
+        console.rule("pipeline: train -> evaluate -> register -> compare -> gate -> compile -> promote")
+        summary = PipelineRunner(settings, config, who, promote="champion", hooks=ConsoleHooks(console)).run()
+        summary_path = write_summary(summary, default_summary_path(settings, summary))
+        console.print(summary_table(summary))
+        results["pipeline"] = {"status": summary["status"], "summary": str(summary_path),
+                               "versions": {t: s["version"] for t, s in summary["tasks"].items()}}  # fmt: skip
+        if summary["status"] != "completed":
+            problems = [f"{t}: {s['steps'][k]['detail']}" for t, s in summary["tasks"].items() for k in s["steps"]
+                        if s["steps"][k]["status"] in ("failed", "refused")]  # fmt: skip
+            raise StackError("the pipeline did not promote every task, so there is nothing complete to serve: "
+                             + "; ".join(problems) + f" (summary {summary_path})")  # fmt: skip
+
+        console.rule("serving")
+        results["reporting_version"] = _reporting_champion(settings, who, console)
+        with console.status("deploying the Serve application (oncoserve serve up)"):
+            endpoints = serving.up(settings)
+            ready = _wait_ready(settings)
+        console.print(f"serving {endpoints['http']} (REST, OIP v2) and {endpoints['grpc']} (gRPC); versions {ready.get('model_versions')}")
+
+        case = _demo_case(eval_dir)
+        with console.status(f"analysing {case.name} (site {EVAL_SITE}, never trained on)"):
+            t0 = time.monotonic()
+            body = analyze(settings.serve_url, case, settings.cli_token())
+            results["analysis_s"] = round(time.monotonic() - t0, 1)
+        out_dir = settings.home / "demo-output" / case.name
+        written = write_outputs(body, out_dir)
+        console.rule(f"findings for {case.name}")
+        console.print(findings_line(body["findings"]))
+        if body.get("report_markdown"):
+            console.print(Markdown(body["report_markdown"]))
+        results |= {"case": case.name, "outputs": [str(w) for w in written], "request_id": body["request_id"]}
+        _where(settings, summary, summary_path, written, console)
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
-        if not keep_up:
+        if down:
             with console.status("bringing the stack down"):
                 stack.down()
             console.print("stack is down (data kept under " + str(settings.home) + ")")
+    results["seconds"] = round(time.monotonic() - started, 1)
+    console.print(f"demo finished in {results['seconds'] / 60:.1f} min")
     return results
+
+
+def _where(settings: Settings, summary: dict, summary_path, written, console: Console) -> None:
+    table = Table(title="where everything is", show_header=False)
+    table.add_column("what", no_wrap=True)
+    table.add_column("where")
+    table.add_row("web UI (viewer + console)", f"{settings.serve_url}/ui/")
+    table.add_row("REST API / OpenAPI", f"{settings.serve_url}/docs")
+    table.add_row("MLflow (runs, registry)", f"{settings.mlflow_url} (experiments oncoserve-<task>, models <task>)")
+    table.add_row("Triton model repository", f"s3://{settings.bucket_models}/{settings.triton_repo_prefix}/")
+    table.add_row("pipeline summary (JSON)", str(summary_path))
+    for task, t in summary["tasks"].items():
+        if t.get("comparison"):
+            table.add_row(f"comparison report ({task})", t["comparison"])
+    for path in written:
+        table.add_row(path.name, str(path))
+    table.add_row("audit log", str(settings.audit_file))
+    table.add_row("API token (admin)", str(settings.home / "token"))
+    table.add_row("stop everything", "oncoserve stack down")
+    console.print(table)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -34,6 +35,10 @@ class RollbackRequest(BaseModel):
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="oncoserve platform API", version=__version__)
+    # Browsers may call this API only from the origins named (the serving API's, where the web UI is
+    # served, by default): no wildcard, and the token travels in a header, never a cookie.
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                       allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600)  # fmt: skip
     registry = Registry(settings.mlflow_url)
     audit = AuditLog(settings.audit_file)
     tokens = TokenStore(settings.tokens_file)
@@ -66,6 +71,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/healthz")
     def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/v1/whoami")
+    def whoami(who: Identity | None = Depends(caller)) -> dict:
+        if who is None:
+            raise AuthError("unauthenticated", "no token, or an unknown or revoked one")
+        return {"name": who.name, "role": who.role}
 
     @app.get("/v1/models")
     def models(who: Identity | None = Depends(caller)) -> list[dict]:

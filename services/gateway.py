@@ -6,6 +6,7 @@ REST (OpenAPI at /docs):
   POST /v1/studies:analyze   a whole study -> findings + mask (+ DICOM SEG for DICOM input)
   POST /v1/{task}:predict    one task's section of the findings
   GET  /v1/models, /healthz, /readyz, /metrics
+  GET  /ui/ (the web UI), /v1/ui-config, /v1/demo-cases[/{case}/{modality}], /v1/serving/status
   /v2/...                    Open Inference Protocol v2 for raw inference on every task's model
 gRPC (same methods, Serve's gRPC port): oncoserve.v1.StudyService/Analyze and
 inference.GRPCInferenceService (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
@@ -29,7 +30,8 @@ import zlib
 import grpc
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from ray import serve
@@ -38,7 +40,7 @@ from imaging.errors import StudyError
 from imaging.preprocess import preprocess
 from imaging.study import MODALITIES
 from serving.backends import BackendUnavailable
-from services import metrics
+from services import metrics, ui_support
 from services.analyzer import assemble
 from services.grpc_servicers import service_pb2, study_pb2
 from services.oip import ProtocolError, decode_grpc, decode_rest, encode_grpc, encode_rest
@@ -53,6 +55,21 @@ api = FastAPI(
     description="Glioma MRI analysis (localization, segmentation, classification, survival) and raw model "
     "inference over the Open Inference Protocol v2. Research use only; not a medical device.",
 )
+
+
+# The web UI: static assets from this package, nothing from a CDN, with security headers (the CSP
+# names the platform API, known once the gateway has its settings).
+api.mount("/ui", StaticFiles(directory=ui_support.UI_DIR, html=True), name="ui")
+_UI_HEADERS: dict[str, str] = {}
+
+
+@api.middleware("http")
+async def _security_headers(request: Request, call_next):
+    response = await call_next(request)
+    response.headers["x-content-type-options"] = "nosniff"
+    if request.url.path.startswith("/ui"):
+        response.headers.update(_UI_HEADERS)
+    return response
 
 
 def _request_id() -> str:
@@ -109,6 +126,7 @@ class StudyGateway:
         self.tokens = TokenStore(self.settings.tokens_file)
         self._store = None
         self._salt = self._deid_salt()
+        _UI_HEADERS.update(ui_support.security_headers(self.settings.platform_url))
 
     def _deid_salt(self) -> str:
         path = self.settings.home / "serve" / ".deid-salt"
@@ -239,7 +257,7 @@ class StudyGateway:
                          case_ref=hashlib.sha256(f"{self._salt}:{source.study.case_id}".encode()).hexdigest()[:16])  # fmt: skip
 
     async def _guarded(self, route: str, work):
-        status = 500
+        status, t0 = 500, time.perf_counter()
         try:
             response = await work()
             status = response.status_code
@@ -258,6 +276,7 @@ class StudyGateway:
             return _error(500, f"internal error ({type(_cause(exc)).__name__}); see the server log for request {_request_id()}")
         finally:
             metrics.REQUESTS.labels(route, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - t0)
 
     # -- REST: studies and tasks ------------------------------------------------------------------
     @api.post("/v1/studies:analyze", summary="Analyse a study: findings, mask, DICOM SEG for DICOM input")
@@ -274,6 +293,8 @@ class StudyGateway:
                     "mask_nifti_gz_b64": base64.b64encode(_mask_bytes(analysis.mask)).decode()}  # fmt: skip
             if report:
                 body["report_markdown"], body["report_fhir"] = report["markdown"], report["fhir"]
+            if request.query_params.get("preview", "").lower() in ("1", "true"):  # the web UI's slice viewer
+                body["images_nifti_gz_b64"] = await asyncio.to_thread(ui_support.preview_images, source.study)
             if source.kind == "dicom":
                 from services.dicom_seg import build_dicom_seg
 
@@ -323,6 +344,42 @@ class StudyGateway:
                                  "model_version": report["version"], "request_id": _request_id()})  # fmt: skip
 
         return await self._guarded("/v1/reports", work)
+
+    # -- REST: what the web UI needs ---------------------------------------------------------------
+    @api.get("/v1/ui-config", summary="Where the web UI finds the platform API, and whether demo studies exist")
+    def ui_config(self):
+        return {"platform_api": self.settings.platform_url, "serving_api": "", "api_version": API_VERSION,
+                "demo_cases": bool(ui_support.demo_cases(self.settings.ui_demo_cases))}  # fmt: skip
+
+    @api.get("/v1/demo-cases", summary="Demo studies the web UI offers (synthetic phantoms)")
+    def list_demo_cases(self):
+        return {"cases": ui_support.demo_cases(self.settings.ui_demo_cases)}
+
+    @api.get("/v1/demo-cases/{case_id}/{modality}", summary="One modality of a demo study (NIfTI)")
+    def demo_case_file(self, case_id: str, modality: str):
+        path = ui_support.demo_file(self.settings.ui_demo_cases, case_id, modality)
+        if path is None:
+            return _error(404, f"no demo study {case_id[:64]!r} with modality {modality[:16]!r}")
+        return FileResponse(path, media_type="application/gzip" if path.name.endswith(".gz") else "application/octet-stream",
+                            filename=path.name)  # fmt: skip
+
+    @api.get("/v1/serving/status", summary="Replicas, versions, and per-route requests, error rate and p50/p99 latency")
+    async def serving_status(self):
+        deployments = {}
+        try:
+            app_status = await asyncio.to_thread(serve.status)
+            for app in app_status.applications.values():
+                for name, d in app.deployments.items():
+                    replicas = {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}
+                    deployments[name] = {"status": str(getattr(d.status, "value", d.status)), "replicas": replicas,
+                                         "running": replicas.get("RUNNING", 0)}  # fmt: skip
+        except Exception as exc:  # the controller is busy or unreachable: say so, keep the rest
+            deployments = {"error": f"Serve status unavailable: {type(exc).__name__}"}
+        described = await self._describe_all()
+        exposition, _ = metrics.exposition()
+        return {"model_versions": {t: d["version"] for t, d in described.items()},
+                "backends": {t: d["backend"] for t, d in described.items()},
+                "deployments": deployments, "routes": ui_support.request_summary(exposition.decode())}  # fmt: skip
 
     async def _describe_all(self) -> dict:
         calls = {task: handle.describe.remote() for task, handle in {**self.tasks, "reporting": self.reporting}.items()}

@@ -15,6 +15,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 REQUESTS = Counter("oncoserve_requests", "API requests by route and HTTP/gRPC status", ["route", "status"])
+REQUEST_SECONDS = Histogram("oncoserve_request_seconds", "API request latency by route (gateway, end to end)", ["route"],
+                            buckets=STAGE_BUCKETS)  # fmt: skip
 STAGE_SECONDS = Histogram("oncoserve_stage_seconds", "Latency of each lifecycle stage",
                           ["task", "stage", "version"], buckets=STAGE_BUCKETS)  # fmt: skip
 BATCH_SIZE = Histogram("oncoserve_batch_size", "Requests per model call (dynamic batching)", ["task"],

@@ -5,20 +5,25 @@ from __future__ import annotations
 import typer
 
 from imaging.errors import StudyError
+from oncoserve.auth import AuthError
 from oncoserve.settings import Settings
 from pipelines import demo as demo_job
 from pipelines.cli._console import console, user_errors
+from pipelines.serving import ServeError
 from pipelines.stack import StackError
+from pipelines.study_client import StudyClientError
 from training.errors import TrainingError
 
 
 def demo(
-    keep_up: bool = typer.Option(False, "--keep-up", help="Leave the stack running afterwards."),
-    cases: int = typer.Option(60, "--cases", min=8, help="Phantom cases to synthesise."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs for every task (default: demo-sized per task)."),
+    down: bool = typer.Option(False, "--down", help="Bring the stack down afterwards (default: leave it and serving up)."),
+    cases: int = typer.Option(60, "--cases", min=8, help="Phantom cases to synthesise for training."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs for every task (default: the pipeline definition's)."),
 ) -> None:
-    """Run the platform's demo on the embedded stack: data -> Ray Train -> MLflow registry."""
-    per_task = {t: epochs for t in demo_job.DEMO_EPOCHS} if epochs else None
-    with user_errors(StackError, TrainingError, StudyError):
-        results = demo_job.run(Settings(), console, keep_up=keep_up, cases=cases, epochs=per_task)
+    """The platform end to end on the embedded stack: data -> pipeline (train ... promote) -> serve -> analyse a study."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with user_errors(StackError, TrainingError, StudyError, ServeError, StudyClientError, AuthError):
+        results = demo_job.run(Settings(), console, down=down, cases=cases, epochs=epochs)
     console.print_json(data=results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -294,10 +295,40 @@ class PostgresServer(Component):
         return Health(True, "accepting connections; database mlflow present")
 
 
+class PlatformApi(Component):
+    """The platform API (registry, promotion with gates, rollback, audit) that the web console calls."""
+
+    name = "platform"
+
+    def ports(self) -> list[int]:
+        return [self.settings.platform_port]
+
+    def command(self) -> list[str]:
+        return [_bin("oncoserve"), "platform", "serve", "--port", str(self.settings.platform_port)]
+
+    def env(self) -> dict[str, str]:
+        # The server reads the same settings as the stack that starts it, whatever their source.
+        out = {}
+        for key, value in self.settings.model_dump(exclude_none=True).items():
+            out[f"ONCOSERVE_{key.upper()}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        out.pop("ONCOSERVE_TOKEN", None)
+        return out
+
+    def health(self) -> Health:
+        try:
+            with urllib.request.urlopen(f"http://{self.settings.host}:{self.settings.platform_port}/healthz", timeout=3) as resp:
+                return Health(resp.status == 200, f"/healthz {resp.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            return Health(False, f"/healthz unreachable: {exc}")
+
+    def url(self) -> str:
+        return self.settings.platform_url
+
+
 def components(settings: Settings, creds: S3Credentials) -> list[Component]:
     """The stack's components in start order (a blocking one is healthy before the next starts)."""
     parts: list[Component] = []
     if settings.db == "postgresql":
         parts.append(PostgresServer(settings, creds))
-    parts += [S3Server(settings, creds), RayHead(settings, creds), MlflowServer(settings, creds)]
+    parts += [S3Server(settings, creds), RayHead(settings, creds), MlflowServer(settings, creds), PlatformApi(settings, creds)]
     return parts

@@ -37,6 +37,7 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
         "ONCOSERVE_POSTGRES_PORT": str(other + 5),
         "ONCOSERVE_SERVE_HTTP_PORT": str(other + 6),
         "ONCOSERVE_SERVE_GRPC_PORT": str(other + 7),
+        "ONCOSERVE_PLATFORM_PORT": str(other + 8),
         "ONCOSERVE_RAY_NUM_CPUS": "2",
     }
 

@@ -56,7 +56,7 @@ def saved(stack):
 
 def test_up_brings_every_component_to_health(stack, stack_settings):
     parts = stack.up()
-    assert {p.name for p in parts} == {"s3", "mlflow", "ray"}
+    assert {p.name for p in parts} == {"s3", "mlflow", "ray", "platform"}
     assert all(p.healthy for p in parts), [(p.name, p.detail) for p in parts]
     creds = stack_settings.credentials_file
     assert creds.stat().st_mode & 0o777 == 0o600
@@ -75,7 +75,7 @@ def test_status_cli_reports_healthy_json(stack):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["healthy"] is True
-    assert set(doc["components"]) == {"s3", "mlflow", "ray"}
+    assert set(doc["components"]) == {"s3", "mlflow", "ray", "platform"}
 
 
 def test_servers_bind_loopback_only(stack, stack_settings):
@@ -117,7 +117,7 @@ def test_s3_mlflow_ray_round_trips(stack, stack_settings, saved):
 
 def test_down_leaves_no_stack_process(stack):
     records = stack.records()
-    assert set(records) == {"s3", "mlflow", "ray"}
+    assert set(records) == {"s3", "mlflow", "ray", "platform"}
     pids = stack_pids(stack)
     assert pids
     stack.down()

@@ -63,7 +63,7 @@ def test_status_of_a_never_started_stack_reports_down_and_writes_nothing(tmp_pat
 
     home = tmp_path / "fresh"
     parts = EmbeddedStack(Settings(home=home)).status()
-    assert {p.name for p in parts} == {"s3", "ray", "mlflow"}
+    assert {p.name for p in parts} == {"s3", "ray", "mlflow", "platform"}
     assert not any(p.running or p.healthy for p in parts)
     assert not home.exists()
 

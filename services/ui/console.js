@@ -1,0 +1,165 @@
+// The platform console: serving status (replicas, versions, latency and errors from the metrics),
+// registered versions with metrics, lineage and aliases, promote / roll back with the gate results,
+// and the audit log. Promotions go to the platform API, which checks the caller's role and the gates;
+// the buttons a role may not use are disabled here too, with the reason.
+
+import { authHeaders, errorText } from "./api.js";
+import { el, fmt, showError, table } from "./dom.js";
+
+const $ = (id) => document.getElementById(id);
+const RANK = { viewer: 0, "data-scientist": 1, platform: 2, admin: 3 };
+const NEEDS = { candidate: "data-scientist", champion: "platform", rollback: "platform" };
+let platform = null;
+let identity = null;
+
+export function initConsole(platformUrl) {
+  platform = platformUrl;
+  $("refresh-console").addEventListener("click", refreshConsole);
+  $("task-filter").addEventListener("change", refreshRegistry);
+  for (const t of ["localization", "segmentation", "classification", "survival", "reporting"]) $("task-filter").append(el("option", { value: t, text: t }));
+  refreshWho();
+}
+
+async function platformFetch(path, options = {}) {
+  if (!platform) throw new Error("the platform API address is unknown (no /v1/ui-config)");
+  let response;
+  try {
+    response = await fetch(platform + path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  } catch {
+    throw new Error(`the platform API at ${platform} does not answer (is the stack up?)`);
+  }
+  return response;
+}
+
+async function refreshWho() {
+  identity = null;
+  $("whoami").textContent = "";
+  try {
+    const r = await platformFetch("/v1/whoami");
+    if (r.ok) {
+      identity = await r.json();
+      $("whoami").textContent = `${identity.name} (${identity.role})`;
+    } else if (r.status === 401) {
+      $("whoami").textContent = "unknown token";
+    }
+  } catch {
+    // shown by the console panel when it is opened
+  }
+}
+
+function allowed(action) {
+  return identity !== null && RANK[identity.role] >= RANK[NEEDS[action]];
+}
+
+export async function refreshConsole() {
+  showError($("console-error"), "");
+  await refreshWho();
+  await Promise.all([refreshServing(), refreshRegistry(), refreshAudit()]);
+}
+
+async function refreshServing() {
+  try {
+    const r = await fetch("../v1/serving/status");
+    if (!r.ok) throw new Error(await errorText(r));
+    const s = await r.json();
+    const deployments = s.deployments.error ? {} : s.deployments;
+    const names = [...new Set([...Object.keys(s.model_versions), ...Object.keys(deployments)])];
+    table($("serving"), ["deployment", "status", "replicas running", "version", "backend"],
+      names.map((n) => [n, deployments[n]?.status ?? "", deployments[n]?.running ?? "", s.model_versions[n] ?? "", s.backends[n] ?? ""]),
+      s.deployments.error || "Serve deployments");
+    table($("routes"), ["route", "requests", "p50 (ms)", "p99 (ms)", "5xx rate", "4xx"],
+      Object.entries(s.routes).map(([route, m]) => [route, m.requests, fmt(m.p50_ms, 0), fmt(m.p99_ms, 0), `${(m.error_rate * 100).toFixed(1)} %`, m.client_errors]),
+      "Requests since the gateway started (from its Prometheus metrics)");
+  } catch (err) {
+    showError($("console-error"), `serving status: ${err.message}`);
+  }
+}
+
+function actionButton(label, action, run, subject) {
+  const ok = allowed(action);
+  return el("button", {
+    type: "button", text: label, disabled: !ok, "aria-label": `${label}: ${subject}`,
+    title: ok ? "" : `needs the ${NEEDS[action]} role${identity ? ` (you are ${identity.role})` : " (enter a token)"}`,
+    onclick: run,
+  });
+}
+
+async function refreshRegistry() {
+  try {
+    const r = await platformFetch("/v1/models");
+    if (!r.ok) throw new Error(await errorText(r));
+    const filter = $("task-filter").value;
+    const versions = (await r.json()).filter((v) => !filter || v.task === filter);
+    const rows = versions.map((v) => {
+      const metrics = Object.entries(v.metrics).filter(([, x]) => typeof x === "number").slice(0, 4).map(([k, x]) => `${k} ${fmt(x)}`).join(", ");
+      const lin = v.lineage || {};
+      const lineage = el("span", {}, `data ${(lin.dataset_hash || "").slice(0, 10)} · git ${(lin.git_commit || "").slice(0, 8)} · `,
+        lin.run_link ? el("a", { href: lin.run_link, text: "run", target: "_blank", rel: "noopener" }) : "");
+      const subject = `${v.task} version ${v.version}`;
+      const actions = el("span", { class: "actions" },
+        actionButton("Promote to candidate", "candidate", () => promote(v.task, v.version, "candidate"), subject),
+        actionButton("Promote to champion", "champion", () => promote(v.task, v.version, "champion"), subject),
+        v.aliases.includes("champion") ? actionButton("Roll back", "rollback", () => rollback(v.task), `${v.task} champion`) : "");
+      return [v.task, v.version, v.aliases.join(", "), metrics, lineage, actions];
+    });
+    table($("registry"), ["task", "version", "aliases", "metrics (held-out)", "lineage", "actions"], rows, "Registered versions");
+  } catch (err) {
+    showError($("console-error"), `registry: ${err.message}`);
+  }
+}
+
+function showGates(title, gates, error) {
+  const target = $("gate-results");
+  target.replaceChildren(el("h3", { text: title }));
+  if (error) target.append(el("p", { class: "error", text: error }));
+  if (gates && gates.length) {
+    const t = el("table", { id: "gate-table" });
+    table(t, ["gate", "result", "value", "threshold", "detail"],
+      gates.map((g) => [g.name, el("span", { class: g.passed ? "pass" : "fail", text: g.passed ? "pass" : "FAIL" }), fmt(g.value), String(g.threshold), g.detail || ""]),
+      "Promotion gates");
+    target.append(t);
+  }
+}
+
+async function promote(task, version, to) {
+  showGates(`Running the gates for ${task} v${version} → ${to}…`);
+  try {
+    const r = await platformFetch(`/v1/models/${task}/versions/${version}:promote`, {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ to, reason: "web console" }),
+    });
+    const body = await r.json().catch(() => ({}));
+    if (r.ok) showGates(`${task} v${version} is now ${to} (was ${body.previous_holder || "unset"})`, body.gates);
+    else if (r.status === 409) showGates(`Refused: ${task} v${version} → ${to}`, body.gates, body.error);
+    else showGates(`Not promoted: ${task} v${version} → ${to}`, [], `HTTP ${r.status}: ${body.error || ""}`);
+  } catch (err) {
+    showGates(`Not promoted: ${task} v${version} → ${to}`, [], err.message);
+  }
+  await Promise.all([refreshRegistry(), refreshAudit()]);
+}
+
+async function rollback(task) {
+  try {
+    const r = await platformFetch(`/v1/models/${task}:rollback`, {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ reason: "web console" }),
+    });
+    const body = await r.json().catch(() => ({}));
+    showGates(r.ok ? `${task}: champion v${body.from} → v${body.to}` : `Rollback refused`, [], r.ok ? "" : `HTTP ${r.status}: ${body.error || ""}`);
+  } catch (err) {
+    showGates("Rollback failed", [], err.message);
+  }
+  await Promise.all([refreshRegistry(), refreshAudit()]);
+}
+
+async function refreshAudit() {
+  try {
+    const r = await platformFetch("/v1/audit");
+    if (!r.ok) throw new Error(await errorText(r));
+    const entries = (await r.json()).slice(-50).reverse();
+    table($("audit"), ["when", "who", "action", "task", "version", "to", "status", "reason"],
+      entries.map((e) => [new Date((e.time || 0) * 1000).toISOString().replace("T", " ").slice(0, 19), `${e.actor} (${e.role})`, e.action,
+        e.task || "", e.version ?? "", e.to || "", e.status + (e.forced ? " (forced)" : ""), e.reason || ""]),
+      "Latest 50 actions, newest first");
+  } catch (err) {
+    showError($("console-error"), `audit: ${err.message}`);
+  }
+}
