@@ -60,7 +60,6 @@ api = FastAPI(
 # The web UI: static assets from this package, nothing from a CDN, with security headers (the CSP
 # names the platform API, known once the gateway has its settings).
 api.mount("/ui", StaticFiles(directory=ui_support.UI_DIR, html=True), name="ui")
-_UI_HEADERS: dict[str, str] = {}
 
 
 @api.middleware("http")
@@ -68,7 +67,7 @@ async def _security_headers(request: Request, call_next):
     response = await call_next(request)
     response.headers["x-content-type-options"] = "nosniff"
     if request.url.path.startswith("/ui"):
-        response.headers.update(_UI_HEADERS)
+        response.headers.update(ui_support.UI_HEADERS)
     return response
 
 
@@ -126,7 +125,8 @@ class StudyGateway:
         self.tokens = TokenStore(self.settings.tokens_file)
         self._store = None
         self._salt = self._deid_salt()
-        _UI_HEADERS.update(ui_support.security_headers(self.settings.platform_url))
+        # Kept on the module (Serve ships this class by value, but modules by reference).
+        ui_support.UI_HEADERS.update(ui_support.security_headers(self.settings.platform_url))
 
     def _deid_salt(self) -> str:
         path = self.settings.home / "serve" / ".deid-salt"

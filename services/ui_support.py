@@ -16,6 +16,7 @@ from imaging.ingest import NIFTI_NAME
 from imaging.study import MODALITIES
 
 UI_DIR = Path(__file__).with_name("ui")
+UI_HEADERS: dict[str, str] = {}  # set by the gateway once it knows the platform API's address
 
 # The UI loads nothing from elsewhere: scripts, styles and images from this origin only (blob:/data: for
 # the downloads and canvases it makes itself); it may call the platform API named in its config.

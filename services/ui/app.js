@@ -84,9 +84,11 @@ async function analyse(event) {
     const response = await fetch("../v1/studies:analyze?preview=true", { method: "POST", body: form, headers: authHeaders() });
     if (!response.ok) throw new Error(await errorText(response));
     const body = await response.json();
+    clearInterval(tick);
     $("progress").textContent = `Analysis complete in ${((performance.now() - started) / 1000).toFixed(1)} s (request ${body.request_id}).`;
     await showResults(body);
   } catch (err) {
+    clearInterval(tick);
     $("progress").textContent = "";
     showError($("error"), err.message || String(err));
   } finally {
@@ -147,7 +149,9 @@ async function showResults(body) {
   $("versions").textContent = "Model versions: " + Object.entries(f.model_versions).map(([t, v]) => `${t} v${v}`).join(", ") + `; preprocessing ${f.preprocessing_version}.`;
 }
 
-function drawCurve(target, curve, median) {
+function drawCurve(target, points, median) {
+  // A survival curve starts at probability 1 on day 0.
+  const curve = points.length && points[0].days > 0 ? [{ days: 0, probability: 1 }, ...points] : points;
   const NS = "http://www.w3.org/2000/svg";
   const [W, H, L, B] = [360, 200, 40, 30];
   const maxDays = Math.max(...curve.map((p) => p.days), 1);

@@ -57,6 +57,7 @@ export function renderMarkdown(target, text) {
     list = null;
     if (heading) target.append(el(`h${Math.min(heading[1].length + 2, 6)}`, {}, inline(heading[2])));
     else if (line.startsWith(">")) target.append(el("blockquote", {}, inline(line.replace(/^>\s?/, ""))));
+    else if (/^_.+_$/.test(line)) target.append(el("p", { class: "disclaimer" }, el("em", { text: line.slice(1, -1) })));
     else if (line) target.append(el("p", {}, inline(line)));
   }
 }
