@@ -150,7 +150,7 @@ def bench_serving() -> list[dict]:
     from serving.registry import Registry
 
     home = Path(tempfile.mkdtemp(prefix="osb-sv-", dir="/tmp"))
-    settings = private_settings(home)
+    settings = private_settings(home, serve_rate_limit_per_min=0)  # throughput figures, not a rate-limit test
     stack = EmbeddedStack(settings)
     figures = []
     try:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     serve_grpc_port: int = Field(9000, description="Port of the serving gRPC API (study service + OIP v2).")
     serve_config: Path | None = Field(None, description="Deployment config (YAML); default: the packaged services/deployments.yaml.")
     serve_max_request_mb: float = Field(256.0, description="Largest request body (after gzip decoding) the APIs accept.")
+    serve_rate_limit_per_min: float = Field(600.0, description="Analysis/inference requests per minute per caller (token, "
+                                                                "else client address) per gateway replica; 0: no limit.")
+    serve_rate_limit_burst: int = Field(60, description="Requests a caller may send at once before the rate applies.")
 
     # Clusters (Kubernetes): external services instead of the embedded ones. Unset on one machine.
     mlflow_uri: str | None = Field(None, description="URL of an external MLflow server; default: the embedded one.")

@@ -152,6 +152,7 @@ def run(settings: Settings, console: Console, down: bool = False, cases: int = 6
                              + "; ".join(problems) + f" (summary {summary_path})")  # fmt: skip
 
         console.rule("serving")
+        settings = settings.model_copy(update={"ui_demo_cases": eval_dir})  # the UI offers the site-b studies
         results["reporting_version"] = _reporting_champion(settings, who, console)
         with console.status("deploying the Serve application (oncoserve serve up)"):
             endpoints = serving.up(settings)

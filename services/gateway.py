@@ -41,6 +41,7 @@ from imaging.preprocess import preprocess
 from imaging.study import MODALITIES
 from serving.backends import BackendUnavailable
 from services import metrics, ui_support
+from services.rate_limit import RateLimiter
 from services.analyzer import assemble
 from services.grpc_servicers import service_pb2, study_pb2
 from services.oip import ProtocolError, decode_grpc, decode_rest, encode_grpc, encode_rest
@@ -121,6 +122,7 @@ class StudyGateway:
                       "classification": classification, "survival": survival}  # fmt: skip
         self.reporting = reporting
         self.max_bytes = int(self.settings.serve_max_request_mb * 1024 * 1024)
+        self.limiter = RateLimiter(self.settings.serve_rate_limit_per_min, self.settings.serve_rate_limit_burst)
         self.audit = AuditLog(self.settings.audit_file)
         self.tokens = TokenStore(self.settings.tokens_file)
         self._store = None
@@ -256,15 +258,31 @@ class StudyGateway:
                          request_id=request_id, route=route, input=source.kind, model_versions=versions,
                          case_ref=hashlib.sha256(f"{self._salt}:{source.study.case_id}".encode()).hexdigest()[:16])  # fmt: skip
 
-    async def _guarded(self, route: str, work):
+    def _limit(self, request: Request) -> None:
+        """429 once the caller (its token, else its address) is over the rate."""
+        header = request.headers.get("authorization", "")
+        caller = ("token:" + hashlib.sha256(header.encode()).hexdigest()[:16]) if header else f"ip:{request.client.host if request.client else '-'}"
+        wait = self.limiter.acquire(caller)
+        if wait > 0:
+            error = InputError(f"rate limit: {self.settings.serve_rate_limit_per_min:g} requests per minute per caller; "
+                               f"retry in {wait:.1f} s", 429)  # fmt: skip
+            error.retry_after = max(1, round(wait))
+            raise error
+
+    async def _guarded(self, route: str, work, request: Request | None = None):
         status, t0 = 500, time.perf_counter()
         try:
+            if request is not None:
+                self._limit(request)
             response = await work()
             status = response.status_code
             return response
         except InputError as exc:
             status = exc.status
-            return _error(exc.status, str(exc))
+            response = _error(exc.status, str(exc))
+            if getattr(exc, "retry_after", None):
+                response.headers["retry-after"] = str(exc.retry_after)
+            return response
         except HTTPException as exc:  # Starlette's own refusals (a malformed multipart body, too many parts)
             status = exc.status_code
             return _error(exc.status_code, f"malformed request: {exc.detail}")
@@ -304,7 +322,7 @@ class StudyGateway:
             self._record(identity, body["request_id"], source, analysis.findings.model_versions, "analyze")
             return JSONResponse(body)
 
-        return await self._guarded("/v1/studies:analyze", work)
+        return await self._guarded("/v1/studies:analyze", work, request)
 
     @api.post("/v1/{task}:predict", summary="Run one task on a study (same inputs as analyze)")
     async def predict(self, task: str, request: Request):
@@ -323,7 +341,7 @@ class StudyGateway:
             self._record(identity, body["request_id"], source, {task: result["version"]}, f"{task}:predict")
             return JSONResponse(body)
 
-        return await self._guarded("/v1/{task}:predict", work)
+        return await self._guarded("/v1/{task}:predict", work, request)
 
     @api.post("/v1/reports", summary="A grounded report for a findings document (JSON in, report out)")
     async def reports(self, request: Request):
@@ -343,7 +361,7 @@ class StudyGateway:
             return JSONResponse({"report": report["report"], "report_markdown": report["markdown"], "report_fhir": report["fhir"],
                                  "model_version": report["version"], "request_id": _request_id()})  # fmt: skip
 
-        return await self._guarded("/v1/reports", work)
+        return await self._guarded("/v1/reports", work, request)
 
     # -- REST: what the web UI needs ---------------------------------------------------------------
     @api.get("/v1/ui-config", summary="Where the web UI finds the platform API, and whether demo studies exist")
@@ -470,7 +488,7 @@ class StudyGateway:
             media = headers.pop("content-type")
             return Response(payload, 200, headers=headers, media_type=media)
 
-        return await self._guarded("/v2/models/{model}/infer", work)
+        return await self._guarded("/v2/models/{model}/infer", work, request)
 
     async def _raw(self, model: str, inputs: dict) -> dict:
         try:
