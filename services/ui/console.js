@@ -3,7 +3,7 @@
 // and the audit log. Promotions go to the platform API, which checks the caller's role and the gates;
 // the buttons a role may not use are disabled here too, with the reason.
 
-import { authHeaders, errorText } from "./api.js";
+import { authHeaders, errorText, token } from "./api.js";
 import { el, fmt, showError, table } from "./dom.js";
 
 const $ = (id) => document.getElementById(id);
@@ -34,6 +34,7 @@ async function platformFetch(path, options = {}) {
 async function refreshWho() {
   identity = null;
   $("whoami").textContent = "";
+  if (!token()) return;
   try {
     const r = await platformFetch("/v1/whoami");
     if (r.ok) {
