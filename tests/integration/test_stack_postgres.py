@@ -26,7 +26,7 @@ def test_postgresql_backend_keeps_runs_in_the_database(monkeypatch):
     stack = EmbeddedStack(settings)
     try:
         parts = {p.name: p for p in stack.up()}
-        assert set(parts) == {"postgres", "s3", "ray", "mlflow"} and all(p.healthy for p in parts.values())
+        assert set(parts) == {"postgres", "s3", "ray", "mlflow", "platform"} and all(p.healthy for p in parts.values())
         client = MlflowClient(settings.mlflow_url)
         run = client.create_run(client.create_experiment("pg"))
         count = subprocess.run(
