@@ -366,7 +366,7 @@ class StudyGateway:
     # -- REST: what the web UI needs ---------------------------------------------------------------
     @api.get("/v1/ui-config", summary="Where the web UI finds the platform API, and whether demo studies exist")
     def ui_config(self):
-        return {"platform_api": self.settings.platform_url, "serving_api": "", "api_version": API_VERSION,
+        return {"platform_api": self.settings.platform_url, "api_version": API_VERSION,
                 "demo_cases": bool(ui_support.demo_cases(self.settings.ui_demo_cases))}  # fmt: skip
 
     @api.get("/v1/demo-cases", summary="Demo studies the web UI offers (synthetic phantoms)")

@@ -1,5 +1,8 @@
 """A short, bounded load test against the served gateway on loopback (the 10-minute soak is `make bench`).
 
+Named to run after test_serving.py: its concurrent load adds a segmentation replica, which the
+autoscaling test there must start without.
+
 Concurrent whole-study analyses: every request must succeed and the serving processes' memory must stay
 flat after warm-up (the warm-up includes batched calls: onnxruntime grows its arena once for the first
 batch of several studies). Latency percentiles and memory are written to test-artifacts/load.json, not
