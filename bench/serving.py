@@ -67,7 +67,7 @@ def _paired_p50(a, b, n: int) -> tuple[float, float]:
 
 
 def _cli(settings, *args) -> str:
-    env = {f"ONCOSERVE_{k.upper()}": str(v) for k, v in settings.model_dump(mode="json").items() if v is not None}
+    env = settings.as_env()
     env["ONCOSERVE_TOKEN"] = (settings.home / "token").read_text()
     exe = str(Path(sys.executable).parent / "oncoserve")
     run = subprocess.run([exe, *args], capture_output=True, text=True, env={**os.environ, **env})

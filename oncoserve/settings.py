@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     def serve_url(self) -> str:
         return f"http://{self.host}:{self.serve_http_port}"
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as ONCOSERVE_* variables, for a child process that must see the same ones."""
+        import json
+
+        return {f"ONCOSERVE_{key.upper()}": json.dumps(value) if isinstance(value, list | dict) else str(value)
+                for key, value in self.model_dump(mode="json", exclude_none=True).items()}  # fmt: skip
+
     @property
     def platform_url(self) -> str:
         return self.platform_public_url or f"http://{self.host}:{self.platform_port}"

@@ -45,12 +45,15 @@ def stack_settings(stack_home):
                 os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
-def live_stack():
-    """One private embedded stack shared by the integration tests that only use it (never stop it)."""
+@contextlib.contextmanager
+def private_stack(prefix: str, admin_name: str):
+    """A private embedded stack up for the block: its own home and free ports, exported to the
+    environment (for CLI subprocesses), and an admin token saved where the CLI looks for it."""
+    from oncoserve.auth import TokenStore
     from pipelines.stack import EmbeddedStack
 
-    home = Path(tempfile.mkdtemp(prefix="osl-", dir="/tmp"))
+    # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     env = stack_env(home)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -58,11 +61,7 @@ def live_stack():
     try:
         stack.up()
         settings = Settings()
-        # The CLI in tests acts as an admin (the bootstrap token, saved where the CLI looks for it).
-        from oncoserve.auth import TokenStore
-
-        admin = TokenStore(settings.tokens_file).create("test-admin", "admin", None)
-        (settings.home / "token").write_text(admin)
+        (settings.home / "token").write_text(TokenStore(settings.tokens_file).create(admin_name, "admin", None))
         yield settings
     finally:
         stack.down()
@@ -72,6 +71,13 @@ def live_stack():
             else:
                 os.environ[k] = v
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def live_stack():
+    """One private embedded stack shared by the integration tests that only use it (never stop it)."""
+    with private_stack("osl-", "test-admin") as settings:
+        yield settings
 
 
 @pytest.fixture(scope="session")

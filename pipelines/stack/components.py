@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -308,9 +307,7 @@ class PlatformApi(Component):
 
     def env(self) -> dict[str, str]:
         # The server reads the same settings as the stack that starts it, whatever their source.
-        out = {}
-        for key, value in self.settings.model_dump(exclude_none=True).items():
-            out[f"ONCOSERVE_{key.upper()}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        out = self.settings.as_env()
         out.pop("ONCOSERVE_TOKEN", None)
         return out
 

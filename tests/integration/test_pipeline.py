@@ -19,9 +19,8 @@ import yaml
 
 from oncoserve.audit import AuditLog
 from oncoserve.object_store import object_store
-from pipelines.stack import EmbeddedStack
 from serving.registry import Registry
-from tests.conftest import TASKS, stack_env
+from tests.conftest import TASKS, private_stack
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
@@ -62,30 +61,14 @@ def write_config(folder: Path, name: str, **overrides) -> Path:
 def pipeline_env(tmp_path_factory):
     """A private stack (its own registry, so the aliases moved here touch no other test) + data + configs."""
     from imaging.phantoms import synthesise
-    from oncoserve.auth import TokenStore
-    from oncoserve.settings import Settings
 
     root = tmp_path_factory.mktemp("pipeline")
     synthesise(root / "data", n=8, seed=2, sites=2)
     synthesise(root / "site-b", n=3, seed=11, sites=1)
     (root / "configs").mkdir()
     (root / "configs" / "gates.toml").write_text(GATES)
-    home = Path(os.path.realpath("/tmp")) / f"osp-{os.getpid()}"
-    env = stack_env(home)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    stack = EmbeddedStack(Settings())
-    try:
-        stack.up()
-        settings = Settings()
-        admin = TokenStore(settings.tokens_file).create("pipeline-admin", "admin", None)
-        (settings.home / "token").write_text(admin)
+    with private_stack("osp-", "pipeline-admin") as settings:
         yield {"root": root, "configs": root / "configs", "settings": settings, "registry": Registry(settings.mlflow_url)}
-    finally:
-        stack.down()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        subprocess.run(["rm", "-rf", str(home)], check=False)
 
 
 def pipeline(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
