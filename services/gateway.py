@@ -82,6 +82,15 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "request_id": _request_id()}, status)
 
 
+def _unavailable(task: str, cause: BaseException) -> str | None:
+    """The 503 message for a task call that failed because serving cannot answer right now, else None."""
+    if isinstance(cause, (BackendUnavailable, ServingError)):
+        return f"{task}: {cause}"
+    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        return f"{task}: its replica was lost and is being replaced; retry"  # Serve starts a new one
+    return None
+
+
 def _cause(exc: BaseException) -> BaseException:
     """The exception a replica raised, unwrapped from Ray's RayTaskError."""
     while getattr(exc, "cause", None) is not None and exc.cause is not exc:
@@ -233,8 +242,9 @@ class StudyGateway:
                 results[task] = await call
             except Exception as exc:
                 cause = _cause(exc)
-                if isinstance(cause, (BackendUnavailable, ServingError)):
-                    raise InputError(f"{task}: {cause}", 503) from None
+                unavailable = _unavailable(task, cause)
+                if unavailable:
+                    raise InputError(unavailable, 503) from None
                 raise
         metrics.STAGE_SECONDS.labels("study", "fanout", "-").observe(time.perf_counter() - t1)
         return results, prepared
@@ -497,8 +507,9 @@ class StudyGateway:
             cause = _cause(exc)
             if isinstance(cause, ValueError):
                 raise InputError(str(cause), 400) from None
-            if isinstance(cause, (BackendUnavailable, ServingError)):
-                raise InputError(str(cause), 503) from None
+            unavailable = _unavailable(model, cause)
+            if unavailable:
+                raise InputError(unavailable, 503) from None
             raise
 
     # -- gRPC: Open Inference Protocol v2 ---------------------------------------------------------

@@ -21,6 +21,11 @@ class RegistryError(LookupError):
     """A task, version or alias the registry does not have, or a registry that cannot be reached."""
 
 
+def _absent(exc: MlflowException) -> bool:
+    """Whether MLflow said "no such model/version" (as opposed to failing to answer)."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
 @dataclass
 class VersionInfo:
     task: str
@@ -51,6 +56,9 @@ class Registry:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
+    def _unreachable(self, exc: MlflowException) -> RegistryError:
+        return RegistryError(f"registry at {self.tracking_uri} did not answer: {exc.message.splitlines()[0][:300]}")
+
     def _check_task(self, task: str) -> None:
         if task not in TASKS:
             raise RegistryError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
@@ -80,7 +88,9 @@ class Registry:
         self._check_task(task)
         try:
             mv = self.client.get_model_version(task, str(version))
-        except MlflowException:
+        except MlflowException as exc:
+            if not _absent(exc):
+                raise self._unreachable(exc) from None
             raise RegistryError(f"{task} version {version} is not in the registry") from None
         info = self._info(mv)
         info.aliases = sorted(a for a, v in self.aliases(task).items() if v == info.version)
@@ -89,7 +99,9 @@ class Registry:
     def aliases(self, task: str) -> dict[str, str]:
         try:
             model = self.client.get_registered_model(task)
-        except MlflowException:
+        except MlflowException as exc:
+            if not _absent(exc):  # a registry that cannot answer must never read as "no aliases"
+                raise self._unreachable(exc) from None
             return {}
         return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from pipelines.cli import auth, data, demo, models, pipeline, plan, platform, predict, reporting, serve, stack, train
@@ -26,3 +28,32 @@ app.command("demo")(demo.demo)
 app.command("train")(train.train)
 app.command("predict")(predict.predict)
 app.command("evaluate")(train.evaluate)
+
+
+# MLflow's client retries a failing request 7 times with exponential backoff (about four minutes) before
+# it gives up; a person at a terminal whose registry or artifact store is down should hear it in seconds.
+# Set the variables to restore MLflow's own behaviour (long jobs on a flaky network may want it).
+REGISTRY_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def main() -> None:
+    """The console entry point: `app` with short registry retries, and the backing services' failures
+    that no command expects (registry, object store) as one line and exit code 1 instead of a traceback."""
+    import botocore.exceptions
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.cli._console import err_console
+
+    for key, value in REGISTRY_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        app()
+    except (MlflowException, requests.RequestException, botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError) as exc:  # fmt: skip
+        message = str(getattr(exc, "message", exc)).splitlines()[0][:400]
+        # The registry proxies artifacts: its 500s on mlflow-artifacts URLs mean the object store failed.
+        which = "the artifact store behind the registry" if "mlflow-artifacts" in message else "a backing service"
+        err_console.print(f"[bold red]error:[/] {which} failed: {message}\n"
+                          "check the registry and object store (`oncoserve stack status`)", highlight=False)  # fmt: skip
+        raise SystemExit(1) from None

@@ -1,0 +1,183 @@
+"""Faults under serving, on a private stack of its own (these tests stop its parts): a Serve replica
+killed mid-load, S3 stopped, MLflow stopped, the whole stack restarted. Serving must go on from the
+models it has loaded; registry work must fail in seconds with one clear line; nothing may be lost.
+(The Triton backend down is in test_serving.py: a 503 naming it, or the configured fallback.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import httpx
+import psutil
+import pytest
+from ray.util.state import list_actors
+
+from pipelines.stack import EmbeddedStack
+from tests.conftest import TASKS, compiled_champions, oncoserve, private_stack
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.integration
+
+# One replica of everything: a killed replica has no sibling to hide behind.
+FAULT_CONFIG = """
+application: oncoserve
+watch_interval_s: 0.5
+deployments:
+  gateway: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  localization: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  segmentation: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+"""
+CLI_FAILS_WITHIN_S = 60  # MLflow's own retries would take about four minutes; the CLI shortens them
+
+
+def study(case) -> dict:
+    present = [m for m in ("t1", "t1ce", "t2", "flair") if (case / f"{case.name}_{m}.nii.gz").exists()]
+    return {m: (f"{case.name}_{m}.nii.gz", (case / f"{case.name}_{m}.nii.gz").read_bytes()) for m in present}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dataset, tmp_path_factory):
+    config = tmp_path_factory.mktemp("faults") / "deployments.yaml"
+    config.write_text(FAULT_CONFIG)
+    with private_stack("osf-", "fault-admin") as settings:
+        versions = {}
+        for task in TASKS:
+            run = oncoserve("train", task, "--data", str(tiny_dataset), "--epochs", "1")
+            assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+            versions[task] = run.stdout.split(f"registered model {task} version")[-1].split()[0]
+        with compiled_champions(settings, versions):
+            registered = oncoserve("reporting", "register")
+            assert registered.returncode == 0, registered.stderr[-2000:]
+            versions["reporting"] = registered.stdout.split("registered model reporting version")[-1].split()[0]
+            promoted = oncoserve("models", "promote", "reporting", versions["reporting"], "--to", "champion",
+                                 "--reason", "fault tests")  # fmt: skip
+            assert promoted.returncode == 0, promoted.stdout[-2000:] + promoted.stderr[-2000:]
+            up = oncoserve("serve", "up", "--config", str(config))
+            assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+            try:
+                yield {"settings": settings, "versions": versions, "url": settings.serve_url, "config": config,
+                       "files": study(sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[0])}  # fmt: skip
+            finally:
+                oncoserve("serve", "down")
+
+
+def analyse(stack, timeout: float = 180) -> httpx.Response:
+    return httpx.post(f"{stack['url']}/v1/studies:analyze", files=stack["files"], timeout=timeout)
+
+
+def kill_component(settings, name: str) -> None:
+    record = EmbeddedStack(settings).records()[name]
+    os.killpg(record.pid, signal.SIGKILL)
+    psutil.wait_procs([psutil.Process(record.pid)], timeout=10)
+
+
+def registry_actions() -> list[dict]:
+    """The audit log without its analysis lines (every study analysed is audited too)."""
+    return [e for e in json.loads(oncoserve("models", "audit", "--json").stdout) if e["action"] != "analyze"]
+
+
+def segmentation_replica_pids(settings) -> set[int]:
+    actors = list_actors(address=f"http://127.0.0.1:{settings.ray_dashboard_port}",
+                         filters=[("class_name", "=", "ServeReplica:oncoserve:segmentation"), ("state", "=", "ALIVE")])  # fmt: skip
+    return {a.pid for a in actors}
+
+
+def test_killed_replica_is_replaced_and_requests_recover(stack):
+    settings = stack["settings"]
+    assert analyse(stack).status_code == 200  # warm
+    old = segmentation_replica_pids(settings)
+    assert len(old) == 1
+    outcomes: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client():
+        with httpx.Client(timeout=180) as http:
+            for _ in range(60):  # bounded
+                if stop.is_set():
+                    return
+                r = http.post(f"{stack['url']}/v1/studies:analyze", files=stack["files"])
+                outcomes.append((r.status_code, r.text[:300] if r.status_code != 200 else ""))
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for t in clients:
+        t.start()
+    try:
+        assert wait_until(lambda: len(outcomes) >= 3, timeout_s=120, interval_s=0.1)
+        os.kill(old.pop(), signal.SIGKILL)
+        replaced = wait_until(lambda: segmentation_replica_pids(settings) - {*old} and
+                              len(segmentation_replica_pids(settings)) == 1, timeout_s=120, interval_s=0.5)  # fmt: skip
+        assert replaced, "Serve did not start a new segmentation replica"
+        during = len(outcomes)
+        assert wait_until(lambda: len(outcomes) >= during + 6, timeout_s=180, interval_s=0.2)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    # In the window a request may have been lost with the replica: then it is a 503 that says so.
+    for status, text in outcomes:
+        assert status == 200 or (status == 503 and "replica was lost" in json.loads(text)["error"]), (status, text)
+    assert all(status == 200 for status, _ in outcomes[during + 3:]), "requests still fail after the replacement"
+    after = analyse(stack)
+    assert after.status_code == 200 and after.json()["findings"]["model_versions"] == stack["versions"]
+
+
+def test_s3_stopped_serving_goes_on_and_registry_writes_fail_clearly(stack):
+    settings = stack["settings"]
+    kill_component(settings, "s3")
+    try:
+        served = analyse(stack)
+        assert served.status_code == 200, served.text
+        assert served.json()["findings"]["model_versions"] == stack["versions"]
+        uri = httpx.post(f"{stack['url']}/v1/studies:analyze", json={"s3_uri": f"s3://{settings.bucket_data}/x/"}, timeout=60)
+        assert uri.status_code == 503 and "object store unavailable" in uri.json()["error"]
+        write = oncoserve("reporting", "register", timeout=CLI_FAILS_WITHIN_S)
+        assert write.returncode == 1
+        assert "artifact store behind the registry failed" in write.stderr and "Traceback" not in write.stderr
+    finally:
+        assert all(part.healthy for part in EmbeddedStack(settings).up())
+    assert analyse(stack).status_code == 200
+
+
+def test_mlflow_stopped_serving_goes_on_and_promotion_fails_clearly(stack):
+    settings = stack["settings"]
+    audit_before = registry_actions()
+    kill_component(settings, "mlflow")
+    try:
+        for _ in range(2):  # the replicas' alias watchers poll a registry that is gone
+            served = analyse(stack)
+            assert served.status_code == 200, served.text
+        promote = oncoserve("models", "promote", "localization", stack["versions"]["localization"], "--to", "candidate",
+                            timeout=CLI_FAILS_WITHIN_S)  # fmt: skip
+        assert promote.returncode == 1
+        assert settings.mlflow_url.split("//")[1] in promote.stderr and "Traceback" not in promote.stderr
+    finally:
+        assert all(part.healthy for part in EmbeddedStack(settings).up())
+    assert registry_actions() == audit_before  # nothing half-done recorded
+    served = analyse(stack)
+    assert served.status_code == 200 and served.json()["findings"]["model_versions"] == stack["versions"]
+
+
+def test_whole_stack_restart_keeps_registry_aliases_and_audit(stack):
+    settings = stack["settings"]
+    listed = json.loads(oncoserve("models", "list", "--json").stdout)
+    audit = json.loads(oncoserve("models", "audit", "--json").stdout)
+    assert any(entry["action"] == "promote" for entry in audit)
+    down = oncoserve("stack", "down")
+    assert down.returncode == 0, down.stderr[-2000:]
+    with pytest.raises(httpx.ConnectError):  # serving went down with Ray
+        httpx.get(f"{settings.serve_url}/healthz", timeout=5)
+    up = oncoserve("stack", "up")
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+    assert json.loads(oncoserve("models", "list", "--json").stdout) == listed
+    assert json.loads(oncoserve("models", "audit", "--json").stdout) == audit
+    serve = oncoserve("serve", "up", "--config", str(stack["config"]))
+    assert serve.returncode == 0, serve.stdout[-2000:] + serve.stderr[-2000:]
+    served = analyse(stack)
+    assert served.status_code == 200 and served.json()["findings"]["model_versions"] == stack["versions"]
