@@ -16,6 +16,12 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: floa
     return condition()
 
 
+def study_files(case) -> dict:
+    """A phantom case folder's modalities as httpx multipart files (those present; never the mask)."""
+    present = [m for m in ("t1", "t1ce", "t2", "flair") if (case / f"{case.name}_{m}.nii.gz").exists()]
+    return {m: (f"{case.name}_{m}.nii.gz", (case / f"{case.name}_{m}.nii.gz").read_bytes()) for m in present}
+
+
 def free_port() -> int:
     import socket
 

@@ -18,7 +18,7 @@ from ray.util.state import list_actors
 
 from pipelines.stack import EmbeddedStack
 from tests.conftest import TASKS, compiled_champions, oncoserve, private_stack
-from tests.helpers import wait_until
+from tests.helpers import study_files, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +35,6 @@ deployments:
   reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
 """
 CLI_FAILS_WITHIN_S = 60  # MLflow's own retries would take about four minutes; the CLI shortens them
-
-
-def study(case) -> dict:
-    present = [m for m in ("t1", "t1ce", "t2", "flair") if (case / f"{case.name}_{m}.nii.gz").exists()]
-    return {m: (f"{case.name}_{m}.nii.gz", (case / f"{case.name}_{m}.nii.gz").read_bytes()) for m in present}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +58,7 @@ def stack(tiny_dataset, tmp_path_factory):
             assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
             try:
                 yield {"settings": settings, "versions": versions, "url": settings.serve_url, "config": config,
-                       "files": study(sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[0])}  # fmt: skip
+                       "files": study_files(sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[0])}  # fmt: skip
             finally:
                 oncoserve("serve", "down")
 
@@ -110,9 +105,14 @@ def test_killed_replica_is_replaced_and_requests_recover(stack):
         t.start()
     try:
         assert wait_until(lambda: len(outcomes) >= 3, timeout_s=120, interval_s=0.1)
-        os.kill(old.pop(), signal.SIGKILL)
-        replaced = wait_until(lambda: segmentation_replica_pids(settings) - {*old} and
-                              len(segmentation_replica_pids(settings)) == 1, timeout_s=120, interval_s=0.5)  # fmt: skip
+        killed = old.pop()
+        os.kill(killed, signal.SIGKILL)
+
+        def replaced_once() -> bool:
+            pids = segmentation_replica_pids(settings)
+            return len(pids) == 1 and killed not in pids
+
+        replaced = wait_until(replaced_once, timeout_s=120, interval_s=0.5)
         assert replaced, "Serve did not start a new segmentation replica"
         during = len(outcomes)
         assert wait_until(lambda: len(outcomes) >= during + 6, timeout_s=180, interval_s=0.2)

@@ -21,6 +21,8 @@ import numpy as np
 import psutil
 import pytest
 
+from tests.helpers import study_files
+
 pytestmark = pytest.mark.integration
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -38,17 +40,12 @@ def serve_rss_mb() -> dict[str, float]:
     return out
 
 
-def case_files(case: Path) -> dict:
-    present = [m for m in ("t1", "t1ce", "t2", "flair") if (case / f"{case.name}_{m}.nii.gz").exists()]
-    return {m: (f"{case.name}_{m}.nii.gz", (case / f"{case.name}_{m}.nii.gz").read_bytes()) for m in present}
-
-
 async def run_load(url: str, cases: list[Path], n: int, concurrency: int) -> tuple[list[float], list[int]]:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
     latencies, statuses = [], []
-    files = [case_files(c) for c in cases]
+    files = [study_files(c) for c in cases]
 
     async def client(http: httpx.AsyncClient) -> None:
         while True:
