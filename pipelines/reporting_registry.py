@@ -14,6 +14,7 @@ from oncoserve.lineage import git_commit
 from services.reporting import model as reporting_model
 from services.reporting.generators import PROMPT_DIR, PROMPT_VERSION
 from services.reporting.kb import PACKAGED
+from serving.artifacts import tree_digests
 
 TASK = "reporting"
 
@@ -37,6 +38,7 @@ def register_reporting(settings, kb_dir: Path = PACKAGED, prompt_dir: Path = PRO
             f"({manifest['passages']} passages), prompt {prompt_version}.\n\nReference-case checks: "
             + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + "\n"
         )
+        digests = tree_digests(model_dir)  # what serving verifies before it loads this version
         experiment = client.get_experiment_by_name(TASK)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(TASK)
         run = client.create_run(experiment_id, tags={"task": TASK})
@@ -51,6 +53,7 @@ def register_reporting(settings, kb_dir: Path = PACKAGED, prompt_dir: Path = PRO
         client.create_registered_model(TASK, description="oncoserve reporting model (knowledge base + prompts)")
     tags = {"task": TASK, "git_commit": git_commit(), "knowledge_base_version": manifest["knowledge_base_version"],
             "prompt_version": prompt_version, "metrics": json.dumps(metrics),
+            reporting_model.DIGEST_TAG: json.dumps(digests),
             "run_link": f"{settings.mlflow_url}/#/experiments/{experiment_id}/runs/{run_id}"}  # fmt: skip
     mv = client.create_model_version(TASK, f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags)
     return str(mv.version), metrics

@@ -54,7 +54,13 @@ def check_champions(settings) -> dict[str, str]:
     if problems:
         raise ServeError("cannot serve yet: " + "; ".join(problems))
     # Reporting is optional: without a champion the packaged knowledge base answers (and says so).
-    versions["reporting"] = registry.alias("reporting", "champion") or "packaged knowledge base"
+    from services.reporting.model import DIGEST_TAG
+
+    reporting = registry.alias("reporting", "champion")
+    if reporting is not None and not registry.version("reporting", reporting).tags.get(DIGEST_TAG):
+        raise ServeError(f"cannot serve yet: reporting version {reporting} has no recorded sha256 (registered by an "
+                         "older oncoserve); run `oncoserve reporting register` and promote the new version")  # fmt: skip
+    versions["reporting"] = reporting or "packaged knowledge base"
     return versions
 
 

@@ -54,7 +54,8 @@ class ReportingService:
             label = f"packaged-{knowledge.version}"
             log.warning("reporting: no champion in the registry; using the packaged knowledge base (%s)", label)
         else:
-            model_dir = self._registry.download(TASK, version, Path(tempfile.mkdtemp(prefix="oncoserve-reporting-")))
+            model_dir = reporting_model.download_verified(self._registry, version,
+                                                          Path(tempfile.mkdtemp(prefix="oncoserve-reporting-")))  # fmt: skip
             knowledge, prompt_version, prompt_dir = reporting_model.load(model_dir)
             label = str(version)
         retriever = None

@@ -43,6 +43,25 @@ def verify_file(path: Path, expected_sha256: str) -> Path:
     return path
 
 
+def tree_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, keyed by its POSIX path relative to `root`."""
+    root = Path(root)
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file()}  # fmt: skip
+
+
+def verify_tree(root: Path, expected: dict[str, str]) -> Path:
+    """`root` only if it holds exactly the recorded files with the recorded bytes (none added, none missing)."""
+    found = tree_digests(root)
+    problems = [f"{name}: not recorded" for name in sorted(found.keys() - expected.keys())]
+    problems += [f"{name}: missing" for name in sorted(expected.keys() - found.keys())]
+    problems += [f"{name}: sha256 {found[name][:12]}... differs from the recorded {expected[name][:12]}..."
+                 for name in sorted(found.keys() & expected.keys()) if found[name] != expected[name]]  # fmt: skip
+    if problems:
+        raise TamperedArtifact("; ".join(problems[:5]) + "; refusing to load")
+    return Path(root)
+
+
 def load_compiled_onnx(registry: Registry, store, bucket: str, prefix: str, task: str, version: str, dst: Path) -> Path:
     """The compiled model.onnx of a version, verified, written to `dst` (what backends load)."""
     expected = expected_digests(registry, task, version)

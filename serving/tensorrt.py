@@ -20,12 +20,15 @@ class PlanResult:
 
 
 def gpu_present() -> bool:
-    try:
-        import torch
+    """A CUDA device the driver can see (asked of libcuda itself: serving never imports torch)."""
+    import ctypes
 
-        return torch.cuda.is_available()
-    except ImportError:
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
         return False
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def build_plan(onnx_path: Path, max_batch: int = 4) -> PlanResult:

@@ -13,6 +13,7 @@ from services.reporting.facts import from_findings
 from services.reporting.generators import PROMPT_DIR, PROMPT_VERSION
 
 MANIFEST = "reporting.json"
+DIGEST_TAG = "content_sha256"  # registry version tag: {relative path: sha256} of the model folder
 
 
 def write(model_dir: Path, kb_dir: Path = kb.PACKAGED, prompt_dir: Path = PROMPT_DIR, prompt_version: str = PROMPT_VERSION) -> dict:
@@ -31,6 +32,17 @@ def write(model_dir: Path, kb_dir: Path = kb.PACKAGED, prompt_dir: Path = PROMPT
 def load(model_dir: Path) -> tuple[kb.KnowledgeBase, str, Path]:
     manifest = json.loads((model_dir / MANIFEST).read_text())
     return kb.load(model_dir / "knowledge"), manifest["prompt_version"], model_dir / "prompts"
+
+
+def download_verified(registry, version: str, dst: Path) -> Path:
+    """The version's model folder, only if every file is the one recorded when it was registered."""
+    from serving.artifacts import TamperedArtifact, verify_tree
+
+    recorded = registry.version("reporting", version).tags.get(DIGEST_TAG)
+    if not recorded:
+        raise TamperedArtifact(f"reporting v{version} has no recorded sha256 ({DIGEST_TAG} tag); register it again "
+                               "with `oncoserve reporting register`")  # fmt: skip
+    return verify_tree(registry.download("reporting", version, dst), json.loads(recorded))
 
 
 def evaluate(model_dir: Path) -> dict:
