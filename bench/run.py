@@ -169,6 +169,36 @@ def bench_ray_train_scaling() -> list[dict]:
             figure("P7_ray_train_2_over_1_workers", ratio, "ratio", "> 1 (2 cores)", ratio > 1)]  # fmt: skip
 
 
+VERSIONED = ("torch", "onnxruntime", "ray", "mlflow", "kserve", "bentoml", "tritonclient", "monai")
+NOTES = {
+    "stack / data": "embedded stack start, stop and memory; phantom synthesis and manifest of 20 cases.",
+    "P4": "onnxruntime vs torch eager on one preprocessed study, per task, 2 threads each.",
+    "P7": "Ray Train samples/s, segmentation, 2 workers vs 1 on the 2 cores.",
+    "P1": "one segmentation request through the platform (HTTP, Ray Serve, the replica's onnxruntime) vs the "
+          "same work as function calls in one process, measured alternately; with the pre/post-processing share.",
+    "P1-peers": "raw inference on the same compiled ONNX and input tensor (1x4x96x112x96 float32, 16.5 MB) through "
+                "the platform's OIP v2 (HTTP binary, gRPC), a KServe ModelServer (gRPC; its HTTP path answers in "
+                "JSON), BentoML (.npy files; its JSON for arrays took over 300 s) and `mlflow models serve` (JSON), "
+                "each over onnxruntime called in-process (bench/peers.py).",
+    "P2": "the whole study (four tasks fanned out by the gateway) vs the slowest single task.",
+    "P3": "raw localization inference at concurrency 8, dynamic batching up to 8 vs none.",
+    "P6": "segmentation of the same head as 64^3, 96^3 and 128^3 voxels (240 mm): end to end, and in-process "
+          "in a fresh process whose peak RSS is the memory figure.",
+    "soak": "whole-study analyses from 3 closed-loop clients for 10 minutes after a 1-minute warm-up; memory "
+            "is the RSS of this stack's Serve replicas and proxy, sampled every 15 s.",
+    "P5": "the segmentation champion moved under load from 2 clients; replicas poll the registry every 5 s.",
+}
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def write_report(figures: list[dict]) -> None:
     (OUT / "results.json").write_text(json.dumps(figures, indent=2) + "\n")
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -177,7 +207,13 @@ def write_report(figures: list[dict]) -> None:
         "",
         f"Machine: {platform.machine()}, {psutil.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}; commit {git}.",
-        "Command: `make bench`. Figures below are from one run; `bench/results.json` holds the same records.",
+        "Versions: " + ", ".join(f"{name} {_version(name)}" for name in VERSIONED) + ".",
+        "Command: `make bench` (every section; `python -m bench.run SECTION ...` re-runs some and keeps the "
+        "others' last figures). `bench/results.json` holds the same records.",
+        "",
+        *[f"- **{name}**: {text}" for name, text in NOTES.items()],
+        "",
+        "Missed targets: " + (", ".join(f"`{f['name']}`" for f in figures if f["met"] is False) or "none") + ".",
         "",
         "| figure | value | unit | target | met |",
         "|---|---|---|---|---|",

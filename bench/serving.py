@@ -89,19 +89,12 @@ def _files(case: Path) -> dict:
             for p in sorted(case.glob("*.nii.gz")) if not p.name.endswith("_seg.nii.gz")}  # fmt: skip
 
 
-def _in_process_segmentation(settings, registry, store, files: dict):
-    """The same work as /v1/segmentation:predict, as plain function calls in one process."""
+def segmentation_steps(backend, raw: dict[str, bytes]):
+    """The work of /v1/segmentation:predict as plain function calls: decode, preprocess, infer,
+    postprocess, encode the mask (NIfTI, gzip, base64)."""
     from imaging.preprocess import preprocess
-    from serving.backends import OnnxRuntimeBackend
-    from services.task_logic import feeds, postprocess
     from services.study_input import from_nifti
-
-    version = registry.alias("segmentation", "champion")
-    backend = OnnxRuntimeBackend.from_version(registry, store, settings.bucket_models, settings.triton_repo_prefix,
-                                              "segmentation", version, threads=2)  # fmt: skip
-    raw = {m: f[1] for m, f in files.items()}
-    prepared = preprocess(from_nifti(raw, "bench", None).study)
-    inputs = feeds("segmentation", prepared, None)
+    from services.task_logic import feeds, postprocess
 
     def whole():
         import nibabel as nib
@@ -111,7 +104,22 @@ def _in_process_segmentation(settings, registry, store, files: dict):
         mask = result["mask"]
         base64.b64encode(gzip.compress(nib.Nifti1Image(mask.data.astype("uint8"), mask.affine).to_bytes(), mtime=0))
 
-    return whole, lambda: backend.infer(inputs)
+    return whole
+
+
+def _in_process_segmentation(settings, registry, store, files: dict):
+    """The same work as /v1/segmentation:predict in one process, and the backend call alone."""
+    from imaging.preprocess import preprocess
+    from serving.backends import OnnxRuntimeBackend
+    from services.study_input import from_nifti
+    from services.task_logic import feeds
+
+    version = registry.alias("segmentation", "champion")
+    backend = OnnxRuntimeBackend.from_version(registry, store, settings.bucket_models, settings.triton_repo_prefix,
+                                              "segmentation", version, threads=2)  # fmt: skip
+    raw = {m: f[1] for m, f in files.items()}
+    inputs = feeds("segmentation", preprocess(from_nifti(raw, "bench", None).study), None)
+    return segmentation_steps(backend, raw), lambda: backend.infer(inputs)
 
 
 async def _throughput(url: str, body: bytes, headers: dict, concurrency: int, total: int) -> float:
@@ -139,6 +147,90 @@ def _oip_request(prepared) -> tuple[bytes, dict]:
                                      "parameters": {"binary_data_size": image.nbytes}}],
                          "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
     return header + image.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _compiled_segmentation(settings, registry, store, dst: Path) -> Path:
+    from serving.artifacts import load_compiled_onnx
+
+    version = registry.alias("segmentation", "champion")
+    return load_compiled_onnx(registry, store, settings.bucket_models, settings.triton_repo_prefix, "segmentation", version, dst)
+
+
+def _peers(settings, registry, store, prepared, home: Path) -> list[dict]:
+    """P1-peers: the same ONNX and tensor through the platform's OIP v2 and through peer servers."""
+    from bench.peers import bench_peers
+
+    work = home / "peers"
+    onnx_path = _compiled_segmentation(settings, registry, store, work / "model.onnx")
+    return bench_peers(onnx_path, prepared.image[None], settings.serve_url, f"{settings.host}:{settings.serve_grpc_port}", work)
+
+
+def _volume_sizes(settings, registry, store, case: Path, home: Path, url: str) -> list[dict]:
+    """P6: end-to-end latency and in-process latency and peak memory for 64^3, 96^3 and 128^3 inputs."""
+    from bench.volume_size import SIZES, measure_in_process, write_resized
+
+    onnx_path = _compiled_segmentation(settings, registry, store, home / "sizes" / "model.onnx")
+    figures = []
+    for n in SIZES:
+        resized = write_resized(case, home / "sizes" / str(n) / case.name, n)
+        files = _files(resized)
+        e2e = _p50(lambda: httpx.post(f"{url}/v1/segmentation:predict", files=files, timeout=300).raise_for_status(), n=7)
+        local = measure_in_process(resized, onnx_path)
+        figures += [figure(f"P6_{n}^3_segmentation_e2e_p50", e2e, "ms"),
+                    figure(f"P6_{n}^3_in_process_p50", local["p50_ms"], "ms"),
+                    figure(f"P6_{n}^3_in_process_peak_rss", local["peak_rss_mb"], "MiB")]  # fmt: skip
+    return figures
+
+
+def _soak(settings, url: str, files: list[dict]) -> list[dict]:
+    """The soak: whole-study analyses from 3 closed-loop clients for ONCOSERVE_BENCH_SOAK_S (600) seconds."""
+    from bench.load import closed_loop
+
+    seconds = float(os.environ.get("ONCOSERVE_BENCH_SOAK_S", "600"))
+    target = f"{url}/v1/studies:analyze"
+    asyncio.run(closed_loop(settings, target, files, seconds=min(60.0, seconds / 4), concurrency=3))  # warm-up, not counted
+    run = asyncio.run(closed_loop(settings, target, files, seconds=seconds, concurrency=3))
+    latencies = np.array([x.done - x.sent for x in run.samples]) * 1000
+    errors = sum(x.status != 200 for x in run.samples)
+    half = [mb for t, mb in run.memory if t >= seconds / 2]
+    growth = half[-1] - half[0]
+    return [figure("soak_seconds", seconds, "s"), figure("soak_concurrency", 3, "clients"),
+            figure("soak_requests", len(run.samples), "requests"),
+            figure("soak_errors", errors, "requests", "0", errors == 0),
+            figure("soak_throughput", len(run.samples) / seconds, "req/s"),
+            figure("soak_p50", np.percentile(latencies, 50), "ms"), figure("soak_p99", np.percentile(latencies, 99), "ms"),
+            figure("soak_serve_rss_start", run.memory[0][1], "MiB"), figure("soak_serve_rss_end", run.memory[-1][1], "MiB"),
+            figure("soak_serve_rss_growth_second_half", growth, "MiB", "<= 100", growth <= 100)]  # fmt: skip
+
+
+def _hot_swap(settings, registry, store, data: Path, files: dict, url: str) -> list[dict]:
+    """P5: move the segmentation champion under load (2 closed-loop clients): seconds until answers
+    come from the new version (the replicas poll the registry every `watch_interval_s`, 5 s here), and
+    requests that failed."""
+    from bench.load import closed_loop
+    from serving.compile import compile_version
+
+    old = registry.alias("segmentation", "champion")
+    out = _cli(settings, "train", "segmentation", "--data", str(data), "--epochs", "1")
+    new = out.split("registered model segmentation version")[-1].split()[0]
+    compile_version(registry, store, settings.bucket_models, settings.triton_repo_prefix, "segmentation", new)
+    moved: list[float] = []
+
+    def on_tick(elapsed: float) -> None:
+        if elapsed >= 10 and not moved:
+            registry.set_alias("segmentation", "champion", new)
+            moved.append(elapsed)
+
+    run = asyncio.run(closed_loop(settings, f"{url}/v1/segmentation:predict", [files], seconds=45, concurrency=2, on_tick=on_tick))
+    first_new = min((x.done for x in run.samples if x.version == new), default=None)
+    after = [x for x in run.samples if x.sent > (first_new or 1e9)]
+    failed = sum(x.status != 200 for x in run.samples)
+    swap_s = (first_new - moved[0]) if (first_new is not None and moved) else float("nan")
+    return [figure(f"P5_hot_swap_seconds (v{old} -> v{new}, poll 5 s)", swap_s, "s", "<= 10", swap_s <= 10),
+            figure("P5_hot_swap_failed_requests", failed, "requests", "0", failed == 0),
+            figure("P5_hot_swap_requests", len(run.samples), "requests"),
+            figure("P5_old_version_answers_after_first_new", sum(x.version == old for x in after), "requests", "0",
+                   not any(x.version == old for x in after))]  # fmt: skip
 
 
 def bench_serving() -> list[dict]:
@@ -198,6 +290,10 @@ def bench_serving() -> list[dict]:
         unbatched = asyncio.run(_throughput(infer_url, body, headers, 8, 48))
         figures += [figure("P3_throughput_batched_rps", batched, "req/s"), figure("P3_throughput_unbatched_rps", unbatched, "req/s"),
                     figure("P3_batching_gain", batched / unbatched, "ratio", ">= 1.3", batched / unbatched >= 1.3)]  # fmt: skip
+        figures += _peers(settings, registry, store, prepared, home)
+        figures += _volume_sizes(settings, registry, store, case, home, url)
+        figures += _soak(settings, url, [_files(c) for c in sorted(p for p in data.iterdir() if p.is_dir())[:4]])
+        figures += _hot_swap(settings, registry, store, data, files, url)  # last: it moves the segmentation champion
         from pipelines import serving
 
         serving.down(settings)

@@ -80,9 +80,11 @@ def _reporting_champion(settings: Settings, who, console: Console) -> str:
     from serving.registry import Registry
 
     registry = Registry(settings.mlflow_url)
+    from services.reporting.model import DIGEST_TAG
+
     current = registry.alias("reporting", "champion")
-    if current is not None:
-        return current
+    if current is not None and registry.version("reporting", current).tags.get(DIGEST_TAG):
+        return current  # (a champion from before files were hashed is replaced: serving would refuse it)
     version, metrics = register_reporting(settings)
     Promoter(registry, AuditLog(settings.audit_file), settings.home / "cache", settings.gates_file).promote(
         who, "reporting", version, "champion", reason="demo")  # fmt: skip
