@@ -1,0 +1,203 @@
+"""P1-peers: raw segmentation inference on the same compiled ONNX and the same input tensor through the
+platform's OIP v2 endpoint and through peer servers, each as a ratio to onnxruntime called in-process.
+
+Peers, each in its own process on 127.0.0.1, each with its own recommended client and binary encoding:
+- KServe ModelServer (tests/external/kserve_onnx_server.py): OIP v2 over gRPC (tritonclient) and over
+  HTTP with binary tensor data;
+- BentoML (bench/peer_servers/bento_service.py), with its client, the binary way a BentoML user would
+  take: an .npy file each way (np.ndarray arguments travel as JSON from outside, which took over 300 s
+  for this tensor; the pickle media type is refused by a main server);
+- `mlflow models serve` (the ONNX flavour, `--env-manager local`): JSON `{"inputs": ...}`, the only
+  tensor encoding its scoring server takes.
+Every server runs onnxruntime on the CPU with the same model; the machine is shared with the embedded
+stack (idle while these run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = 9
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(ready, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer server exited: {log.read_text()[-2000:]}")
+        try:
+            if ready():
+                return
+        except Exception:  # not listening yet
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"peer server not ready after {timeout_s} s: {log.read_text()[-2000:]}")
+
+
+def _start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def p50_ms(fn, runs: int = RUNS) -> float:
+    fn()  # warm-up: connections, first-touch allocations, session caches
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def _oip_http_binary(url: str, model: str, image: np.ndarray):
+    """OIP v2 HTTP with binary tensors (the layout tritonclient.http writes), output as binary too."""
+    header = json.dumps({"id": "bench", "inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
+                                                     "parameters": {"binary_data_size": image.nbytes}}],
+                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+    body = header + image.tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    client = httpx.Client(timeout=300)
+
+    def call():
+        r = client.post(f"{url}/v2/models/{model}/infer", content=body, headers=headers)
+        r.raise_for_status()
+        size = r.headers.get("inference-header-content-length")
+        if size is None:  # answered in JSON despite the binary request (KServe's HTTP path does this)
+            return np.asarray(r.json()["outputs"][0]["data"], np.float32)
+        return np.frombuffer(r.content[int(size):], np.float32)
+
+    return call
+
+
+def _oip_grpc(address: str, model: str, image: np.ndarray):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(address, channel_args=[("grpc.max_receive_message_length", 64 << 20),
+                                                                     ("grpc.max_send_message_length", 64 << 20)])  # fmt: skip
+    tensor = grpcclient.InferInput("image", list(image.shape), "FP32")
+    tensor.set_data_from_numpy(image)
+    wanted = [grpcclient.InferRequestedOutput("probabilities")]
+    return lambda: client.infer(model, [tensor], outputs=wanted, client_timeout=300).as_numpy("probabilities")
+
+
+def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform_grpc: str, work: Path) -> list[dict]:
+    """Figures for P1-peers. `image` is the preprocessed study, shape (1, 4, D, H, W), float32."""
+    import onnxruntime as ort
+
+    from bench.serving import figure
+
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"image": image})[0]
+    ort_ms = p50_ms(lambda: session.run(None, {"image": image}))
+    timings: dict[str, float] = {}
+    # The platform: the gateway's OIP v2 routes (Ray Serve -> the segmentation replica's onnxruntime).
+    platform = {"platform_oip_http_binary": _oip_http_binary(platform_http, "segmentation", image),
+                "platform_oip_grpc": _oip_grpc(platform_grpc, "segmentation", image)}
+    for name, call in platform.items():
+        assert np.allclose(np.asarray(call()).reshape(reference.shape), reference, atol=1e-4), name
+        timings[name] = p50_ms(call)
+    repo = work / "repo" / "segmentation" / "1"
+    repo.mkdir(parents=True)
+    shutil.copy(onnx_path, repo / "model.onnx")
+    # KServe ModelServer.
+    http_port, grpc_port = _free_port(), _free_port()
+    log = work / "kserve.log"
+    proc = _start([sys.executable, str(ROOT / "tests/external/kserve_onnx_server.py"), str(work / "repo"),
+                   "--http-port", str(http_port), "--grpc-port", str(grpc_port)], log)  # fmt: skip
+    try:
+        _wait(lambda: httpx.get(f"http://127.0.0.1:{http_port}/v2/models/segmentation/ready", timeout=2).status_code == 200, proc, log)
+        kserve = {"kserve_grpc": _oip_grpc(f"127.0.0.1:{grpc_port}", "segmentation", image),
+                  "kserve_http_binary": _oip_http_binary(f"http://127.0.0.1:{http_port}", "segmentation", image)}  # fmt: skip
+        for name, call in kserve.items():
+            assert np.allclose(np.asarray(call()).reshape(reference.shape), reference, atol=1e-4), name
+            timings[name] = p50_ms(call)
+    finally:
+        _stop(proc)
+    # BentoML.
+    port, log = _free_port(), work / "bentoml.log"
+    proc = _start([str(Path(sys.executable).parent / "bentoml"), "serve", "bench.peer_servers.bento_service:OnnxPeer",
+                   "--host", "127.0.0.1", "--port", str(port)], log, {"ONCOSERVE_BENCH_ONNX": str(onnx_path), "BENTOML_DO_NOT_TRACK": "True",
+                                                                     "PYTHONPATH": str(ROOT)})  # fmt: skip
+    try:
+        import bentoml
+
+        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, proc, log)
+        npy = work / "image.npy"
+        with bentoml.SyncHTTPClient(f"http://127.0.0.1:{port}", timeout=300) as client:
+            def as_file():  # writing the .npy and reading the answer's are part of the call
+                np.save(npy, image)
+                return np.load(client.infer_npy(tensor=npy))
+
+            # (Arrays as JSON, `client.infer(image=...)`, are not timed: one such request took over 300 s here.)
+            assert np.allclose(as_file().reshape(reference.shape), reference, atol=1e-4), "bentoml"
+            timings["bentoml_npy_file"] = p50_ms(as_file)
+    finally:
+        _stop(proc)
+    # mlflow models serve (ONNX flavour, JSON only).
+    import mlflow.onnx
+    import onnx
+
+    model_dir = work / "mlflow-model"
+    mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(model_dir))
+    port, log = _free_port(), work / "mlflow.log"
+    proc = _start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
+                   "-h", "127.0.0.1", "-p", str(port), "-w", "1"], log,
+                  {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})  # it execs `uvicorn`  # fmt: skip
+    try:
+        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200, proc, log)
+        client = httpx.Client(timeout=600)
+
+        def call():  # the JSON encoding is part of the call: it is what a client of this server must do
+            payload = json.dumps({"inputs": {"image": image.tolist()}})
+            r = client.post(f"http://127.0.0.1:{port}/invocations", content=payload, headers={"Content-Type": "application/json"})
+            r.raise_for_status()
+            return np.asarray(r.json()["predictions"]["probabilities"], np.float32)
+
+        assert np.allclose(call().reshape(reference.shape), reference, atol=1e-4), "mlflow"
+        timings["mlflow_models_serve_json"] = p50_ms(call, runs=3)
+    finally:
+        _stop(proc)
+    figures = [figure("P1peers_raw_onnxruntime_p50", ort_ms, "ms")]
+    for name, ms in timings.items():
+        figures += [figure(f"P1peers_{name}_p50", ms, "ms"), figure(f"P1peers_{name}_over_ort", ms / ort_ms, "ratio")]
+    best_platform = min(v for k, v in timings.items() if k.startswith("platform"))
+    best_peer = min(v for k, v in timings.items() if not k.startswith("platform"))
+    figures.append(figure("P1peers_platform_best_over_best_peer", best_platform / best_peer, "ratio",
+                          "< 1 (platform lowest)", best_platform < best_peer))  # fmt: skip
+    return figures
