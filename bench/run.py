@@ -183,7 +183,7 @@ NOTES = {
     "P2": "the whole study (four tasks fanned out by the gateway) vs the slowest single task.",
     "P3": "raw localization inference at concurrency 8, dynamic batching up to 8 vs none.",
     "P6": "segmentation of the same head as 64^3, 96^3 and 128^3 voxels (240 mm): end to end, and in-process "
-          "in a fresh process whose peak RSS is the memory figure.",
+          "in a fresh process whose peak RSS (VmHWM) is the memory figure.",
     "soak": "whole-study analyses from 3 closed-loop clients for 10 minutes after a 1-minute warm-up; memory "
             "is the RSS of this stack's Serve replicas and proxy, sampled every 15 s.",
     "P5": "the segmentation champion moved under load from 2 clients; replicas poll the registry every 5 s.",

@@ -9,7 +9,6 @@ peak resident memory is the memory figure (`python -m bench.volume_size CASE_DIR
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -48,7 +47,10 @@ def _probe(case: Path, onnx_path: Path, runs: int = 5) -> dict:
         t0 = time.perf_counter()
         whole()
         times.append(time.perf_counter() - t0)
-    return {"p50_ms": statistics.median(times) * 1000, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over execve, so a child of a large
+    # parent would report the parent's peak.
+    hwm_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return {"p50_ms": statistics.median(times) * 1000, "peak_rss_mb": hwm_kb / 1024}
 
 
 def measure_in_process(case: Path, onnx_path: Path) -> dict:
