@@ -47,7 +47,7 @@ def _wait(ready, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> N
         try:
             if ready():
                 return
-        except Exception:  # not listening yet
+        except httpx.HTTPError:  # not listening yet
             pass
         time.sleep(0.5)
     proc.kill()
