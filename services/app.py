@@ -10,6 +10,13 @@ from services.metrics import MULTIPROC_ENV
 from services.task_logic import TASKS
 
 
+# glibc malloc in the replicas: the gateway's thread pool and onnxruntime's threads each get an arena of
+# their own (up to 8 per core), and per-request volumes of a few MB left them fragmented, so resident
+# memory crept up under load before it plateaued. Two arenas keep it lower and flatter at no measured
+# latency cost; a fixed MALLOC_MMAP_THRESHOLD_ flattened it further but cost 3-4% per segmentation.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
 def metrics_dir(settings) -> Path:
     return settings.home / "serve" / "metrics"
 
@@ -44,7 +51,7 @@ def build_app(settings, config: deploy_config.DeploymentConfig):
     mdir = metrics_dir(settings)
     mdir.mkdir(parents=True, exist_ok=True)
     prune_metrics(mdir)
-    env = {"env_vars": {MULTIPROC_ENV: str(mdir)}}
+    env = {"env_vars": {MULTIPROC_ENV: str(mdir), **MALLOC_ENV}}
     fields = settings.model_dump(mode="json")
 
     def options(name: str) -> dict:
