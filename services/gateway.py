@@ -453,13 +453,23 @@ class StudyGateway:
     def v2_server(self):
         return {"name": "oncoserve", "version": API_VERSION, "extensions": ["binary_tensor_data"]}
 
-    async def _model(self, model: str, version: str | None) -> dict:
+    def _known(self, model: str) -> None:
         if model not in self.tasks:
             raise InputError(f"unknown model {model!r}; models: {', '.join(TASKS)}", 404)
+
+    async def _model(self, model: str, version: str | None) -> dict:
+        self._known(model)
         described = await self.tasks[model].describe.remote()
         if version not in (None, "", described["version"]):
             raise InputError(f"{model} version {version} is not loaded; serving version {described['version']}", 404)
         return described
+
+    async def _check_model(self, model: str, version: str | None) -> None:
+        """Before an inference: the model exists, and a requested version is the one loaded. Without a
+        version there is nothing to ask the replica (the answer names the version that ran)."""
+        self._known(model)
+        if version:
+            await self._model(model, version)
 
     @api.get("/v2/models/{model}")
     @api.get("/v2/models/{model}/versions/{version}")
@@ -484,7 +494,7 @@ class StudyGateway:
     @api.post("/v2/models/{model}/versions/{version}/infer")
     async def v2_infer(self, model: str, request: Request, version: str | None = None):
         async def work():
-            await self._model(model, version)
+            await self._check_model(model, version)
             body = await self._body(request)
             try:
                 inputs, header = decode_rest(body, request.headers.get("inference-header-content-length"))
@@ -564,7 +574,7 @@ class StudyGateway:
 
     async def ModelInfer(self, request, grpc_context):
         async def work():
-            await self._model(request.model_name, request.model_version)
+            await self._check_model(request.model_name, request.model_version)
             try:
                 inputs = decode_grpc(request)
                 result = await self._raw(request.model_name, inputs)

@@ -46,6 +46,12 @@ def _from_bytes(data: bytes, dtype: np.dtype, shape: tuple[int, ...], name: str)
     return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape).astype(dtype, copy=False)
 
 
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    """Contiguous and little-endian, as the protocol's raw bytes are (no copy when already so)."""
+    array = np.ascontiguousarray(array)
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+
+
 def decode_rest(body: bytes, header_length: str | None) -> tuple[dict[str, np.ndarray], dict]:
     """An HTTP infer request body -> ({input name: array}, the JSON header)."""
     try:
@@ -60,7 +66,7 @@ def decode_rest(body: bytes, header_length: str | None) -> tuple[dict[str, np.nd
         raise ProtocolError(f"request header is not JSON ({exc})") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise ProtocolError("request must be a JSON object with a non-empty `inputs` list")
-    offset, inputs = split, {}
+    offset, inputs, view = split, {}, memoryview(body)  # slices of a view: the tensors are not copied
     for item in header["inputs"]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ProtocolError("every input needs a `name`")
@@ -70,7 +76,7 @@ def decode_rest(body: bytes, header_length: str | None) -> tuple[dict[str, np.nd
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(body):
                 raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past the body")
-            inputs[name] = _from_bytes(body[offset : offset + size], dtype, shape, name)
+            inputs[name] = _from_bytes(view[offset : offset + size], dtype, shape, name)
             offset += size
         else:
             try:
@@ -93,12 +99,12 @@ def encode_rest(model: str, version: str, outputs: dict[str, np.ndarray], header
         raise ProtocolError(f"model {model} has no output {', '.join(missing)} (it has {', '.join(outputs)})")
     described, blobs = [], []
     for name in names:
-        array = np.ascontiguousarray(outputs[name])
+        array = _little_endian(outputs[name])
         entry = {"name": name, "datatype": NP_TO_V2[array.dtype], "shape": list(array.shape)}
         binary = (wanted.get(name, {}).get("parameters") or {}).get("binary_data", params.get("binary_data_output", False))
         if binary:
-            data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-            entry["parameters"] = {"binary_data_size": len(data)}
+            data = memoryview(array.reshape(-1).view(np.uint8))
+            entry["parameters"] = {"binary_data_size": data.nbytes}
             blobs.append(data)
         else:
             entry["data"] = array.ravel().tolist()
@@ -109,7 +115,8 @@ def encode_rest(model: str, version: str, outputs: dict[str, np.ndarray], header
     head = json.dumps(response).encode()
     if not blobs:
         return head, {"content-type": "application/json"}
-    return head + b"".join(blobs), {HEADER_LENGTH: str(len(head)), "content-type": "application/octet-stream"}
+    # One copy of each output into the body (joined views), not three (tobytes, join, +).
+    return b"".join([head, *blobs]), {HEADER_LENGTH: str(len(head)), "content-type": "application/octet-stream"}
 
 
 def decode_grpc(request) -> dict[str, np.ndarray]:
@@ -141,9 +148,9 @@ def encode_grpc(pb, model: str, version: str, outputs: dict[str, np.ndarray], re
         raise ProtocolError(f"model {model} has no output {', '.join(missing)} (it has {', '.join(outputs)})")
     response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
     for name in wanted or list(outputs):
-        array = np.ascontiguousarray(outputs[name])
+        array = _little_endian(outputs[name])
         tensor = response.outputs.add()
         tensor.name, tensor.datatype = name, NP_TO_V2[array.dtype]
         tensor.shape.extend(array.shape)
-        response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        response.raw_output_contents.append(array.tobytes())
     return response

@@ -119,7 +119,9 @@ class TaskService:
         results: list = [None] * len(items)
         t0 = time.perf_counter()
         for members in groups.values():
-            stacked = {k: np.concatenate([items[i][k] for i in members]) for k in items[members[0]]}
+            # A lone request goes in as it is: concatenating one array would copy it.
+            first = items[members[0]]
+            stacked = first if len(members) == 1 else {k: np.concatenate([items[i][k] for i in members]) for k in first}
             try:
                 out = await asyncio.to_thread(model.backend.infer, stacked)
             except BackendUnavailable:

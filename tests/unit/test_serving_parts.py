@@ -11,7 +11,7 @@ import pytest
 
 from imaging.study import Volume
 from services import deploy_config
-from services.oip import HEADER_LENGTH, ProtocolError, decode_grpc, decode_rest, encode_grpc, encode_rest
+from services.oip import HEADER_LENGTH, V2_TO_NP, ProtocolError, decode_grpc, decode_rest, encode_grpc, encode_rest
 from services.study_input import InputError, from_dicom_zip, from_nifti, from_s3
 
 
@@ -77,6 +77,23 @@ def test_rest_binary_round_trip_matches_tritonclient_layout():
     assert meta["model_version"] == "3" and meta["id"] == "r1"
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == image.nbytes
     np.testing.assert_array_equal(np.frombuffer(out[split:], np.float32).reshape(image.shape), image * 2)
+
+
+@pytest.mark.parametrize("datatype", sorted(V2_TO_NP))
+@pytest.mark.parametrize("shape", [(2, 3, 4), (0, 3)])
+def test_rest_binary_outputs_decode_back_for_every_datatype(datatype, shape):
+    array = (np.arange(int(np.prod(shape))).reshape(shape) % 3).astype(V2_TO_NP[datatype])
+    out, headers = encode_rest("m", "1", {"y": array, "big_endian": array.astype(array.dtype.newbyteorder(">"))},
+                               {"parameters": {"binary_data_output": True}})  # fmt: skip
+    split = int(headers[HEADER_LENGTH])
+    described = json.loads(out[:split])["outputs"]
+    assert [o["datatype"] for o in described] == [datatype, datatype]
+    header = {"inputs": [{**o, "name": f"x{i}"} for i, o in enumerate(described)]}
+    head = json.dumps(header).encode()
+    inputs, _ = decode_rest(head + out[split:], str(len(head)))
+    for name in ("x0", "x1"):
+        assert inputs[name].dtype == array.dtype and inputs[name].shape == shape
+        np.testing.assert_array_equal(inputs[name], array)
 
 
 def test_rest_json_tensors_and_requested_outputs():
