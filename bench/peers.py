@@ -10,7 +10,8 @@ Peers, each in its own process on 127.0.0.1, each with its own recommended clien
 - `mlflow models serve` (the ONNX flavour, `--env-manager local`): JSON `{"inputs": ...}`, the only
   tensor encoding its scoring server takes.
 Every server runs onnxruntime on the CPU with the same model; the machine is shared with the embedded
-stack (idle while these run).
+stack (idle while these run). The platform, KServe, BentoML and in-process onnxruntime are timed in
+interleaved rounds (one call each per round), so that the machine's drift hits all of them alike.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = 9
+RUNS = 15
 
 
 def _free_port() -> int:
@@ -113,8 +114,30 @@ def _oip_grpc(address: str, model: str, image: np.ndarray):
     return lambda: client.infer(model, [tensor], outputs=wanted, client_timeout=300).as_numpy("probabilities")
 
 
+def interleaved_p50_ms(calls: dict, runs: int = RUNS) -> dict[str, float]:
+    """p50 of each call, timed in rounds of one call each, so that drift on the shared machine (other
+    tenants, thermal) hits every server alike instead of whichever happened to run during it."""
+    for call in calls.values():
+        call()  # warm-up: connections, first-touch allocations, session caches
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
+
+
+def _check(name: str, out, reference: np.ndarray) -> None:
+    if not np.allclose(np.asarray(out).reshape(reference.shape), reference, atol=1e-4):
+        raise RuntimeError(f"{name} answered differently from onnxruntime in-process")
+
+
 def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform_grpc: str, work: Path) -> list[dict]:
-    """Figures for P1-peers. `image` is the preprocessed study, shape (1, 4, D, H, W), float32."""
+    """Figures for P1-peers. `image` is the preprocessed study, shape (1, 4, D, H, W), float32.
+
+    The platform, KServe and BentoML (idle between calls) run side by side and are timed interleaved with
+    in-process onnxruntime; `mlflow models serve` (seconds per call, JSON) is timed on its own after."""
     import onnxruntime as ort
 
     from bench.serving import figure
@@ -124,51 +147,50 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     reference = session.run(None, {"image": image})[0]
-    ort_ms = p50_ms(lambda: session.run(None, {"image": image}))
-    timings: dict[str, float] = {}
     # The platform: the gateway's OIP v2 routes (Ray Serve -> the segmentation replica's onnxruntime).
-    platform = {"platform_oip_http_binary": _oip_http_binary(platform_http, "segmentation", image),
-                "platform_oip_grpc": _oip_grpc(platform_grpc, "segmentation", image)}
-    for name, call in platform.items():
-        assert np.allclose(np.asarray(call()).reshape(reference.shape), reference, atol=1e-4), name
-        timings[name] = p50_ms(call)
+    calls = {"raw_onnxruntime": lambda: session.run(None, {"image": image}),
+             "platform_oip_http_binary": _oip_http_binary(platform_http, "segmentation", image),
+             "platform_oip_grpc": _oip_grpc(platform_grpc, "segmentation", image)}  # fmt: skip
     repo = work / "repo" / "segmentation" / "1"
     repo.mkdir(parents=True)
     shutil.copy(onnx_path, repo / "model.onnx")
-    # KServe ModelServer.
-    http_port, grpc_port = _free_port(), _free_port()
-    log = work / "kserve.log"
-    proc = _start([sys.executable, str(ROOT / "tests/external/kserve_onnx_server.py"), str(work / "repo"),
-                   "--http-port", str(http_port), "--grpc-port", str(grpc_port)], log)  # fmt: skip
+    servers: list[subprocess.Popen] = []
     try:
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{http_port}/v2/models/segmentation/ready", timeout=2).status_code == 200, proc, log)
-        kserve = {"kserve_grpc": _oip_grpc(f"127.0.0.1:{grpc_port}", "segmentation", image),
-                  "kserve_http_binary": _oip_http_binary(f"http://127.0.0.1:{http_port}", "segmentation", image)}  # fmt: skip
-        for name, call in kserve.items():
-            assert np.allclose(np.asarray(call()).reshape(reference.shape), reference, atol=1e-4), name
-            timings[name] = p50_ms(call)
-    finally:
-        _stop(proc)
-    # BentoML.
-    port, log = _free_port(), work / "bentoml.log"
-    proc = _start([str(Path(sys.executable).parent / "bentoml"), "serve", "bench.peer_servers.bento_service:OnnxPeer",
-                   "--host", "127.0.0.1", "--port", str(port)], log, {"ONCOSERVE_BENCH_ONNX": str(onnx_path), "BENTOML_DO_NOT_TRACK": "True",
-                                                                     "PYTHONPATH": str(ROOT)})  # fmt: skip
-    try:
+        # KServe ModelServer.
+        http_port, grpc_port = _free_port(), _free_port()
+        log = work / "kserve.log"
+        servers.append(_start([sys.executable, str(ROOT / "tests/external/kserve_onnx_server.py"), str(work / "repo"),
+                               "--http-port", str(http_port), "--grpc-port", str(grpc_port)], log))  # fmt: skip
+        _wait(lambda: httpx.get(f"http://127.0.0.1:{http_port}/v2/models/segmentation/ready", timeout=2).status_code == 200,
+              servers[-1], log)  # fmt: skip
+        calls["kserve_grpc"] = _oip_grpc(f"127.0.0.1:{grpc_port}", "segmentation", image)
+        kserve_http = _oip_http_binary(f"http://127.0.0.1:{http_port}", "segmentation", image)
+        # BentoML.
+        port, log = _free_port(), work / "bentoml.log"
+        servers.append(_start([str(Path(sys.executable).parent / "bentoml"), "serve", "bench.peer_servers.bento_service:OnnxPeer",
+                               "--host", "127.0.0.1", "--port", str(port)], log,
+                              {"ONCOSERVE_BENCH_ONNX": str(onnx_path), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}))  # fmt: skip
         import bentoml
 
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, proc, log)
+        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, servers[-1], log)
         npy = work / "image.npy"
-        with bentoml.SyncHTTPClient(f"http://127.0.0.1:{port}", timeout=300) as client:
+        with bentoml.SyncHTTPClient(f"http://127.0.0.1:{port}", timeout=300) as bento:
+
             def as_file():  # writing the .npy and reading the answer's are part of the call
                 np.save(npy, image)
-                return np.load(client.infer_npy(tensor=npy))
+                return np.load(bento.infer_npy(tensor=npy))
 
-            # (Arrays as JSON, `client.infer(image=...)`, are not timed: one such request took over 300 s here.)
-            assert np.allclose(as_file().reshape(reference.shape), reference, atol=1e-4), "bentoml"
-            timings["bentoml_npy_file"] = p50_ms(as_file)
+            # (Arrays as JSON, `bento.infer(image=...)`, are not timed: one such request took over 300 s here.)
+            calls["bentoml_npy_file"] = as_file
+            for name, call in calls.items():
+                _check(name, call(), reference)
+            timings = interleaved_p50_ms(calls)
+        # KServe's HTTP path answers in JSON (about 5 s a call): timed alone, not to stretch the rounds.
+        _check("kserve_http_binary", kserve_http(), reference)
+        timings["kserve_http_binary"] = p50_ms(kserve_http, runs=3)
     finally:
-        _stop(proc)
+        for proc in servers:
+            _stop(proc)
     # mlflow models serve (ONNX flavour, JSON only).
     import mlflow.onnx
     import onnx
@@ -189,10 +211,11 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
             r.raise_for_status()
             return np.asarray(r.json()["predictions"]["probabilities"], np.float32)
 
-        assert np.allclose(call().reshape(reference.shape), reference, atol=1e-4), "mlflow"
+        _check("mlflow", call(), reference)
         timings["mlflow_models_serve_json"] = p50_ms(call, runs=3)
     finally:
         _stop(proc)
+    ort_ms = timings.pop("raw_onnxruntime")
     figures = [figure("P1peers_raw_onnxruntime_p50", ort_ms, "ms")]
     for name, ms in timings.items():
         figures += [figure(f"P1peers_{name}_p50", ms, "ms"), figure(f"P1peers_{name}_over_ort", ms / ort_ms, "ratio")]

@@ -179,13 +179,15 @@ NOTES = {
     "P1-peers": "raw inference on the same compiled ONNX and input tensor (1x4x96x112x96 float32, 16.5 MB) through "
                 "the platform's OIP v2 (HTTP binary, gRPC), a KServe ModelServer (gRPC; its HTTP path answers in "
                 "JSON), BentoML (.npy files; its JSON for arrays took over 300 s) and `mlflow models serve` (JSON), "
-                "each over onnxruntime called in-process (bench/peers.py).",
+                "each over onnxruntime called in-process; the platform, KServe gRPC, BentoML and in-process onnxruntime "
+                "are timed in interleaved rounds on the same machine at once (bench/peers.py).",
     "P2": "the whole study (four tasks fanned out by the gateway) vs the slowest single task.",
     "P3": "raw localization inference at concurrency 8, dynamic batching up to 8 vs none.",
     "P6": "segmentation of the same head as 64^3, 96^3 and 128^3 voxels (240 mm): end to end, and in-process "
           "in a fresh process whose peak RSS (VmHWM) is the memory figure.",
     "soak": "whole-study analyses from 3 closed-loop clients for 10 minutes after a 1-minute warm-up; memory "
-            "is the RSS of this stack's Serve replicas and proxy, sampled every 15 s.",
+            "is the RSS of this stack's Serve replicas and proxy, sampled every 15 s (trace: bench/soak_memory.csv); "
+            "the second half's growth is a least-squares line through its samples.",
     "P5": "the segmentation champion moved under load from 2 clients; replicas poll the registry every 5 s.",
 }
 

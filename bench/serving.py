@@ -192,8 +192,12 @@ def _soak(settings, url: str, files: list[dict]) -> list[dict]:
     run = asyncio.run(closed_loop(settings, target, files, seconds=seconds, concurrency=3))
     latencies = np.array([x.done - x.sent for x in run.samples]) * 1000
     errors = sum(x.status != 200 for x in run.samples)
-    half = [mb for t, mb in run.memory if t >= seconds / 2]
-    growth = half[-1] - half[0]
+    # Growth over the second half from a least-squares line through its samples: a single sample
+    # catches a random number of studies in flight (tens of MB each), so last-minus-first is noise.
+    half = np.array([(t, mb) for t, mb in run.memory if t >= seconds / 2])
+    growth = float(np.polyfit(half[:, 0], half[:, 1], 1)[0]) * (half[-1, 0] - half[0, 0])
+    trace = Path(__file__).with_name("soak_memory.csv")
+    trace.write_text("seconds,serve_rss_mib\n" + "".join(f"{t:.0f},{mb:.1f}\n" for t, mb in run.memory))
     return [figure("soak_seconds", seconds, "s"), figure("soak_concurrency", 3, "clients"),
             figure("soak_requests", len(run.samples), "requests"),
             figure("soak_errors", errors, "requests", "0", errors == 0),
