@@ -41,6 +41,7 @@ deployments:
 
 
 def figure(name, value, unit, target=None, met=None) -> dict:
+    met = None if met is None else bool(met)  # numpy comparisons give numpy bools, which json refuses
     return {"name": name, "value": round(float(value), 3), "unit": unit, "target": target, "met": met}
 
 
@@ -195,7 +196,7 @@ def _soak(settings, url: str, files: list[dict]) -> list[dict]:
     # Growth over the second half from a least-squares line through its samples: a single sample
     # catches a random number of studies in flight (tens of MB each), so last-minus-first is noise.
     half = np.array([(t, mb) for t, mb in run.memory if t >= seconds / 2])
-    growth = float(np.polyfit(half[:, 0], half[:, 1], 1)[0]) * (half[-1, 0] - half[0, 0])
+    growth = float(np.polyfit(half[:, 0], half[:, 1], 1)[0] * (half[-1, 0] - half[0, 0]))
     trace = Path(__file__).with_name("soak_memory.csv")
     trace.write_text("seconds,serve_rss_mib\n" + "".join(f"{t:.0f},{mb:.1f}\n" for t, mb in run.memory))
     return [figure("soak_seconds", seconds, "s"), figure("soak_concurrency", 3, "clients"),
