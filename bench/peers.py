@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -73,16 +72,6 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def p50_ms(fn, runs: int = RUNS) -> float:
-    fn()  # warm-up: connections, first-touch allocations, session caches
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
-
-
 def _oip_http_binary(url: str, model: str, image: np.ndarray):
     """OIP v2 HTTP with binary tensors (the layout tritonclient.http writes), output as binary too."""
     header = json.dumps({"id": "bench", "inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
@@ -114,20 +103,6 @@ def _oip_grpc(address: str, model: str, image: np.ndarray):
     return lambda: client.infer(model, [tensor], outputs=wanted, client_timeout=300).as_numpy("probabilities")
 
 
-def interleaved_p50_ms(calls: dict, runs: int = RUNS) -> dict[str, float]:
-    """p50 of each call, timed in rounds of one call each, so that drift on the shared machine (other
-    tenants, thermal) hits every server alike instead of whichever happened to run during it."""
-    for call in calls.values():
-        call()  # warm-up: connections, first-touch allocations, session caches
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
-
-
 def _check(name: str, out, reference: np.ndarray) -> None:
     if not np.allclose(np.asarray(out).reshape(reference.shape), reference, atol=1e-4):
         raise RuntimeError(f"{name} answered differently from onnxruntime in-process")
@@ -140,7 +115,7 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
     in-process onnxruntime; `mlflow models serve` (seconds per call, JSON) is timed on its own after."""
     import onnxruntime as ort
 
-    from bench.serving import figure
+    from bench.serving import figure, interleaved_p50_ms, p50_ms
 
     image = np.ascontiguousarray(image, dtype=np.float32)
     options = ort.SessionOptions()
@@ -184,10 +159,10 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
             calls["bentoml_npy_file"] = as_file
             for name, call in calls.items():
                 _check(name, call(), reference)
-            timings = interleaved_p50_ms(calls)
+            timings = interleaved_p50_ms(calls, RUNS)
         # KServe's HTTP path answers in JSON (about 5 s a call): timed alone, not to stretch the rounds.
         _check("kserve_http_binary", kserve_http(), reference)
-        timings["kserve_http_binary"] = p50_ms(kserve_http, runs=3)
+        timings["kserve_http_binary"] = p50_ms(kserve_http, n=3)
     finally:
         for proc in servers:
             _stop(proc)
@@ -212,7 +187,7 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
             return np.asarray(r.json()["predictions"]["probabilities"], np.float32)
 
         _check("mlflow", call(), reference)
-        timings["mlflow_models_serve_json"] = p50_ms(call, runs=3)
+        timings["mlflow_models_serve_json"] = p50_ms(call, n=3)
     finally:
         _stop(proc)
     ort_ms = timings.pop("raw_onnxruntime")

@@ -45,7 +45,7 @@ def figure(name, value, unit, target=None, met=None) -> dict:
     return {"name": name, "value": round(float(value), 3), "unit": unit, "target": target, "met": met}
 
 
-def _p50(fn, n: int = REPEATS) -> float:
+def p50_ms(fn, n: int = REPEATS) -> float:
     fn()  # warm-up
     times = []
     for _ in range(n):
@@ -55,16 +55,19 @@ def _p50(fn, n: int = REPEATS) -> float:
     return statistics.median(times) * 1000
 
 
-def _paired_p50(a, b, n: int) -> tuple[float, float]:
-    for _ in range(3):  # warm-up: connection pools, first-touch allocations, replica caches
-        a(), b()
-    times_a, times_b = [], []
-    for _ in range(n):
-        for fn, times in ((a, times_a), (b, times_b)):
+def interleaved_p50_ms(calls: dict, runs: int, warmup_rounds: int = 1) -> dict[str, float]:
+    """p50 (ms) of each call, timed in rounds of one call each, so that drift on the shared 2-core machine
+    (other tenants, thermal) hits every side alike instead of whichever happened to run during it."""
+    for _ in range(warmup_rounds):  # connection pools, first-touch allocations, replica and session caches
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times_a) * 1000, statistics.median(times_b) * 1000
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def _cli(settings, *args) -> str:
@@ -175,7 +178,7 @@ def _volume_sizes(settings, registry, store, case: Path, home: Path, url: str) -
     for n in SIZES:
         resized = write_resized(case, home / "sizes" / str(n) / case.name, n)
         files = _files(resized)
-        e2e = _p50(lambda: httpx.post(f"{url}/v1/segmentation:predict", files=files, timeout=300).raise_for_status(), n=7)
+        e2e = p50_ms(lambda: httpx.post(f"{url}/v1/segmentation:predict", files=files, timeout=300).raise_for_status(), n=7)
         local = measure_in_process(resized, onnx_path)
         figures += [figure(f"P6_{n}^3_segmentation_e2e_p50", e2e, "ms"),
                     figure(f"P6_{n}^3_in_process_p50", local["p50_ms"], "ms"),
@@ -272,15 +275,16 @@ def bench_serving() -> list[dict]:
         # P1: one segmentation request through the platform vs the same work as function calls,
         # measured alternately so that drift on the shared 2-core machine hits both sides alike.
         whole, ort_only = _in_process_segmentation(settings, registry, store, files)
-        e2e, local = _paired_p50(post("/v1/segmentation:predict"), whole, n=21)
-        ort = _p50(ort_only)
+        paired = interleaved_p50_ms({"e2e": post("/v1/segmentation:predict"), "local": whole}, runs=21, warmup_rounds=3)
+        e2e, local = paired["e2e"], paired["local"]
+        ort = p50_ms(ort_only)
         figures += [figure("P1_segmentation_e2e_p50", e2e, "ms"), figure("P1_in_process_p50", local, "ms"),
                     figure("P1_raw_onnxruntime_p50", ort, "ms"),
                     figure("P1_pre_post_processing_share", (local - ort) / local, "fraction"),
                     figure("P1_platform_over_in_process", e2e / local, "ratio", "<= 1.10", e2e / local <= 1.10)]  # fmt: skip
         # P2: the whole study (four tasks fanned out) vs the slowest single task.
-        single = {task: _p50(post(f"/v1/{task}:predict"), n=7) for task in TASKS}
-        study = _p50(post("/v1/studies:analyze"), n=7)
+        single = {task: p50_ms(post(f"/v1/{task}:predict"), n=7) for task in TASKS}
+        study = p50_ms(post("/v1/studies:analyze"), n=7)
         slowest = max(single, key=single.get)
         figures += [figure(f"P2_{task}_predict_p50", v, "ms") for task, v in single.items()]
         figures += [figure("P2_study_analyze_p50", study, "ms"),

@@ -467,9 +467,10 @@ class StudyGateway:
     async def _check_model(self, model: str, version: str | None) -> None:
         """Before an inference: the model exists, and a requested version is the one loaded. Without a
         version there is nothing to ask the replica (the answer names the version that ran)."""
-        self._known(model)
         if version:
             await self._model(model, version)
+        else:
+            self._known(model)
 
     @api.get("/v2/models/{model}")
     @api.get("/v2/models/{model}/versions/{version}")
