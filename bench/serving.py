@@ -216,17 +216,18 @@ def _hot_swap(settings, registry, store, data: Path, files: dict, url: str) -> l
     come from the new version (the replicas poll the registry every `watch_interval_s`, 5 s here), and
     requests that failed."""
     from bench.load import closed_loop
-    from serving.compile import compile_version
+    from pipelines.platform_client import PlatformClient
 
     old = registry.alias("segmentation", "champion")
     out = _cli(settings, "train", "segmentation", "--data", str(data), "--epochs", "1")
     new = out.split("registered model segmentation version")[-1].split()[0]
-    compile_version(registry, store, settings.bucket_models, settings.triton_repo_prefix, "segmentation", new)
+    platform = PlatformClient(settings)
+    platform.compile("segmentation", new, force=True, reason="bench P5: one-epoch model")
     moved: list[float] = []
 
     def on_tick(elapsed: float) -> None:
-        if elapsed >= 10 and not moved:
-            registry.set_alias("segmentation", "champion", new)
+        if elapsed >= 10 and not moved:  # a signed promotion, as in production (the replicas refuse anything else)
+            platform.promote("segmentation", new, "champion", reason="bench P5", force=True)
             moved.append(elapsed)
 
     run = asyncio.run(closed_loop(settings, f"{url}/v1/segmentation:predict", [files], seconds=45, concurrency=2, on_tick=on_tick))
@@ -246,11 +247,12 @@ def bench_serving() -> list[dict]:
     from imaging.phantoms import synthesise
     from imaging.preprocess import preprocess
     from oncoserve.object_store import object_store
-    from serving.compile import compile_version
     from serving.registry import Registry
 
     home = Path(tempfile.mkdtemp(prefix="osb-sv-", dir="/tmp"))
-    settings = private_settings(home, serve_rate_limit_per_min=0)  # throughput figures, not a rate-limit test
+    # Throughput figures of the data path: no rate limit, and serving auth off (a token lookup per request
+    # is a hash and a file read; the load generators carry no token).
+    settings = private_settings(home, serve_rate_limit_per_min=0, serve_auth=False)
     stack = EmbeddedStack(settings)
     figures = []
     try:
@@ -260,11 +262,14 @@ def bench_serving() -> list[dict]:
         (home / "token").write_text(TokenStore(settings.tokens_file).create("bench", "admin", None))
         data = synthesise(home / "data", n=8, seed=3, sites=2)
         registry, store = Registry(settings.mlflow_url), object_store(settings)
+        from pipelines.platform_client import PlatformClient
+
+        platform = PlatformClient(settings)
         for task in TASKS:
             out = _cli(settings, "train", task, "--data", str(data), "--epochs", "1")
             version = out.split(f"registered model {task} version")[-1].split()[0]
-            compile_version(registry, store, settings.bucket_models, settings.triton_repo_prefix, task, version)
-            registry.set_alias(task, "champion", version)
+            platform.compile(task, version, force=True, reason="bench: one-epoch models")
+            platform.promote(task, version, "champion", reason="bench", force=True)
         _deploy(settings, home, batch=8)
         case = sorted(p for p in data.iterdir() if p.is_dir())[0]
         files, url = _files(case), settings.serve_url

@@ -45,7 +45,11 @@ class Settings(BaseSettings):
 
     # Registry, promotion, compile.
     token: str | None = Field(None, description="API token for the CLI (else read from ONCOSERVE_HOME/token).")
-    gates_file: Path | None = Field(None, description="Promotion gates (TOML); default: the packaged pipelines/gates.toml.")
+    gates_file: Path | None = Field(None, description="Promotion gates (TOML) the platform API loads at start; default: the "
+                                                       "packaged pipelines/gates.toml. Read by the server only: a client's has no effect.")
+    signing_public_key: Path | None = Field(None, description="The platform's Ed25519 public key (PEM) serving replicas verify "
+                                                              "promotions with; default: HOME/platform/signing.pub.")
+    serve_auth: bool = Field(True, description="Serving API requires a token (REST and gRPC); `off` for local development only.")
     platform_port: int = Field(8600, description="Port of the platform API (a stack component; `oncoserve platform serve`).")
     platform_public_url: str | None = Field(None, description="URL browsers reach the platform API at; default: http://HOST:PLATFORM_PORT.")
     cors_origins: list[str] | None = Field(None, description="Origins allowed to call the platform API from a browser; "
@@ -135,6 +139,14 @@ class Settings(BaseSettings):
     @property
     def audit_file(self) -> Path:
         return self.home / "audit" / "audit.jsonl"
+
+    @property
+    def signing_key_file(self) -> Path:
+        return self.home / "platform" / "signing.key"
+
+    @property
+    def signing_public_key_file(self) -> Path:
+        return self.signing_public_key or self.home / "platform" / "signing.pub"
 
     @property
     def tokens_file(self) -> Path:

@@ -74,8 +74,7 @@ def demo_identity(settings: Settings, console: Console):
 
 def _reporting_champion(settings: Settings, who, console: Console) -> str:
     """The reporting model: registered and promoted once; later demos reuse the champion."""
-    from oncoserve.audit import AuditLog
-    from pipelines.promotion import Promoter
+    from pipelines.platform_client import PlatformClient
     from pipelines.reporting_registry import register_reporting
     from serving.registry import Registry
 
@@ -86,8 +85,7 @@ def _reporting_champion(settings: Settings, who, console: Console) -> str:
     if current is not None and registry.version("reporting", current).tags.get(DIGEST_TAG):
         return current  # (a champion from before files were hashed is replaced: serving would refuse it)
     version, metrics = register_reporting(settings)
-    Promoter(registry, AuditLog(settings.audit_file), settings.home / "cache", settings.gates_file).promote(
-        who, "reporting", version, "champion", reason="demo")  # fmt: skip
+    PlatformClient(settings).promote("reporting", version, "champion", reason="demo")
     console.print(f"reporting v{version} registered and promoted (" + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + ")")
     return version
 

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from oncoserve.audit import AuditLog
 from oncoserve.auth import Identity, require
 from oncoserve.lineage import git_commit
 from oncoserve.settings import Settings
 from pipelines.pipeline_config import PipelineConfig, task_key
-from pipelines.promotion import TARGET_ROLE, Promoter, PromotionRefused
+from pipelines.platform_client import PlatformClient
+from pipelines.promotion import TARGET_ROLE, PromotionRefused
 from serving.registry import Registry
 
 STEPS = ("train", "evaluate", "compare", "gates", "compile", "promote")
@@ -94,7 +94,17 @@ class PipelineRunner:
                 raise FileNotFoundError(f"evaluation set {s.name}: {s.path} is not a directory")
         self.hooks = hooks or Hooks()
         self.registry = Registry(settings.mlflow_url)
-        self.promoter = Promoter(self.registry, AuditLog(settings.audit_file), settings.home / "cache", config.gates)
+        # Gates, compile and promotion are the platform API's: it runs its own gates file and signs the moves.
+        self.platform = PlatformClient(settings)
+        if config.gates is not None:
+            import hashlib
+
+            ours = hashlib.sha256(Path(config.gates).read_bytes()).hexdigest()
+            server = self.platform.info()["gates_sha256"]
+            if ours != server:
+                raise ValueError(f"the pipeline names gates {config.gates} (sha256 {ours[:12]}) but the platform enforces "
+                                 f"sha256 {server[:12]}: the platform's gates decide; remove `gates` from the definition "
+                                 "or start the platform with that file (ONCOSERVE_GATES_FILE on the server)")  # fmt: skip
 
     # -- steps ---------------------------------------------------------------------------------------
 
@@ -178,7 +188,7 @@ class PipelineRunner:
         return StepOutcome("done", f"{against}; {report.markdown}" + (f"; worse on {', '.join(worse)}" if worse else ""))
 
     def _gates(self, out: TaskOutcome) -> StepOutcome:
-        results = self.promoter.check(out.task, out.version)
+        results = self.platform.gate(out.task, out.version)
         out.gates = results
         out.gates_passed = all(g.passed for g in results)
         failed = [g.name for g in results if not g.passed]
@@ -192,14 +202,9 @@ class PipelineRunner:
         info = self.registry.version(out.task, out.version)
         if info.tags.get("compiled_sha256"):
             return StepOutcome("exists", f"already in {info.tags.get('compiled_repository')}")
-        from oncoserve.object_store import object_store
-        from serving.compile import CompileOptions, compile_version
-
         c = self.config.compile
-        options = CompileOptions(max_batch_size=c.max_batch, preferred_batch_sizes=[b for b in (2, 4) if b <= c.max_batch], gpu=c.gpu)
-        result = compile_version(self.registry, object_store(self.settings), self.settings.bucket_models,
-                                 self.settings.triton_repo_prefix, out.task, out.version, options)  # fmt: skip
-        return StepOutcome("done", f"s3://{self.settings.bucket_models}/{result.prefix}/{out.task}/{out.version}; TensorRT {result.tensorrt}")
+        result = self.platform.compile(out.task, out.version, gpu=c.gpu, max_batch=c.max_batch)
+        return StepOutcome("done", f"s3://{result['bucket']}/{result['prefix']}/{out.task}/{out.version}; TensorRT {result['tensorrt']}")
 
     def _promote(self, out: TaskOutcome) -> StepOutcome:
         if self.target == "none":
@@ -207,8 +212,7 @@ class PipelineRunner:
         if self.registry.alias(out.task, self.target) == out.version:
             return StepOutcome("exists", f"version {out.version} is already {self.target}")
         try:  # a refusal is recorded in the audit log like any other
-            result = self.promoter.promote(self.who, out.task, out.version, self.target, reason=f"pipeline {self.config.name}",
-                                           gates=out.gates)  # fmt: skip
+            result = self.platform.promote(out.task, out.version, self.target, reason=f"pipeline {self.config.name}")
         except PromotionRefused as refused:
             return StepOutcome("refused", str(refused))
         return StepOutcome("done", f"{self.target} -> v{result.version} (was {result.previous_holder or 'unset'})")

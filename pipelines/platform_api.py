@@ -1,12 +1,22 @@
-"""The platform API: the registry, promotion with gates, rollback and the audit log over REST.
+"""The platform API: the one writer of the registry's aliases, over REST.
 
-Every call is authenticated with `Authorization: Bearer <token>` and role-checked exactly as the CLI
-is (reads need `viewer`). Domain errors become HTTP errors here, at the edge: 401/403 auth, 404 unknown
-task/version, 400 bad request, 409 a promotion refused by its gates (the body lists every gate).
+It owns, server side: the gates file (loaded at start; its sha256 goes with every decision), the token
+store and roles, the Ed25519 signing key of promotion records, and the audit log. The CLI
+(`models promote|rollback`, `compile`, `pipeline run --promote`) and the web console are its clients;
+nothing promotes in-process any more.
+
+Every call is authenticated with `Authorization: Bearer <token>` and role-checked (reads need
+`viewer`). Domain errors become HTTP errors here, at the edge: 401/403 auth, 404 unknown task/version,
+400 bad request, 409 a promotion or compile refused by its gates (the body lists every gate).
+Evaluation data is accepted only as an `s3://<data bucket>/...` prefix, never a server path.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
+import threading
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -18,22 +28,81 @@ from oncoserve import __version__
 from oncoserve.audit import AuditLog
 from oncoserve.auth import AuthError, Identity, TokenStore, require
 from oncoserve.settings import Settings
+from oncoserve.signing import Signer
 from pipelines.promotion import Promoter, PromotionRefused
+from serving import promotion_ledger as ledger
 from serving.registry import TASKS, Registry, RegistryError
+
+log = logging.getLogger("oncoserve.platform")
+S3_PREFIX = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/([A-Za-z0-9._\-/]+)$")
+MAX_EVAL_BYTES = 2 << 30
 
 
 class PromoteRequest(BaseModel):
     to: str = Field(..., description="candidate | champion")
     reason: str | None = None
     force: bool = False
-    eval_data: str | None = Field(None, description="Dataset directory on the server to compare on.")
+    eval_data: str | None = Field(None, description="s3://<data bucket>/<prefix>/: a dataset to compare on (never a server path).")
 
 
 class RollbackRequest(BaseModel):
     reason: str | None = None
 
 
-def create_app(settings: Settings) -> FastAPI:
+class GateRequest(BaseModel):
+    eval_data: str | None = Field(None, description="s3://<data bucket>/<prefix>/")
+
+
+class CompileRequest(BaseModel):
+    gpu: bool = False
+    max_batch: int = Field(4, ge=1, le=256)
+    force: bool = False
+    reason: str | None = None
+
+
+def fetch_eval_data(store, settings: Settings, uri: str | None) -> Path | None:
+    """A dataset prefix of the data bucket, copied into the server's cache; anything else is refused."""
+    if not uri:
+        return None
+    match = S3_PREFIX.match(uri)
+    if not match or ".." in uri:
+        raise ValueError(f"eval_data {uri[:80]!r}: expected s3://{settings.bucket_data}/<prefix>/ (server paths are not accepted)")
+    bucket, prefix = match.group(1), match.group(2).rstrip("/") + "/"
+    if bucket != settings.bucket_data:
+        raise ValueError(f"eval_data must be in the data bucket {settings.bucket_data!r}, not {bucket!r}")
+    dst = settings.home / "cache" / "eval" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    total = 0
+    objects = [o for o in store.list_objects(bucket, prefix=prefix, recursive=True) if not o.is_dir]
+    if not objects:
+        raise ValueError(f"eval_data: nothing under {uri}")
+    for obj in objects:
+        total += obj.size or 0
+        if total > MAX_EVAL_BYTES:
+            raise ValueError(f"eval_data: more than {MAX_EVAL_BYTES >> 30} GiB under {uri}")
+        rel = obj.object_name[len(prefix):]
+        if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.fget_object(bucket, obj.object_name, str(target))
+    return dst
+
+
+class _LazyStore:
+    """The object store client, made on first use (the API starts, and refuses callers, without one)."""
+
+    def __init__(self, settings: Settings):
+        self._settings, self._client = settings, None
+
+    def __getattr__(self, name: str):
+        if self._client is None:
+            from oncoserve.object_store import object_store
+
+            self._client = object_store(self._settings)
+        return getattr(self._client, name)
+
+
+def create_app(settings: Settings, reconcile_interval_s: float = 3.0) -> FastAPI:
     app = FastAPI(title="oncoserve platform API", version=__version__)
     # Browsers may call this API only from the origins named (the serving API's, where the web UI is
     # served, by default): no wildcard, and the token travels in a header, never a cookie.
@@ -42,7 +111,25 @@ def create_app(settings: Settings) -> FastAPI:
     registry = Registry(settings.mlflow_url)
     audit = AuditLog(settings.audit_file)
     tokens = TokenStore(settings.tokens_file)
-    promoter = Promoter(registry, audit, settings.home / "cache", settings.gates_file)
+    store = _LazyStore(settings)
+    signer = Signer.load_or_create(settings.signing_key_file, settings.signing_public_key_file)
+    promoter = Promoter(registry, audit, settings.home / "cache", settings.gates_file, signer, store,
+                        settings.bucket_models, settings.triton_repo_prefix)  # fmt: skip
+    log.warning("gates %s (sha256 %s), signing key %s", promoter.gates_file, promoter.gates_sha256[:16], signer.key_id)
+
+    # Alias moves made behind the platform's back (a direct MLflow client) are audited as they appear.
+    stop = threading.Event()
+    seen: dict[str, str] = {}
+
+    def watch() -> None:
+        while not stop.wait(reconcile_interval_s):
+            try:
+                promoter.reconcile((*TASKS, "reporting"), seen)
+            except Exception as exc:  # the registry or S3 briefly unreachable: look again next time
+                log.warning("alias reconcile failed: %s: %s", type(exc).__name__, str(exc)[:200])
+
+    threading.Thread(target=watch, name="alias-reconcile", daemon=True).start()
+    app.router.on_shutdown.append(stop.set)
 
     def caller(authorization: str | None = Header(None)) -> Identity | None:
         if not authorization:
@@ -66,11 +153,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(PromotionRefused)
     async def _refused(request: Request, exc: PromotionRefused):
-        return JSONResponse({"error": str(exc), "gates": [g.to_json() for g in exc.gates]}, status_code=409)
+        return JSONResponse({"error": str(exc), "gates": [g.to_json() for g in exc.gates],
+                             "gates_sha256": promoter.gates_sha256}, status_code=409)  # fmt: skip
 
     @app.get("/healthz")
     def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/v1/platform", summary="The gates and signing key this platform enforces (public)")
+    def platform_info() -> dict:
+        return {"gates_file": promoter.gates_file.name, "gates_version": promoter.gates["version"],
+                "gates_sha256": promoter.gates_sha256, "signing_key_id": signer.key_id,
+                "signing_public_key": signer.public_pem.decode()}  # fmt: skip
 
     @app.get("/v1/whoami")
     def whoami(who: Identity | None = Depends(caller)) -> dict:
@@ -88,21 +182,59 @@ def create_app(settings: Settings) -> FastAPI:
         require(who, "viewer", "reading the registry")
         return registry.version(task, version).to_json()
 
+    @app.post("/v1/models/{task}/versions/{version}:gate")
+    def gate(task: str, version: str, body: GateRequest, who: Identity | None = Depends(caller)) -> dict:
+        require(who, "data-scientist", "running the gates")
+        results = promoter.gate(who, task, version, fetch_eval_data(store, settings, body.eval_data), body.eval_data)
+        return {"task": task, "version": version, "passed": all(g.passed for g in results),
+                "gates": [g.to_json() for g in results], "gates_sha256": promoter.gates_sha256}  # fmt: skip
+
     @app.post("/v1/models/{task}/versions/{version}:promote")
     def promote(task: str, version: str, body: PromoteRequest, who: Identity | None = Depends(caller)) -> dict:
-        result = promoter.promote(who, task, version, body.to, body.reason, body.force,
-                                  Path(body.eval_data) if body.eval_data else None)  # fmt: skip
+        require(who, "data-scientist", "promoting")
+        eval_dir = fetch_eval_data(store, settings, body.eval_data)
+        result = promoter.promote(who, task, version, body.to, body.reason, body.force, eval_dir, body.eval_data)
         return {"task": task, "version": version, "to": body.to, "previous_holder": result.previous_holder,
-                "forced": result.forced, "gates": [g.to_json() for g in result.gates], "action_id": result.action_id}  # fmt: skip
+                "forced": result.forced, "gates": [g.to_json() for g in result.gates], "action_id": result.action_id,
+                "gates_sha256": result.gates_sha256}  # fmt: skip
 
     @app.post("/v1/models/{task}:rollback")
     def rollback(task: str, body: RollbackRequest, who: Identity | None = Depends(caller)) -> dict:
         old, new = promoter.rollback(who, task, body.reason)
         return {"task": task, "from": old, "to": new}
 
+    @app.post("/v1/models/{task}/versions/{version}:compile")
+    def compile_(task: str, version: str, body: CompileRequest, who: Identity | None = Depends(caller)) -> dict:
+        from serving.compile import CompileOptions
+
+        options = CompileOptions(max_batch_size=body.max_batch, gpu=body.gpu,
+                                 preferred_batch_sizes=[b for b in (2, 4) if b <= body.max_batch])  # fmt: skip
+        result, gates = promoter.compile(who, task, version, options, body.force, body.reason)
+        return {"task": task, "version": version, "files": result.files, "tensorrt": result.tensorrt,
+                "bucket": settings.bucket_models, "prefix": settings.triton_repo_prefix,
+                "gates": [g.to_json() for g in gates], "gates_sha256": promoter.gates_sha256}  # fmt: skip
+
+    @app.get("/v1/models/{task}/history", summary="Which version held `champion` when (the signed alias ledger)")
+    def history(task: str, who: Identity | None = Depends(caller)) -> list[dict]:
+        require(who, "viewer", "reading the alias history")
+        if task not in (*TASKS, "reporting"):
+            raise RegistryError(f"unknown task {task!r}")
+        records = [s["record"] for s in ledger.history(store, settings.bucket_models, task)]
+        moves = [e for e in audit.entries() if e.get("task") == task and e.get("action") == "untrusted_alias"]
+        return [{"seq": r["seq"], "time": r["time"], "alias": r["alias"], "version": r["version"], "action": r["action"],
+                 "actor": r["actor"], "forced": r["forced"], "gates_sha256": r["gates_sha256"], "signed": True} for r in records] + \
+               [{"seq": None, "time": e["time"], "alias": "champion", "version": e.get("version"), "action": "untrusted_alias",
+                 "actor": e.get("actor"), "forced": False, "gates_sha256": None, "signed": False} for e in moves]  # fmt: skip
+
     @app.get("/v1/audit")
     def audit_log(task: str | None = None, who: Identity | None = Depends(caller)) -> list[dict]:
         require(who, "viewer", "reading the audit log")
         return [e for e in audit.entries() if not task or e.get("task") == task]
+
+    @app.get("/v1/audit:verify")
+    def audit_verify(who: Identity | None = Depends(caller)) -> dict:
+        require(who, "viewer", "verifying the audit log")
+        result = audit.verify()
+        return {"ok": result.ok, "records": result.records, "first_bad_line": result.first_bad, "problem": result.problem}
 
     return app

@@ -111,6 +111,8 @@ def status(settings) -> dict:
         ready = httpx.get(f"{settings.serve_url}/readyz", timeout=15)
         result["running"] = ready.status_code == 200
         result["model_versions"] = ready.json().get("model_versions", {}) if ready.status_code == 200 else {}
+        result["untrusted_aliases"] = ready.json().get("untrusted_aliases", {}) if ready.status_code == 200 else {}
     except httpx.HTTPError:
         result["model_versions"] = {}
+    result["auth"] = settings.serve_auth
     return result

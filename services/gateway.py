@@ -215,15 +215,39 @@ class StudyGateway:
             f"{', '.join(MODALITIES)} or dicom) or application/json with an s3_uri", 415
         )  # fmt: skip
 
-    def _identity(self, request: Request):
-        header = request.headers.get("authorization", "")
+    def _authenticate(self, header: str, role: str, action: str):
+        """The caller of a request from its `authorization` header (REST) or metadata (gRPC).
+
+        With serving auth on (the default) a token is required: missing, unknown, revoked or expired
+        is 401 (gRPC UNAUTHENTICATED), a role below `role` is 403 (PERMISSION_DENIED)."""
+        from oncoserve.auth import AuthError, require
+
         if not header:
-            return None
+            if not self.settings.serve_auth:
+                return None  # ONCOSERVE_SERVE_AUTH=off: local development only
+            raise InputError(f"{action} needs a token (Authorization: Bearer <token>) with role {role} or higher", 401)
         scheme, _, token = header.partition(" ")
-        identity = self.tokens.authenticate(token.strip()) if scheme.lower() == "bearer" else None
-        if identity is None:
-            raise InputError("unknown or revoked token", 401)
-        return identity
+        if scheme.lower() != "bearer" or not token.strip():
+            raise InputError("the authorization header must be `Bearer <token>`", 401)
+        try:
+            identity = self.tokens.authenticate(token.strip())
+            return require(identity, role, action)
+        except AuthError as exc:
+            raise InputError(str(exc), 401 if exc.kind == "unauthenticated" else 403) from None
+
+    def _identity(self, request: Request, role: str = "app", action: str = "analysis"):
+        return self._authenticate(request.headers.get("authorization", ""), role, action)
+
+    def _stored_study_access(self, identity, what: str) -> None:
+        """Studies stored in the data bucket and their images need a role allowed to read them."""
+        from oncoserve.auth import AuthError, require
+
+        if identity is None and not self.settings.serve_auth:
+            return
+        try:
+            require(identity, "clinician", what)
+        except AuthError as exc:
+            raise InputError(str(exc), 403) from None
 
     # -- the work ---------------------------------------------------------------------------------
     async def _run(self, source: StudyInput, tasks: tuple[str, ...]) -> tuple[dict, object]:
@@ -271,7 +295,10 @@ class StudyGateway:
     def _limit(self, request: Request) -> None:
         """429 once the caller (its token, else its address) is over the rate."""
         header = request.headers.get("authorization", "")
-        caller = ("token:" + hashlib.sha256(header.encode()).hexdigest()[:16]) if header else f"ip:{request.client.host if request.client else '-'}"
+        self._limit_caller(("token:" + hashlib.sha256(header.encode()).hexdigest()[:16]) if header
+                           else f"ip:{request.client.host if request.client else '-'}")  # fmt: skip
+
+    def _limit_caller(self, caller: str) -> None:
         wait = self.limiter.acquire(caller)
         if wait > 0:
             error = InputError(f"rate limit: {self.settings.serve_rate_limit_per_min:g} requests per minute per caller; "
@@ -311,6 +338,11 @@ class StudyGateway:
     async def analyze(self, request: Request):
         async def work():
             identity = self._identity(request)
+            preview = request.query_params.get("preview", "").lower() in ("1", "true")
+            if preview:
+                self._stored_study_access(identity, "study images (preview=true)")
+            if request.headers.get("content-type", "").lower().startswith("application/json"):
+                self._stored_study_access(identity, "analysing a stored study (s3_uri)")
             t0 = time.perf_counter()
             source = await self._study(request)
             results, prepared = await self._run(source, TASKS)
@@ -321,7 +353,7 @@ class StudyGateway:
                     "mask_nifti_gz_b64": base64.b64encode(_mask_bytes(analysis.mask)).decode()}  # fmt: skip
             if report:
                 body["report_markdown"], body["report_fhir"] = report["markdown"], report["fhir"]
-            if request.query_params.get("preview", "").lower() in ("1", "true"):  # the web UI's slice viewer
+            if preview:  # the web UI's slice viewer
                 body["images_nifti_gz_b64"] = await asyncio.to_thread(ui_support.preview_images, source.study)
             if source.kind == "dicom":
                 from services.dicom_seg import build_dicom_seg
@@ -340,6 +372,8 @@ class StudyGateway:
             if task not in self.tasks:
                 raise InputError(f"unknown task {task!r}; one of {', '.join(TASKS)}", 404)
             identity = self._identity(request)
+            if request.headers.get("content-type", "").lower().startswith("application/json"):
+                self._stored_study_access(identity, "analysing a stored study (s3_uri)")
             source = await self._study(request)
             results, prepared = await self._run(source, (task,))
             result = results[task]
@@ -360,6 +394,7 @@ class StudyGateway:
 
             from services.schemas import Findings
 
+            self._identity(request, "app", "a report")
             body = await self._body(request)
             try:
                 findings = Findings.model_validate_json(body)
@@ -407,6 +442,8 @@ class StudyGateway:
         exposition, _ = metrics.exposition()
         return {"model_versions": {t: d["version"] for t, d in described.items()},
                 "backends": {t: d["backend"] for t, d in described.items()},
+                "untrusted_aliases": {t: d["untrusted_alias"] for t, d in described.items() if d.get("untrusted_alias")},
+                "auth": "on" if self.settings.serve_auth else "OFF (ONCOSERVE_SERVE_AUTH=off: anyone may analyse)",
                 "deployments": deployments, "routes": ui_support.request_summary(exposition.decode())}  # fmt: skip
 
     async def _describe_all(self) -> dict:
@@ -432,7 +469,9 @@ class StudyGateway:
         waiting = [t for t, d in described.items() if not d["ready"]]
         if waiting:
             return _error(503, f"not ready: {', '.join(waiting)}")
-        return {"status": "ready", "model_versions": {t: d["version"] for t, d in described.items()}}
+        return {"status": "ready", "model_versions": {t: d["version"] for t, d in described.items()},
+                "untrusted_aliases": {t: d["untrusted_alias"] for t, d in described.items() if d.get("untrusted_alias")},
+                "auth": self.settings.serve_auth}  # fmt: skip
 
     @api.get("/metrics", summary="Prometheus metrics of every serving process on this node")
     def prometheus(self):
@@ -495,6 +534,7 @@ class StudyGateway:
     @api.post("/v2/models/{model}/versions/{version}/infer")
     async def v2_infer(self, model: str, request: Request, version: str | None = None):
         async def work():
+            self._identity(request, "app", "model inference")
             await self._check_model(model, version)
             body = await self._body(request)
             try:
@@ -524,6 +564,17 @@ class StudyGateway:
             raise
 
     # -- gRPC: Open Inference Protocol v2 ---------------------------------------------------------
+    def _grpc_caller(self, grpc_context, request, role: str, action: str):
+        """The same checks as REST: token and role, the per-caller rate, the size limit."""
+        metadata = dict(grpc_context.invocation_metadata() or ()) if grpc_context is not None else {}
+        header = metadata.get("authorization", "")
+        identity = self._authenticate(header, role, action)
+        self._limit_caller(("token:" + hashlib.sha256(header.encode()).hexdigest()[:16]) if header
+                           else f"peer:{grpc_context.peer() if grpc_context is not None else '-'}")  # fmt: skip
+        if request.ByteSize() > self.max_bytes:
+            raise InputError(f"request of {request.ByteSize()} bytes exceeds the limit of {self.max_bytes}", 413)
+        return identity
+
     async def _grpc(self, route: str, grpc_context, work, empty):
         status = "OK"
         try:
@@ -531,7 +582,8 @@ class StudyGateway:
         except InputError as exc:
             code = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                     403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-                    413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+                    413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    503: grpc.StatusCode.UNAVAILABLE}.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
             status = code.name
             grpc_context.set_code(code)
             grpc_context.set_details(str(exc))
@@ -575,6 +627,7 @@ class StudyGateway:
 
     async def ModelInfer(self, request, grpc_context):
         async def work():
+            self._grpc_caller(grpc_context, request, "app", "model inference")
             await self._check_model(request.model_name, request.model_version)
             try:
                 inputs = decode_grpc(request)
@@ -588,8 +641,11 @@ class StudyGateway:
     # -- gRPC: the study service ------------------------------------------------------------------
     async def Analyze(self, request, grpc_context):
         async def work():
+            identity = self._grpc_caller(grpc_context, request, "app", "analysis")
             age = request.age if request.HasField("age") else None
             case_id = request.case_id or None
+            if request.s3_uri:
+                self._stored_study_access(identity, "analysing a stored study (s3_uri)")
             if request.dicom_zip:
                 source = await asyncio.to_thread(from_dicom_zip, request.dicom_zip, case_id, age, self._salt)
             elif request.s3_uri:
@@ -609,7 +665,7 @@ class StudyGateway:
 
                 response.dicom_seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference,
                                                              versions["segmentation"])  # fmt: skip
-            self._record(None, response.request_id, source, analysis.findings.model_versions, "grpc:Analyze")
+            self._record(identity, response.request_id, source, analysis.findings.model_versions, "grpc:Analyze")
             return response
 
         return await self._grpc("Analyze", grpc_context, work, study_pb2.AnalyzeResponse())

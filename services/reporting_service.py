@@ -39,15 +39,21 @@ class ReportingService:
         from serving.alias_watch import AliasWatcher
         from serving.registry import Registry
 
+        from oncoserve.object_store import object_store
+        from services.trusted_champion import TrustedChampion
+
         self.spec = spec
-        self._registry = Registry(Settings(**settings_fields).mlflow_url)
+        settings = Settings(**settings_fields)
+        self._registry = Registry(settings.mlflow_url)
         self._generator = generators.build(spec.get("generator"))  # one per replica, shared across versions
-        self.current = self._load(self._registry.alias(TASK, "champion"))
+        self._trust = TrustedChampion(settings, TASK, self._registry, object_store(settings))
+        record = self._trust.initial()  # UntrustedRecord when an alias exists that the platform never signed
+        self.current = self._load(str(record["version"]) if record else None, record)
         self._watcher = AliasWatcher(self._registry, TASK, "champion", self._on_alias_moved, watch_interval_s)
         self._watcher.current = None if self.current.version.startswith("packaged-") else self.current.version
         self._watcher.start()
 
-    def _load(self, version: str | None) -> LoadedReporter:
+    def _load(self, version: str | None, record: dict | None = None) -> LoadedReporter:
         t0 = time.perf_counter()
         if version is None:
             knowledge, prompt_version, prompt_dir = kb.load(), generators.PROMPT_VERSION, generators.PROMPT_DIR
@@ -55,7 +61,8 @@ class ReportingService:
             log.warning("reporting: no champion in the registry; using the packaged knowledge base (%s)", label)
         else:
             model_dir = reporting_model.download_verified(self._registry, version,
-                                                          Path(tempfile.mkdtemp(prefix="oncoserve-reporting-")))  # fmt: skip
+                                                          Path(tempfile.mkdtemp(prefix="oncoserve-reporting-")),
+                                                          record["artifact_sha256"] if record else None)  # fmt: skip
             knowledge, prompt_version, prompt_dir = reporting_model.load(model_dir)
             label = str(version)
         retriever = None
@@ -69,8 +76,14 @@ class ReportingService:
         return LoadedReporter(label, reporter)
 
     def _on_alias_moved(self, old: str | None, new: str | None) -> None:
+        record = None
+        if new is not None:
+            record = self._trust.admit(new)
+            if record is None:  # not signed by the platform: keep serving, look again on the next poll
+                self._watcher.current = old
+                return
         try:
-            loaded = self._load(new)
+            loaded = self._load(new, record)
         except Exception as exc:  # keep the serving version; retry on the next poll
             log.error("reporting: cannot load version %s (%s); still serving %s", new, exc, self.current.version)
             metrics.SWAPS.labels(TASK, "failed").inc()
@@ -93,7 +106,7 @@ class ReportingService:
 
     def describe(self) -> dict:
         return {"task": TASK, "version": self.current.version, "backend": _generator_name(self._generator), "ready": True,
-                "inputs": [], "outputs": []}  # fmt: skip
+                "untrusted_alias": self._trust.refused, "inputs": [], "outputs": []}  # fmt: skip
 
     def __del__(self):
         watcher = getattr(self, "_watcher", None)

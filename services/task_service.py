@@ -2,7 +2,9 @@
 
 Every task deployment has the same lifecycle, in this order:
   load         the task's `champion` version from the registry (compiled, sha256-verified ONNX) into the
-               configured inference backend; again in the background whenever the alias moves (hot-swap)
+               configured inference backend; again in the background whenever the alias moves (hot-swap),
+               but only when the platform's signed promotion record names that version
+               (services.trusted_champion: an alias moved any other way is refused and counted)
   preprocess   the model inputs from the study the gateway prepared once (services.task_logic.feeds)
   infer        through the backend, several requests per model call (`serve.batch`)
   postprocess  outputs -> this task's findings section, back on the input's grid
@@ -62,10 +64,17 @@ class TaskService:
         self._registry, self._store = Registry(settings.mlflow_url), object_store(settings)
         self._bucket, self._prefix = settings.bucket_models, settings.triton_repo_prefix
         self._cache = Path(tempfile.mkdtemp(prefix=f"oncoserve-{task}-"))
-        version = self._registry.alias(task, "champion")
-        if version is None:
+        from oncoserve.signing import UntrustedRecord
+        from services.trusted_champion import TrustedChampion
+
+        self._trust = TrustedChampion(settings, task, self._registry, self._store)
+        try:
+            record = self._trust.initial()
+        except UntrustedRecord as exc:
+            raise ServingError(f"{task}: {exc}") from None
+        if record is None:
             raise ServingError(f"{task} has no `champion` version; promote one (oncoserve models promote)")
-        self.model = self._load(version)
+        self.model = self._load(str(record["version"]), record)
         metrics.serving_version(task, None, self.model.version)
         batching = spec.get("batching", {})
         self._infer_batch.set_max_batch_size(batching.get("max_batch_size", 4))
@@ -77,14 +86,16 @@ class TaskService:
         self._watcher.start()
 
     # -- load -------------------------------------------------------------------------------------
-    def _load(self, version: str) -> LoadedModel:
+    def _load(self, version: str, record: dict) -> LoadedModel:
+        """Load `version` with the digests its signed promotion record names (not the registry's tag)."""
         t0 = time.perf_counter()
         backend_spec = self.spec.get("backend", {})
         backend = build_backend(backend_spec.get("kind", "onnxruntime"), self._registry, self._store, self._bucket,
                                 self._prefix, self.task, version, threads=backend_spec.get("threads", 1),
                                 triton_url=backend_spec.get("triton_url"),
                                 fallback_to_embedded=backend_spec.get("fallback_to_embedded", False),
-                                timeout_s=backend_spec.get("timeout_s", 60.0), cache_dir=self._cache)  # fmt: skip
+                                timeout_s=backend_spec.get("timeout_s", 60.0), cache_dir=self._cache,
+                                expected=record["artifact_sha256"])  # fmt: skip
         extras = json.loads(self._registry.artifact_text(self.task, version, "extras.json") or "{}")
         metrics.STAGE_SECONDS.labels(self.task, "load", str(version)).observe(time.perf_counter() - t0)
         return LoadedModel(str(version), backend, extras)
@@ -94,9 +105,13 @@ class TaskService:
         if new is None:
             log.warning("%s: the champion alias was removed; still serving version %s", self.task, self.model.version)
             return
+        record = self._trust.admit(new)
+        if record is None:  # not signed by the platform: keep serving, look again on the next poll
+            self._watcher.current = old
+            return
         with self._swap_lock:
             try:
-                loaded = self._load(new)
+                loaded = self._load(new, record)
             except Exception as exc:  # keep serving the old version; retry on the next poll
                 log.error("%s: cannot load version %s (%s); still serving %s", self.task, new, exc, self.model.version)
                 metrics.SWAPS.labels(self.task, "failed").inc()
@@ -168,7 +183,7 @@ class TaskService:
     def describe(self) -> dict:
         model = self.model
         return {"task": self.task, "version": model.version, "backend": model.backend.name,
-                "ready": model.backend.ready(), **model.backend.metadata()}  # fmt: skip
+                "ready": model.backend.ready(), "untrusted_alias": self._trust.refused, **model.backend.metadata()}  # fmt: skip
 
     def _extras_of(self, version: str) -> dict:
         return json.loads(self._registry.artifact_text(self.task, version, "extras.json") or "{}")

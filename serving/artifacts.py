@@ -62,9 +62,13 @@ def verify_tree(root: Path, expected: dict[str, str]) -> Path:
     return Path(root)
 
 
-def load_compiled_onnx(registry: Registry, store, bucket: str, prefix: str, task: str, version: str, dst: Path) -> Path:
-    """The compiled model.onnx of a version, verified, written to `dst` (what backends load)."""
-    expected = expected_digests(registry, task, version)
+def load_compiled_onnx(registry: Registry, store, bucket: str, prefix: str, task: str, version: str, dst: Path,
+                       expected: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """The compiled model.onnx of a version, verified, written to `dst` (what backends load).
+
+    `expected`: the digests of a signed promotion record (serving passes them, so a registry tag
+    rewritten after the promotion changes nothing); default: the version's `compiled_sha256` tag."""
+    expected = expected if expected is not None else expected_digests(registry, task, version)
     data = fetch_verified(store, bucket, prefix, f"{task}/{version}/model.onnx", expected)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(data)

@@ -57,12 +57,14 @@ class OnnxRuntimeBackend:
 
     @classmethod
     def from_version(cls, registry, store, bucket: str, prefix: str, task: str, version: str,
-                     cache_dir: Path | None = None, threads: int = 2) -> "OnnxRuntimeBackend":  # fmt: skip
-        """Load the compiled, sha256-verified model.onnx of a registry version."""
+                     cache_dir: Path | None = None, threads: int = 2,
+                     expected: dict[str, str] | None = None) -> "OnnxRuntimeBackend":  # fmt: skip
+        """Load the compiled, sha256-verified model.onnx of a registry version (`expected`: signed digests)."""
         from serving.artifacts import load_compiled_onnx
 
         cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="oncoserve-models-"))
-        path = load_compiled_onnx(registry, store, bucket, prefix, task, version, cache_dir / task / str(version) / "model.onnx")
+        path = load_compiled_onnx(registry, store, bucket, prefix, task, version, cache_dir / task / str(version) / "model.onnx",
+                                  expected)
         return cls(path, task, version, threads)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -160,10 +162,11 @@ class FallbackBackend:
 
 def build_backend(kind: str, registry, store, bucket: str, prefix: str, task: str, version: str, *,
                   threads: int = 1, triton_url: str | None = None, fallback_to_embedded: bool = False,
-                  timeout_s: float = 60.0, cache_dir: Path | None = None) -> InferenceBackend:  # fmt: skip
+                  timeout_s: float = 60.0, cache_dir: Path | None = None,
+                  expected: dict[str, str] | None = None) -> InferenceBackend:  # fmt: skip
     """The backend a deployment config asks for, serving one registry version of a task."""
     if kind == "onnxruntime":
-        return OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads)
+        return OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads, expected)
     if kind != "triton":
         raise ValueError(f"unknown inference backend {kind!r} (onnxruntime or triton)")
     if not triton_url:
@@ -171,5 +174,5 @@ def build_backend(kind: str, registry, store, bucket: str, prefix: str, task: st
     triton = TritonBackend(triton_url, task, version, timeout_s)
     if not fallback_to_embedded:
         return triton
-    embedded = OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads)
+    embedded = OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads, expected)
     return FallbackBackend(triton, embedded)

@@ -45,23 +45,51 @@ def stack_settings(stack_home):
                 os.environ[k] = v
 
 
+# The gates the shared test stack's platform API enforces (server side: a client's file has no effect).
+# One-epoch models on eight cases are weak, so floors are open; what must fail is the no-regression
+# gate: a version worse than the champion (an all-background segmentation) is refused on WT.
+TEST_GATES = """
+version = 99
+[defaults]
+parity_max_abs_diff = 1e-3
+latency_budget_ms = 60000
+latency_runs = 1
+[segmentation]
+floors = { dice_WT = 0.0 }
+ceilings = { hd95_WT = 1000.0 }
+regression_tolerance = { dice_WT = 0.005, hd95_WT = 5.0 }
+[localization]
+floors = {}
+[classification]
+floors = {}
+[survival]
+floors = {}
+"""
+
+
 @contextlib.contextmanager
-def private_stack(prefix: str, admin_name: str):
+def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES):
     """A private embedded stack up for the block: its own home and free ports, exported to the
-    environment (for CLI subprocesses), and an admin token saved where the CLI looks for it."""
+    environment (for CLI subprocesses), its platform API started with `gates`, and an admin token
+    saved where the CLI looks for it."""
     from oncoserve.auth import TokenStore
     from pipelines.stack import EmbeddedStack
 
     # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
     home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    env = stack_env(home)
+    gates_file = Path(tempfile.mkdtemp(prefix="osg-")) / "gates.toml"
+    gates_file.write_text(gates)
+    env = stack_env(home) | {"ONCOSERVE_GATES_FILE": str(gates_file)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     stack = EmbeddedStack(Settings())
     try:
         stack.up()
         settings = Settings()
-        (settings.home / "token").write_text(TokenStore(settings.tokens_file).create(admin_name, "admin", None))
+        token = TokenStore(settings.tokens_file).create(admin_name, "admin", None)
+        fd = os.open(settings.home / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token)
         yield settings
     finally:
         stack.down()
@@ -71,6 +99,7 @@ def private_stack(prefix: str, admin_name: str):
             else:
                 os.environ[k] = v
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(gates_file.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -112,23 +141,39 @@ def trained(live_stack, tiny_dataset):
     return versions
 
 
+def auth_headers(settings, headers: dict | None = None) -> dict:
+    """The test admin's token as an Authorization header (serving requires a token by default)."""
+    return {"authorization": f"Bearer {settings.cli_token()}", **(headers or {})}
+
+
+def compile_and_promote(settings, task: str, version: str, reason: str = "tests: tiny one-epoch models") -> None:
+    """Through the platform API, as a user would (compile, then a signed champion promotion); an admin
+    forces what the test gates refuse, and the audit log says so."""
+    from pipelines.platform_client import PlatformClient
+    from serving.registry import Registry
+
+    client = PlatformClient(settings)
+    if not Registry(settings.mlflow_url).version(task, version).tags.get("compiled_sha256"):
+        client.compile(task, version, force=True, reason=reason)
+    client.promote(task, version, "champion", reason=reason, force=True)
+
+
 @contextlib.contextmanager
 def compiled_champions(settings, versions: dict[str, str]):
-    """Compile the given versions and make them champions; restore the previous aliases afterwards."""
+    """Compile the given versions and make them champions; restore the previous champions afterwards."""
     from oncoserve.object_store import object_store
-    from serving.compile import compile_version
     from serving.registry import Registry
 
     registry, store = Registry(settings.mlflow_url), object_store(settings)
     before = {task: registry.alias(task, "champion") for task in versions}
     for task, version in versions.items():
-        compile_version(registry, store, settings.bucket_models, settings.triton_repo_prefix, task, version)
-        registry.set_alias(task, "champion", version)
+        compile_and_promote(settings, task, version)
     try:
         yield registry, store
     finally:
         for task, version in before.items():
-            registry.set_alias(task, "champion", version) if version else registry.delete_alias(task, "champion")
+            if version and registry.alias(task, "champion") != version:
+                compile_and_promote(settings, task, version, "tests: restore the champion")
 
 
 MAX_REQUEST_MB = 24  # above one raw OIP v2 study tensor (16.5 MB)
@@ -164,7 +209,7 @@ def served(live_stack, trained, tmp_path_factory):
         up = oncoserve("serve", "up", "--config", str(config))
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         try:
-            yield {"url": live_stack.serve_url, "grpc": f"127.0.0.1:{live_stack.serve_grpc_port}",
+            yield {"url": live_stack.serve_url, "grpc": f"127.0.0.1:{live_stack.serve_grpc_port}", "auth": auth_headers(live_stack),
                    "registry": registry, "store": store, "settings": live_stack, "reporting": reporting}  # fmt: skip
         finally:
             down = oncoserve("serve", "down")

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from pipelines.cli import auth, data, demo, models, pipeline, plan, platform, predict, reporting, serve, stack, train
+from pipelines.cli import audit, auth, data, demo, models, pipeline, plan, platform, predict, reporting, serve, stack, train
 
 app = typer.Typer(
     name="oncoserve",
@@ -18,6 +18,7 @@ app.add_typer(stack.app, name="stack")
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(auth.app, name="auth")
+app.add_typer(audit.app, name="audit")
 app.add_typer(platform.app, name="platform")
 app.add_typer(serve.app, name="serve")
 app.add_typer(plan.app, name="plan")
@@ -47,6 +48,8 @@ def main() -> None:
 
     for key, value in REGISTRY_RETRY_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # Studies, findings, tokens and logs are the owner's only: nothing the CLI writes is group/world readable.
+    os.umask(0o077)
     try:
         app()
     except (MlflowException, requests.RequestException, botocore.exceptions.BotoCoreError,

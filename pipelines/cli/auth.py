@@ -19,13 +19,14 @@ def create(
     name: str = typer.Option(..., "--name"),
     role: str = typer.Option(..., "--role", help=" | ".join(ROLES)),
     save: bool = typer.Option(False, "--save", help="Also write it to ONCOSERVE_HOME/token for this CLI."),
+    expires_days: float = typer.Option(None, "--expires-days", help="Lifetime in days; default: until revoked."),
 ) -> None:
     """Create a token (the first one, an admin token, needs no caller). It is shown once."""
     settings = Settings()
     store = TokenStore(settings.tokens_file)
     with user_errors(AuthError, ValueError):
         caller = cli_identity(settings) if store.list() else None
-        token = store.create(name, role, caller)
+        token = store.create(name, role, caller, expires_days * 86400 if expires_days else None)
     if save:
         import os
 
@@ -45,8 +46,12 @@ def list_() -> None:
     table = Table(title="tokens (hashes only are stored)")
     table.add_column("name")
     table.add_column("role")
+    table.add_column("expires")
+    import datetime as dt
+
     for entry in TokenStore(settings.tokens_file).list():
-        table.add_row(entry["name"], entry["role"])
+        expires = dt.datetime.fromtimestamp(entry["expires"]).strftime("%Y-%m-%d %H:%M") if entry.get("expires") else "never"
+        table.add_row(entry["name"], entry["role"], expires)
     console.print(table)
 
 

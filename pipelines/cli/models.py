@@ -13,16 +13,21 @@ from oncoserve.audit import AuditLog
 from oncoserve.auth import AuthError
 from oncoserve.settings import Settings
 from pipelines.cli._console import cli_identity, console, err_console, user_errors
+from pipelines.platform_client import PlatformClient, PlatformUnavailable
 from serving.registry import TASKS, Registry, RegistryError
 
 app = typer.Typer(help="The model registry: versions, aliases, promotion with gates, rollback, audit.", no_args_is_help=True)
-ERRORS = (RegistryError, AuthError, ValueError)
+ERRORS = (RegistryError, AuthError, ValueError, PlatformUnavailable)
 
 
-def _promoter(settings: Settings):
-    from pipelines.promotion import Promoter
+def eval_data_uri(settings: Settings, eval_data: str | None) -> str | None:
+    """`--eval-data`: an s3:// prefix of the data bucket as it is, or a local dataset folder uploaded there
+    first (the platform API reads evaluation data only from the data bucket)."""
+    if not eval_data or eval_data.startswith("s3://"):
+        return eval_data
+    from pipelines.dataset_upload import upload_dataset
 
-    return Promoter(Registry(settings.mlflow_url), AuditLog(settings.audit_file), settings.home / "cache", settings.gates_file)
+    return upload_dataset(settings, Path(eval_data))
 
 
 @app.command("list")
@@ -76,22 +81,25 @@ def promote(
     to: str = typer.Option(..., "--to", help="candidate | champion"),
     reason: str = typer.Option(None, "--reason", help="Why (required with --force)."),
     force: bool = typer.Option(False, "--force", help="Admin only: promote despite failing gates (audited)."),
-    eval_data: Path = typer.Option(None, "--eval-data", help="Recompute metrics for this version and the champion on one dataset."),
+    eval_data: str = typer.Option(None, "--eval-data", help="Recompute metrics for this version and the champion on one dataset "
+                                                            "(a folder, uploaded to the data bucket, or s3://<data bucket>/prefix/)."),
 ) -> None:
-    """Move an alias to VERSION if it passes its gates (role: data-scientist for candidate, platform for champion)."""
+    """Move an alias to VERSION if it passes the platform's gates (role: data-scientist for candidate,
+    platform for champion). The platform API runs the gates with its own gates file and signs the move."""
     from pipelines.promotion import PromotionRefused
 
     settings = Settings()
     try:
-        with user_errors(*ERRORS), console.status(f"running gates for {task} v{version}"):
-            result = _promoter(settings).promote(cli_identity(settings), task, version, to, reason, force, eval_data)
+        with user_errors(*ERRORS, FileNotFoundError), console.status(f"running gates for {task} v{version}"):
+            result = PlatformClient(settings).promote(task, version, to, reason, force, eval_data_uri(settings, eval_data))
     except PromotionRefused as refused:
         console.print(_gate_table(refused.gates))
         err_console.print(f"[bold red]refused:[/] {refused}", highlight=False)
         raise typer.Exit(2) from None
     console.print(_gate_table(result.gates))
     forced = " [yellow](FORCED past failing gates)[/]" if result.forced else ""
-    console.print(f"{task}: {to} -> v{result.version} (was {result.previous_holder or 'unset'}){forced}")
+    console.print(f"{task}: {to} -> v{result.version} (was {result.previous_holder or 'unset'}){forced}; "
+                  f"gates sha256 {result.gates_sha256[:16]}")
 
 
 @app.command()
@@ -99,8 +107,30 @@ def rollback(task: str = typer.Argument(...), reason: str = typer.Option(None, "
     """Move champion back to the previous version (role: platform)."""
     settings = Settings()
     with user_errors(*ERRORS):
-        old, new = _promoter(settings).rollback(cli_identity(settings), task, reason)
+        old, new = PlatformClient(settings).rollback(task, reason)
     console.print(f"{task}: champion v{old} -> v{new}")
+
+
+@app.command()
+def history(task: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Which version held `champion` when: the platform's signed ledger, and alias moves it refused."""
+    settings = Settings()
+    with user_errors(*ERRORS):
+        rows = sorted(PlatformClient(settings).history(task), key=lambda r: r["time"])
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    import datetime as dt
+
+    table = Table(title=f"{task}: champion history")
+    for col in ("when", "version", "action", "by", "signed", "gates sha256"):
+        table.add_column(col)
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r["time"]).strftime("%Y-%m-%d %H:%M:%S")
+        signed = "yes" if r["signed"] else "[red]NO (refused by serving)[/]"
+        action = r["action"] + (" (forced)" if r.get("forced") else "")
+        table.add_row(when, str(r["version"]), action, str(r["actor"]), signed, (r.get("gates_sha256") or "")[:16])
+    console.print(table)
 
 
 @app.command()
@@ -109,7 +139,10 @@ def audit(task: str = typer.Option(None, "--task"), as_json: bool = typer.Option
     settings = Settings()
     with user_errors(*ERRORS):
         cli_identity(settings)
-    entries = [e for e in AuditLog(settings.audit_file).entries() if not task or e.get("task") == task]
+    log = AuditLog(settings.audit_file)
+    for problem in log.read().problems:
+        err_console.print(f"[yellow]warning:[/] audit log {problem}; run `oncoserve audit verify`", highlight=False)
+    entries = [e for e in log.entries() if not task or e.get("task") == task]
     if as_json:
         typer.echo(json.dumps(entries, indent=1, default=str))
         return
@@ -155,18 +188,21 @@ def compile_(
     version: str = typer.Option(..., "--version"),
     gpu: bool = typer.Option(False, "--gpu", help="GPU instances (+ TensorRT plan where TensorRT and a GPU exist)."),
     max_batch: int = typer.Option(4, "--max-batch", min=1),
+    force: bool = typer.Option(False, "--force", help="Admin only: compile a version that fails its gates (audited)."),
+    reason: str = typer.Option(None, "--reason", help="Why (required with --force)."),
 ) -> None:
-    """Write the version into the Triton model repository in S3 (model.onnx, config.pbtxt, sha256)."""
-    from oncoserve.object_store import object_store
-    from oncoserve.auth import require
-    from serving.compile import CompileOptions, compile_version
+    """Write the version into the Triton model repository in S3 (model.onnx, config.pbtxt, sha256), through
+    the platform API: only a version that passes the platform's gates (exit 2 with the gates otherwise)."""
+    from pipelines.promotion import PromotionRefused
 
     settings = Settings()
-    with user_errors(*ERRORS):
-        require(cli_identity(settings), "data-scientist", "compiling")
-        result = compile_version(Registry(settings.mlflow_url), object_store(settings), settings.bucket_models,
-                                 settings.triton_repo_prefix, task, version,
-                                 CompileOptions(max_batch_size=max_batch, preferred_batch_sizes=[b for b in (2, 4) if b <= max_batch], gpu=gpu))  # fmt: skip
-    for key, digest in result.files.items():
-        console.print(f"s3://{settings.bucket_models}/{settings.triton_repo_prefix}/{key}  sha256 {digest[:16]}")
-    console.print(f"TensorRT plan: {result.tensorrt}")
+    try:
+        with user_errors(*ERRORS), console.status(f"gates and compile for {task} v{version}"):
+            result = PlatformClient(settings).compile(task, version, gpu, max_batch, force, reason)
+    except PromotionRefused as refused:
+        console.print(_gate_table(refused.gates))
+        err_console.print(f"[bold red]refused:[/] {refused}", highlight=False)
+        raise typer.Exit(2) from None
+    for key, digest in result["files"].items():
+        console.print(f"s3://{result['bucket']}/{result['prefix']}/{key}  sha256 {digest[:16]}")
+    console.print(f"TensorRT plan: {result['tensorrt']}")

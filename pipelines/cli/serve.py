@@ -55,5 +55,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
                 replicas = ", ".join(f"{n} {state.lower()}" for state, n in d["replicas"].items())
                 table.add_row(app_name, name, d["status"], replicas, info["model_versions"].get(name, "-"))
         console.print(table if info["applications"] else "no Serve application is deployed (oncoserve serve up)")
+        for task, refused in info.get("untrusted_aliases", {}).items():
+            console.print(f"[bold red]UNTRUSTED ALIAS[/] {task}: champion moved to v{refused['version']} without a signed "
+                          f"promotion; refused, still serving the signed version ({refused['reason']})", highlight=False)  # fmt: skip
+        if not info.get("auth", True):
+            console.print("[bold red]SERVING AUTH IS OFF[/] (ONCOSERVE_SERVE_AUTH=off): anyone who reaches the API may "
+                          "analyse studies. For local development only.", highlight=False)  # fmt: skip
     if not info["running"]:
         raise typer.Exit(1)

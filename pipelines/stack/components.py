@@ -105,7 +105,8 @@ class S3Server(Component):
             f"-webdav.port={self._port('webdav')}", f"-admin.port={self._port('admin')}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false",
-            f"-admin.password={self.creds.secret_key}",
+            # No admin UI: its password could only be given on the command line (visible in `ps`).
+            "-admin.ui=false",
             f"-bucket={','.join(self.buckets())}",
         ]  # fmt: skip
 
@@ -148,7 +149,10 @@ class MlflowServer(Component):
 
     def env(self) -> dict[str, str]:
         # Job execution spawns extra worker processes we do not use (halves the server's memory).
-        return {**mlflow_env(self.settings), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**mlflow_env(self.settings), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.settings.db == "postgresql":  # the database password through libpq's password file
+            env["PGPASSFILE"] = str(self.settings.home / "auth" / "pgpass")
+        return env
 
     def health(self) -> Health:
         try:
@@ -260,12 +264,49 @@ class PostgresServer(Component):
             blocked = [str(p) for p in home.parents if not p.stat().st_mode & 0o001]
             if blocked:
                 raise StackError(f"postgres: the postgres user cannot reach {home} (no o+x on {blocked[0]})")
-        result = subprocess.run(
-            [*self._as_owner(), self._pg_bin("initdb"), "-D", str(pgdata), "-U", "oncoserve", "--auth=trust"],
-            capture_output=True, text=True,
-        )  # fmt: skip
+        # Password (SCRAM) authentication for every connection, local socket included; the password is
+        # generated per home and reaches clients through a 0600 libpq password file, never a command line.
+        password = self._password()
+        pwfile = self.data_dir / "initdb.pw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres", "postgres")
+        try:
+            result = subprocess.run(
+                [*self._as_owner(), self._pg_bin("initdb"), "-D", str(pgdata), "-U", "oncoserve",
+                 "--auth=scram-sha-256", f"--pwfile={pwfile}"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise StackError(f"postgres: initdb failed: {result.stderr.strip()[-300:]}")
+
+    @property
+    def passfile(self) -> Path:
+        return self.settings.home / "auth" / "pgpass"
+
+    def _password(self) -> str:
+        """The database password of this home (created once), also written as a libpq password file."""
+        import secrets
+
+        secret_file = self.settings.home / "auth" / "postgres.password"
+        secret_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not secret_file.exists():
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24))
+        password = secret_file.read_text().strip()
+        fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{self.settings.host}:{self.settings.postgres_port}:*:oncoserve:{password}\n")
+        return password
+
+    def client_env(self) -> dict[str, str]:
+        self._password()  # (re)write the password file for this host and port
+        return {**os.environ, "PGPASSFILE": str(self.passfile)}
 
     def command(self) -> list[str]:
         return [
@@ -278,16 +319,16 @@ class PostgresServer(Component):
     def health(self) -> Health:
         result = subprocess.run(
             [self._pg_bin("psql"), "-h", self.settings.host, "-p", str(self.settings.postgres_port),
-             "-U", "oncoserve", "-d", "postgres", "-tAc", "SELECT datname FROM pg_database"],
-            capture_output=True, text=True, timeout=10,
+             "-U", "oncoserve", "-d", "postgres", "-w", "-tAc", "SELECT datname FROM pg_database"],
+            capture_output=True, text=True, timeout=10, env=self.client_env(),
         )  # fmt: skip
         if result.returncode != 0:
             return Health(False, f"psql failed: {result.stderr.strip()[-200:]}")
         if "mlflow" not in result.stdout.split():
             created = subprocess.run(
                 [self._pg_bin("createdb"), "-h", self.settings.host, "-p", str(self.settings.postgres_port),
-                 "-U", "oncoserve", "mlflow"],
-                capture_output=True, text=True, timeout=10,
+                 "-U", "oncoserve", "-w", "mlflow"],
+                capture_output=True, text=True, timeout=10, env=self.client_env(),
             )  # fmt: skip
             if created.returncode != 0:
                 return Health(False, f"createdb mlflow failed: {created.stderr.strip()[-200:]}")

@@ -6,10 +6,12 @@ started. `up` is idempotent, `down` stops only recorded processes, `status` chec
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from oncoserve import credentials
@@ -37,6 +39,18 @@ class EmbeddedStack:
         self.state_file = settings.home / "stack.json"
 
     # -- state -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One `up` / `down` at a time per home: a racing pair would otherwise start processes that
+        the other's state file never records (and the next `down` would stop nothing)."""
+        self.settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.settings.home / "stack.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _load_state(self) -> dict[str, process.ProcessRecord]:
         if not self.state_file.exists():
             return {}
@@ -45,7 +59,8 @@ class EmbeddedStack:
 
     def _save_state(self, state: dict[str, process.ProcessRecord]) -> None:
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({n: r.to_json() for n, r in state.items()}, indent=2))
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+            handle.write(json.dumps({n: r.to_json() for n, r in state.items()}, indent=2))
         os.replace(tmp, self.state_file)  # atomic: a crash never leaves half a state file
 
     def _components(self, state: dict | None = None, create_credentials: bool = True) -> list[Component]:
@@ -65,9 +80,22 @@ class EmbeddedStack:
     # -- up --------------------------------------------------------------------------------------
     def up(self, on_event: Callable[[str, str], None] = lambda name, msg: None) -> list[ComponentStatus]:
         """Start what is not running, wait until every component is healthy; return their status."""
-        self.settings.home.mkdir(parents=True, exist_ok=True)
-        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            return self._up(on_event)
+
+    def _up(self, on_event: Callable[[str, str], None]) -> list[ComponentStatus]:
+        home = self.settings.home
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        home.chmod(0o700 | (home.stat().st_mode & 0o001))  # keep o+x only where PostgreSQL needs to pass through
+        self.settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         state = self._load_state()
+        for proc in process.unrecorded(home, list(state.values())):
+            try:
+                what = " ".join(proc.cmdline())[:120]
+            except Exception:
+                what = "?"
+            on_event("stack", f"WARNING: process {proc.pid} ({what}) runs in this home but is not recorded; "
+                              "stop it by hand (kill) if it is a leftover")  # fmt: skip
         waiting: list[Component] = []
         for comp in self._components(state):
             record = state.get(comp.name)
@@ -123,6 +151,10 @@ class EmbeddedStack:
 
     # -- down ------------------------------------------------------------------------------------
     def down(self, on_event: Callable[[str, str], None] = lambda name, msg: None) -> None:
+        with self._locked():
+            self._down(on_event)
+
+    def _down(self, on_event: Callable[[str, str], None]) -> None:
         state = self._load_state()
         by_name = {c.name: c for c in self._components(state)}
         # Reverse start order: MLflow before the stores it writes to.

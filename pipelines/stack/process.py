@@ -35,8 +35,10 @@ class ProcessRecord:
 
 def spawn(command: list[str], env: dict[str, str], log: Path, cwd: Path) -> ProcessRecord:
     """Start a server in its own session (so its whole tree can be found and stopped), logging to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Logs can carry hostnames, paths and request details: readable by the stack's owner only.
+    with os.fdopen(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
+        os.fchmod(out.fileno(), 0o600)
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n".encode())
         out.flush()
         proc = subprocess.Popen(
@@ -47,6 +49,7 @@ def spawn(command: list[str], env: dict[str, str], log: Path, cwd: Path) -> Proc
             cwd=cwd,
             env={**os.environ, **env},
             start_new_session=True,
+            umask=0o077,  # everything a server writes under the home (Ray's session, the DB) is the owner's only
         )
     return ProcessRecord(
         pid=proc.pid,
@@ -55,6 +58,24 @@ def spawn(command: list[str], env: dict[str, str], log: Path, cwd: Path) -> Proc
         log=str(log),
         started_at=time.time(),
     )
+
+
+def unrecorded(home: Path, records: list[ProcessRecord]) -> list[psutil.Process]:
+    """Live processes working in `home` (the stack starts every server there) that belong to no
+    recorded process's session: servers an interrupted `up` or a racing `down` left behind."""
+    sessions = {r.pid for r in records if find(r) is not None}
+    home = Path(home).resolve()
+    found = []
+    for proc in psutil.process_iter(["pid", "cwd"]):
+        try:
+            if proc.pid == os.getpid() or proc.info["cwd"] is None or Path(proc.info["cwd"]) != home:
+                continue
+            if os.getsid(proc.pid) in sessions or proc.pid in sessions:
+                continue
+            found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 def find(record: ProcessRecord) -> psutil.Process | None:

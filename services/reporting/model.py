@@ -34,10 +34,13 @@ def load(model_dir: Path) -> tuple[kb.KnowledgeBase, str, Path]:
     return kb.load(model_dir / "knowledge"), manifest["prompt_version"], model_dir / "prompts"
 
 
-def download_verified(registry, version: str, dst: Path) -> Path:
-    """The version's model folder, only if every file is the one recorded when it was registered."""
+def download_verified(registry, version: str, dst: Path, expected: dict[str, str] | None = None) -> Path:
+    """The version's model folder, only if every file is the one recorded when it was registered
+    (`expected`: the digests of the signed promotion record; default: the registry tag)."""
     from serving.artifacts import TamperedArtifact, verify_tree
 
+    if expected is not None:
+        return verify_tree(registry.download("reporting", version, dst), expected)
     recorded = registry.version("reporting", version).tags.get(DIGEST_TAG)
     if not recorded:
         raise TamperedArtifact(f"reporting v{version} has no recorded sha256 ({DIGEST_TAG} tag); register it again "

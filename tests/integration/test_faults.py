@@ -17,7 +17,7 @@ import pytest
 from ray.util.state import list_actors
 
 from pipelines.stack import EmbeddedStack
-from tests.conftest import TASKS, compiled_champions, oncoserve, private_stack
+from tests.conftest import TASKS, auth_headers, compiled_champions, oncoserve, private_stack
 from tests.helpers import study_files, wait_until
 
 pytestmark = pytest.mark.integration
@@ -58,13 +58,14 @@ def stack(tiny_dataset, tmp_path_factory):
             assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
             try:
                 yield {"settings": settings, "versions": versions, "url": settings.serve_url, "config": config,
+                       "auth": auth_headers(settings),
                        "files": study_files(sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[0])}  # fmt: skip
             finally:
                 oncoserve("serve", "down")
 
 
 def analyse(stack, timeout: float = 180) -> httpx.Response:
-    return httpx.post(f"{stack['url']}/v1/studies:analyze", files=stack["files"], timeout=timeout)
+    return httpx.post(f"{stack['url']}/v1/studies:analyze", headers=stack["auth"], files=stack["files"], timeout=timeout)
 
 
 def kill_component(settings, name: str) -> None:
@@ -97,7 +98,7 @@ def test_killed_replica_is_replaced_and_requests_recover(stack):
             for _ in range(60):  # bounded
                 if stop.is_set():
                     return
-                r = http.post(f"{stack['url']}/v1/studies:analyze", files=stack["files"])
+                r = http.post(f"{stack['url']}/v1/studies:analyze", headers=stack["auth"], files=stack["files"])
                 outcomes.append((r.status_code, r.text[:300] if r.status_code != 200 else ""))
 
     clients = [threading.Thread(target=client) for _ in range(3)]
@@ -135,7 +136,7 @@ def test_s3_stopped_serving_goes_on_and_registry_writes_fail_clearly(stack):
         served = analyse(stack)
         assert served.status_code == 200, served.text
         assert served.json()["findings"]["model_versions"] == stack["versions"]
-        uri = httpx.post(f"{stack['url']}/v1/studies:analyze", json={"s3_uri": f"s3://{settings.bucket_data}/x/"}, timeout=60)
+        uri = httpx.post(f"{stack['url']}/v1/studies:analyze", headers=stack["auth"], json={"s3_uri": f"s3://{settings.bucket_data}/x/"}, timeout=60)
         assert uri.status_code == 503 and "object store unavailable" in uri.json()["error"]
         write = oncoserve("reporting", "register", timeout=CLI_FAILS_WITHIN_S)
         assert write.returncode == 1

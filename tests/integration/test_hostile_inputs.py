@@ -23,7 +23,8 @@ def test_the_corpus_is_large_enough():
 
 @pytest.mark.parametrize("name, route, request_kwargs, expected", CORPUS, ids=[c[0] for c in CORPUS])
 def test_hostile_input_gets_a_clear_4xx(served, name, route, request_kwargs, expected):
-    response = httpx.post(f"{served['url']}{route}", timeout=120, **request_kwargs)
+    kwargs = {**request_kwargs, "headers": {**served["auth"], **request_kwargs.get("headers", {})}}
+    response = httpx.post(f"{served['url']}{route}", timeout=120, **kwargs)
     assert response.status_code == expected, (name, response.status_code, response.text[:400])
     body = response.json()
     assert body["error"] and "Traceback" not in response.text and len(body["error"]) < 2000
@@ -47,7 +48,7 @@ def test_phi_laden_dicom_leaves_no_phi_behind(served, tiny_dataset, tmp_path):
     uid = pydicom.uid.generate_uid()
     names = {"t1": "T1 MPRAGE", "t1ce": "T1 post gad", "t2": "T2 TSE", "flair": "FLAIR"}
     archive = write_zip(tmp_path / "phi.zip", {m: series_datasets(study.images[m], names[m], uid) for m in study.present})
-    response = httpx.post(f"{served['url']}/v1/studies:analyze", files={"dicom": ("phi.zip", archive.read_bytes(), "application/zip")},
+    response = httpx.post(f"{served['url']}/v1/studies:analyze", headers=served["auth"], files={"dicom": ("phi.zip", archive.read_bytes(), "application/zip")},
                           timeout=300)  # fmt: skip
     assert response.status_code == 200, response.text[:500]
     body = response.json()

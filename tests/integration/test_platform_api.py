@@ -54,6 +54,10 @@ def api(live_stack, trained, tmp_path_factory):
             return proc.poll() is not None
 
     assert wait_until(up, timeout_s=60) and proc.poll() is None
+    from pipelines.platform_client import PlatformClient
+
+    if not Registry(live_stack.mlflow_url).version(TASK, trained[TASK]).tags.get("compiled_sha256"):
+        PlatformClient(live_stack).compile(TASK, trained[TASK], force=True, reason="a champion must be compiled")
     store, admin = TokenStore(live_stack.tokens_file), Identity("test-admin", "admin")
     tokens = {r: store.create(f"api-{r}", r, admin) for r in ("viewer", "data-scientist", "platform")}
     yield {"url": url, "tokens": tokens, "version": trained[TASK], "settings": live_stack, "trained": trained}
@@ -91,7 +95,8 @@ def test_promotion_and_rollback_over_rest_with_roles(api):
     none_to_restore = call(api, "POST", f"/v1/models/{TASK}:rollback", "platform", json={})
     assert none_to_restore.status_code == 404 and "previous" in none_to_restore.json()["error"]
     audit = call(api, "GET", f"/v1/audit?task={TASK}", "viewer").json()
-    assert [(e["action"], e["status"], e["actor"]) for e in audit if e["action"] == "promote"] == [("promote", "completed", "api-platform")]
+    mine = [(e["action"], e["status"], e["gates_version"]) for e in audit if e["action"] == "promote" and e["actor"] == "api-platform"]
+    assert mine == [("promote", "completed", 98)]  # this server's own gates file decided
 
 
 def test_refused_promotion_is_409_with_every_gate(api):
@@ -101,3 +106,18 @@ def test_refused_promotion_is_409_with_every_gate(api):
     failing = [g for g in refused.json()["gates"] if not g["passed"]]
     assert [g["name"] for g in failing] == ["floor:hit_rate"] and failing[0]["threshold"] == ">= 2.0"
     assert Registry(api["settings"].mlflow_url).alias("localization", "candidate") is None
+
+
+def test_compile_of_a_version_that_fails_its_gates_is_refused_unless_an_admin_forces_it(api):
+    v = api["trained"]["localization"]
+    path = f"/v1/models/localization/versions/{v}:compile"
+    refused = call(api, "POST", path, "data-scientist", json={})
+    assert refused.status_code == 409 and [g["name"] for g in refused.json()["gates"] if not g["passed"]] == ["floor:hit_rate"]
+    admin = {"Authorization": f"Bearer {api['settings'].cli_token()}"}
+    no_reason = httpx.post(api["url"] + path, json={"force": True}, headers=admin, timeout=120)
+    assert no_reason.status_code == 400 and "reason" in no_reason.json()["error"]
+    forced = httpx.post(api["url"] + path, json={"force": True, "reason": "known weak"}, headers=admin, timeout=300)
+    assert forced.status_code == 200 and f"localization/{v}/model.onnx" in forced.json()["files"], forced.text
+    audit = call(api, "GET", "/v1/audit?task=localization", "viewer").json()
+    compiles = [(e["status"], bool(e.get("forced"))) for e in audit if e["action"] == "compile" and str(e["version"]) == v]
+    assert compiles[-2:] == [("refused", False), ("completed", True)]

@@ -89,7 +89,7 @@ def test_predict_without_a_server_says_how_to_start_one(tiny_dataset, tmp_path):
 
 def test_missing_flair_still_returns_findings(served, tiny_dataset):
     case = cases(tiny_dataset)[1]
-    response = httpx.post(f"{served['url']}/v1/studies:analyze", files=files_of(case, skip=("flair",)), timeout=180)
+    response = httpx.post(f"{served['url']}/v1/studies:analyze", headers=served["auth"], files=files_of(case, skip=("flair",)), timeout=180)
     assert response.status_code == 200, response.text
     # (some phantoms lack a sequence already; FLAIR is now missing as well)
     expected = [m for m in ("t1", "t1ce", "t2", "flair") if m == "flair" or m not in files_of(case)]
@@ -98,26 +98,26 @@ def test_missing_flair_still_returns_findings(served, tiny_dataset):
 
 def test_bad_requests_get_clear_4xx(served, tiny_dataset):
     url = served["url"]
-    corrupt = httpx.post(f"{url}/v1/studies:analyze", files={"t1": ("x.nii.gz", b"\x1f\x8bnot-a-nifti", "application/gzip")}, timeout=60)
+    corrupt = httpx.post(f"{url}/v1/studies:analyze", headers=served["auth"], files={"t1": ("x.nii.gz", b"\x1f\x8bnot-a-nifti", "application/gzip")}, timeout=60)
     assert corrupt.status_code == 422 and "t1" in corrupt.json()["error"]
     assert corrupt.headers["x-request-id"] == corrupt.json()["request_id"]
-    empty = httpx.post(f"{url}/v1/studies:analyze", files={"age": (None, "50")}, timeout=60)
+    empty = httpx.post(f"{url}/v1/studies:analyze", headers=served["auth"], files={"age": (None, "50")}, timeout=60)
     assert empty.status_code == 400 and "no modality uploaded" in empty.json()["error"]
-    form = httpx.post(f"{url}/v1/studies:analyze", data={"age": "50"}, timeout=60)
+    form = httpx.post(f"{url}/v1/studies:analyze", headers=served["auth"], data={"age": "50"}, timeout=60)
     assert form.status_code == 415 and "multipart/form-data" in form.json()["error"]
-    big = httpx.post(f"{url}/v1/studies:analyze", files={"t1": ("t1.nii", os.urandom((MAX_REQUEST_MB + 1) << 20))}, timeout=60)
+    big = httpx.post(f"{url}/v1/studies:analyze", headers=served["auth"], files={"t1": ("t1.nii", os.urandom((MAX_REQUEST_MB + 1) << 20))}, timeout=60)
     assert big.status_code == 413 and "exceeds" in big.json()["error"]
     bomb = gzip.compress(b"\0" * ((MAX_REQUEST_MB + 4) << 20))
     inflated = httpx.post(f"{url}/v1/studies:analyze", content=bomb, timeout=60,
-                          headers={"content-type": "multipart/form-data; boundary=x", "content-encoding": "gzip"})  # fmt: skip
+                          headers={**served["auth"], "content-type": "multipart/form-data; boundary=x", "content-encoding": "gzip"})  # fmt: skip
     assert inflated.status_code == 413
-    text = httpx.post(f"{url}/v1/studies:analyze", content=b"hello", headers={"content-type": "text/plain"}, timeout=30)
+    text = httpx.post(f"{url}/v1/studies:analyze", content=b"hello", headers={**served["auth"], "content-type": "text/plain"}, timeout=30)
     assert text.status_code == 415
-    unknown = httpx.post(f"{url}/v1/tumour:predict", files=files_of(cases(tiny_dataset)[0]), timeout=30)
+    unknown = httpx.post(f"{url}/v1/tumour:predict", headers=served["auth"], files=files_of(cases(tiny_dataset)[0]), timeout=30)
     assert unknown.status_code == 404 and "unknown task" in unknown.json()["error"]
-    age = httpx.post(f"{url}/v1/studies:analyze", files=files_of(cases(tiny_dataset)[0]), data={"age": "old"}, timeout=30)
+    age = httpx.post(f"{url}/v1/studies:analyze", headers=served["auth"], files=files_of(cases(tiny_dataset)[0]), data={"age": "old"}, timeout=30)
     assert age.status_code == 400 and "age" in age.json()["error"]
-    outside = httpx.post(f"{url}/v1/studies:analyze", json={"s3_uri": "s3://oncoserve-models/triton/"}, timeout=30)
+    outside = httpx.post(f"{url}/v1/studies:analyze", headers=served["auth"], json={"s3_uri": "s3://oncoserve-models/triton/"}, timeout=30)
     assert outside.status_code == 403
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
 
@@ -125,12 +125,12 @@ def test_bad_requests_get_clear_4xx(served, tiny_dataset):
 def test_reports_endpoint_takes_findings_json(served, tmp_path):
     from services.reporting import reference
 
-    response = httpx.post(f"{served['url']}/v1/reports", json=reference.BASE, timeout=60)
+    response = httpx.post(f"{served['url']}/v1/reports", headers=served["auth"], json=reference.BASE, timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_version"] == served["reporting"] and body["report"]["integrated_diagnosis"] == "Glioblastoma, IDH-wildtype"
     assert "left hemisphere" in body["report_markdown"] and body["report_fhir"]["resourceType"] == "DiagnosticReport"
-    broken = httpx.post(f"{served['url']}/v1/reports", json={"case_id": "x"}, timeout=30)
+    broken = httpx.post(f"{served['url']}/v1/reports", headers=served["auth"], json={"case_id": "x"}, timeout=30)
     assert broken.status_code == 422 and "not a findings document" in broken.json()["error"]
 
 
@@ -139,16 +139,16 @@ def test_gzip_body_and_s3_uri_inputs(served, tiny_dataset):
     request = httpx.Request("POST", f"{served['url']}/v1/segmentation:predict", files=files_of(case))
     body = request.read()
     zipped = httpx.post(f"{served['url']}/v1/segmentation:predict", content=gzip.compress(body), timeout=180,
-                        headers={"content-type": request.headers["content-type"], "content-encoding": "gzip"})  # fmt: skip
+                        headers={**served["auth"], "content-type": request.headers["content-type"], "content-encoding": "gzip"})  # fmt: skip
     assert zipped.status_code == 200, zipped.text
     assert set(zipped.json()["result"]["volumes_ml"]) == {"NCR", "ED", "ET", "WT", "TC"}
     settings, store = served["settings"], served["store"]
     for path in case.glob("*.nii.gz"):
         store.fput_object(settings.bucket_data, f"incoming/{case.name}/{path.name}", str(path))
-    from_s3 = httpx.post(f"{served['url']}/v1/studies:analyze", json={"s3_uri": f"s3://{settings.bucket_data}/incoming/{case.name}/"}, timeout=180)
+    from_s3 = httpx.post(f"{served['url']}/v1/studies:analyze", headers=served["auth"], json={"s3_uri": f"s3://{settings.bucket_data}/incoming/{case.name}/"}, timeout=180)
     assert from_s3.status_code == 200, from_s3.text
     assert from_s3.json()["findings"]["case_id"] == case.name
-    nothing = httpx.post(f"{served['url']}/v1/studies:analyze", json={"s3_uri": f"s3://{settings.bucket_data}/nothing-here/"}, timeout=30)
+    nothing = httpx.post(f"{served['url']}/v1/studies:analyze", headers=served["auth"], json={"s3_uri": f"s3://{settings.bucket_data}/nothing-here/"}, timeout=30)
     assert nothing.status_code == 404
 
 
@@ -174,7 +174,7 @@ def test_oip_v2_with_tritonclient_http_and_grpc(served, tiny_dataset, trained, t
     inputs = [httpclient.InferInput("image", list(image.shape), "FP32"), httpclient.InferInput("presence", list(presence.shape), "FP32")]
     inputs[0].set_data_from_numpy(image, binary_data=True)
     inputs[1].set_data_from_numpy(presence, binary_data=True)
-    result = http.infer("classification", inputs)
+    result = http.infer("classification", inputs, headers=served["auth"])
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected["probabilities"], atol=1e-5)
 
     limits = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -184,17 +184,17 @@ def test_oip_v2_with_tritonclient_http_and_grpc(served, tiny_dataset, trained, t
     g_inputs = [grpcclient.InferInput("image", list(image.shape), "FP32"), grpcclient.InferInput("presence", list(presence.shape), "FP32")]
     g_inputs[0].set_data_from_numpy(image)
     g_inputs[1].set_data_from_numpy(presence)
-    g_result = client.infer("classification", g_inputs, client_timeout=120)
+    g_result = client.infer("classification", g_inputs, client_timeout=120, headers=served["auth"])
     np.testing.assert_allclose(g_result.as_numpy("probabilities"), expected["probabilities"], atol=1e-5)
     assert g_result.get_response().model_version == trained["classification"]
 
     from tritonclient.utils import InferenceServerException
 
     with pytest.raises(InferenceServerException, match="unknown model"):
-        client.infer("tumour", g_inputs)
+        client.infer("tumour", g_inputs, headers=served["auth"])
     with pytest.raises(InferenceServerException, match="takes inputs"):
-        client.infer("classification", g_inputs[:1])
-    bad = httpx.post(f"{served['url']}/v2/models/classification/infer", content=b'{"inputs": [{"name": "image"', timeout=30)
+        client.infer("classification", g_inputs[:1], headers=served["auth"])
+    bad = httpx.post(f"{served['url']}/v2/models/classification/infer", headers=served["auth"], content=b'{"inputs": [{"name": "image"', timeout=30)
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]
 
 
@@ -205,14 +205,16 @@ def test_grpc_study_service(served, tiny_dataset, trained):
     case = cases(tiny_dataset)[3]
     request = study_pb2.AnalyzeRequest(case_id=case.name, nifti={m: f[1] for m, f in files_of(case).items()}, age=55.0)
     with grpc.insecure_channel(served["grpc"], options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-        response = study_pb2_grpc.StudyServiceStub(channel).Analyze(request, timeout=180)
+        metadata = tuple(served["auth"].items())
+        response = study_pb2_grpc.StudyServiceStub(channel).Analyze(request, timeout=180, metadata=metadata)
         findings = json.loads(response.findings_json)
         assert findings["case_id"] == case.name and findings["model_versions"]["segmentation"] == trained["segmentation"]
         assert "## Findings" in response.report_markdown and json.loads(response.report_fhir_json)["resourceType"] == "DiagnosticReport"
         mask = nib.Nifti1Image.from_bytes(gzip.decompress(response.segmentation_nifti_gz))
         assert mask.shape == read_case(tiny_dataset, case.name).reference.shape
         with pytest.raises(grpc.RpcError) as refused:
-            study_pb2_grpc.StudyServiceStub(channel).Analyze(study_pb2.AnalyzeRequest(nifti={"t1": b"junk"}), timeout=60)
+            study_pb2_grpc.StudyServiceStub(channel).Analyze(study_pb2.AnalyzeRequest(nifti={"t1": b"junk"}), timeout=60,
+                                                             metadata=metadata)  # fmt: skip
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -273,7 +275,7 @@ def test_autoscaling_adds_a_segmentation_replica_under_a_burst(served, tiny_data
             for _ in range(40):
                 if scaled_up.is_set():
                     return
-                r = client.post(f"{served['url']}/v1/segmentation:predict", files=files)
+                r = client.post(f"{served['url']}/v1/segmentation:predict", headers=served["auth"], files=files)
                 if r.status_code != 200:
                     errors.append(r.status_code)
 
@@ -289,13 +291,15 @@ def test_autoscaling_adds_a_segmentation_replica_under_a_burst(served, tiny_data
 
 
 def test_hot_swap_moves_versions_with_no_failed_request(served, tiny_dataset, trained):
-    from serving.compile import compile_version
+    from pipelines.platform_client import PlatformClient
 
-    settings, registry = served["settings"], served["registry"]
+    settings = served["settings"]
     run = oncoserve("train", "localization", "--data", str(tiny_dataset), "--epochs", "1")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     new = run.stdout.split("registered model localization version")[-1].split()[0]
-    compile_version(registry, served["store"], settings.bucket_models, settings.triton_repo_prefix, "localization", new)
+    served["hot_swapped"] = new
+    platform = PlatformClient(settings)
+    platform.compile("localization", new, force=True, reason="hot-swap test")
     files = files_of(cases(tiny_dataset)[6])
     seen, failures, stop = [], [], threading.Event()
 
@@ -304,7 +308,7 @@ def test_hot_swap_moves_versions_with_no_failed_request(served, tiny_dataset, tr
             for _ in range(400):  # bounded
                 if stop.is_set():
                     return
-                r = client.post(f"{served['url']}/v1/localization:predict", files=files)
+                r = client.post(f"{served['url']}/v1/localization:predict", headers=served["auth"], files=files)
                 if r.status_code == 200:
                     seen.append(r.json()["model_version"])
                 else:
@@ -313,7 +317,7 @@ def test_hot_swap_moves_versions_with_no_failed_request(served, tiny_dataset, tr
     worker = threading.Thread(target=loop)
     worker.start()
     assert wait_until(lambda: len(seen) >= 3, timeout_s=120, interval_s=0.1)
-    registry.set_alias("localization", "champion", new)
+    platform.promote("localization", new, "champion", reason="hot-swap test", force=True)  # signed, then the alias
     switched = wait_until(lambda: new in seen[-1:], timeout_s=120, interval_s=0.1)
     count = len(seen)
     wait_until(lambda: len(seen) >= count + 3, timeout_s=60, interval_s=0.1)
@@ -335,7 +339,7 @@ def test_triton_backend_through_serve_with_a_clear_503_and_fallback(served, tiny
 
     settings = served["settings"]
     files = files_of(cases(tiny_dataset)[7])
-    embedded = httpx.post(f"{served['url']}/v1/classification:predict", files=files, timeout=180)
+    embedded = httpx.post(f"{served['url']}/v1/classification:predict", headers=served["auth"], files=files, timeout=180)
     assert embedded.status_code == 200, embedded.text
     repo = export_triton_repo(settings, served["store"], ["classification"], tmp_path / "repo")
     url, proc = start_v2_server(repo, tmp_path / "kserve.log", "classification", trained["classification"])
@@ -353,17 +357,17 @@ def test_triton_backend_through_serve_with_a_clear_503_and_fallback(served, tiny
         deploy(fallback=False)
         models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()
         assert models["deployments"]["classification"]["backend"] == "triton"
-        remote = httpx.post(f"{served['url']}/v1/classification:predict", files=files, timeout=180)
+        remote = httpx.post(f"{served['url']}/v1/classification:predict", headers=served["auth"], files=files, timeout=180)
         assert remote.status_code == 200, remote.text
         for marker, result in remote.json()["result"].items():
             assert result["probabilities"] == pytest.approx(embedded.json()["result"][marker]["probabilities"], abs=1e-3)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    down = httpx.post(f"{served['url']}/v1/classification:predict", files=files, timeout=180)
+    down = httpx.post(f"{served['url']}/v1/classification:predict", headers=served["auth"], files=files, timeout=180)
     assert down.status_code == 503 and f"triton at {url}" in down.json()["error"]
     assert httpx.get(f"{served['url']}/healthz", timeout=10).status_code == 200
     deploy(fallback=True)
-    fallback = httpx.post(f"{served['url']}/v1/classification:predict", files=files, timeout=180)
+    fallback = httpx.post(f"{served['url']}/v1/classification:predict", headers=served["auth"], files=files, timeout=180)
     assert fallback.status_code == 200, fallback.text
     assert 'oncoserve_backend_errors_total{backend="triton",task="classification"}' in httpx.get(f"{served['url']}/metrics", timeout=10).text

@@ -44,7 +44,7 @@ def serve_rss_mb() -> dict[str, float]:
     return out
 
 
-async def run_load(url: str, cases: list[Path], n: int, concurrency: int) -> tuple[list[float], list[int]]:
+async def run_load(url: str, cases: list[Path], n: int, concurrency: int, auth: dict) -> tuple[list[float], list[int]]:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
@@ -58,7 +58,7 @@ async def run_load(url: str, cases: list[Path], n: int, concurrency: int) -> tup
             except asyncio.QueueEmpty:
                 return
             t0 = time.perf_counter()
-            r = await http.post(f"{url}/v1/studies:analyze", files=files[i % len(files)], timeout=300)
+            r = await http.post(f"{url}/v1/studies:analyze", headers=auth, files=files[i % len(files)], timeout=300)
             latencies.append(time.perf_counter() - t0)
             statuses.append(r.status_code)
 
@@ -69,7 +69,7 @@ async def run_load(url: str, cases: list[Path], n: int, concurrency: int) -> tup
 
 def test_bounded_load_has_no_errors_and_flat_memory(served, tiny_dataset):
     cases = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[:4]
-    _, warm = asyncio.run(run_load(served["url"], cases, WARMUP, CONCURRENCY))
+    _, warm = asyncio.run(run_load(served["url"], cases, WARMUP, CONCURRENCY, served["auth"]))
     assert set(warm) == {200}
     replicas = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica" in " ".join(p.info["cmdline"] or [])]
     assert replicas and all(MALLOC_ENV.items() <= p.environ().items() for p in replicas), "replicas lack the allocator settings"
@@ -77,7 +77,7 @@ def test_bounded_load_has_no_errors_and_flat_memory(served, tiny_dataset):
     while len(rounds) < MAX_ROUNDS:
         before = serve_rss_mb()
         t0 = time.perf_counter()
-        lat, statuses = asyncio.run(run_load(served["url"], cases, ROUND, CONCURRENCY))
+        lat, statuses = asyncio.run(run_load(served["url"], cases, ROUND, CONCURRENCY, served["auth"]))
         seconds += time.perf_counter() - t0
         after = serve_rss_mb()
         assert statuses.count(200) == ROUND, {s: statuses.count(s) for s in set(statuses)}
