@@ -49,6 +49,8 @@ class Settings(BaseSettings):
                                                        "packaged pipelines/gates.toml. Read by the server only: a client's has no effect.")
     signing_public_key: Path | None = Field(None, description="The platform's Ed25519 public key (PEM) serving replicas verify "
                                                               "promotions with; default: HOME/platform/signing.pub.")
+    audit_dir: Path | None = Field(None, description="Where the audit log lives; default HOME/audit. On Kubernetes a "
+                                                     "persistent volume (never an emptyDir).")
     serve_auth: bool = Field(True, description="Serving API requires a token (REST and gRPC); `off` for local development only.")
     platform_port: int = Field(8600, description="Port of the platform API (a stack component; `oncoserve platform serve`).")
     platform_public_url: str | None = Field(None, description="URL browsers reach the platform API at; default: http://HOST:PLATFORM_PORT.")
@@ -137,8 +139,12 @@ class Settings(BaseSettings):
         return self.home / "credentials.json"
 
     @property
+    def mlflow_accounts_file(self) -> Path:
+        return self.home / "auth" / "mlflow.json"
+
+    @property
     def audit_file(self) -> Path:
-        return self.home / "audit" / "audit.jsonl"
+        return (self.audit_dir or self.home / "audit") / "audit.jsonl"
 
     @property
     def signing_key_file(self) -> Path:

@@ -103,6 +103,9 @@ class _LazyStore:
 
 
 def create_app(settings: Settings, reconcile_interval_s: float = 3.0) -> FastAPI:
+    from oncoserve.credentials import use_mlflow_account
+
+    use_mlflow_account(settings.mlflow_accounts_file, "platform")  # MLflow's admin: the one that moves aliases
     app = FastAPI(title="oncoserve platform API", version=__version__)
     # Browsers may call this API only from the origins named (the serving API's, where the web UI is
     # served, by default): no wildcard, and the token travels in a header, never a cookie.

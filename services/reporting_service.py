@@ -43,7 +43,10 @@ class ReportingService:
         from services.trusted_champion import TrustedChampion
 
         self.spec = spec
+        from oncoserve.credentials import use_mlflow_account
+
         settings = Settings(**settings_fields)
+        use_mlflow_account(settings.mlflow_accounts_file, "reader")  # serving only reads the registry
         self._registry = Registry(settings.mlflow_url)
         self._generator = generators.build(spec.get("generator"))  # one per replica, shared across versions
         self._trust = TrustedChampion(settings, TASK, self._registry, object_store(settings))

@@ -60,7 +60,10 @@ class TaskService:
         if task not in TASKS:
             raise ServingError(f"unknown task {task!r}")
         self.task, self.spec = task, spec
+        from oncoserve.credentials import use_mlflow_account
+
         settings = Settings(**settings_fields)
+        use_mlflow_account(settings.mlflow_accounts_file, "reader")  # serving only reads the registry
         self._registry, self._store = Registry(settings.mlflow_url), object_store(settings)
         self._bucket, self._prefix = settings.bucket_models, settings.triton_repo_prefix
         self._cache = Path(tempfile.mkdtemp(prefix=f"oncoserve-{task}-"))

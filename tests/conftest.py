@@ -33,7 +33,7 @@ def stack_home():
 def stack_settings(stack_home):
     """Settings of a private stack, also exported to the environment for CLI subprocesses."""
     env = stack_env(stack_home)
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in [*env, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]}
     os.environ.update(env)
     try:
         yield Settings()
@@ -73,6 +73,7 @@ def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES):
     environment (for CLI subprocesses), its platform API started with `gates`, and an admin token
     saved where the CLI looks for it."""
     from oncoserve.auth import TokenStore
+    from oncoserve.credentials import use_mlflow_account
     from pipelines.stack import EmbeddedStack
 
     # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
@@ -83,9 +84,12 @@ def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     stack = EmbeddedStack(Settings())
+    saved |= {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         stack.up()
         settings = Settings()
+        # The tests act as a training job does towards MLflow (and the CLI they start does the same).
+        use_mlflow_account(settings.mlflow_accounts_file, "training")
         token = TokenStore(settings.tokens_file).create(admin_name, "admin", None)
         fd = os.open(settings.home / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:

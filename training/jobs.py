@@ -114,7 +114,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         train_loop_config={
             "task": cfg.task, "data_dir": str(cfg.data_dir), "cache_dir": str(cfg.home / "cache"),
             "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
-            "tracking_uri": cfg.tracking_uri, "resume_from": resume_from, "lr": cfg.lr, "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
+            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "resume_from": resume_from, "lr": cfg.lr, "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
         run_config=RunConfig(

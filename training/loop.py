@@ -52,6 +52,12 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch = _load_state(model, optimizer, config["resume_from"])
     model = ray.train.torch.prepare_model(model)
 
+    if rank == 0 and config.get("mlflow_accounts"):  # a Ray worker: the driver's environment is not ours
+        from pathlib import Path
+
+        from oncoserve.credentials import use_mlflow_account
+
+        use_mlflow_account(Path(config["mlflow_accounts"]), "training")
     client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     for epoch in range(start_epoch, config["epochs"]):
         t0 = time.monotonic()

@@ -37,6 +37,17 @@ app.command("evaluate")(train.evaluate)
 REGISTRY_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
+def _mlflow_account() -> None:
+    """The CLI talks to MLflow as the training account (runs, versions, reads); aliases are the platform's."""
+    from oncoserve.credentials import use_mlflow_account
+    from oncoserve.settings import Settings
+
+    try:
+        use_mlflow_account(Settings().mlflow_accounts_file, "training")
+    except (OSError, ValueError):  # an unreadable home: commands say so themselves
+        pass
+
+
 def main() -> None:
     """The console entry point: `app` with short registry retries, and the backing services' failures
     that no command expects (registry, object store) as one line and exit code 1 instead of a traceback."""
@@ -50,6 +61,7 @@ def main() -> None:
         os.environ.setdefault(key, value)
     # Studies, findings, tokens and logs are the owner's only: nothing the CLI writes is group/world readable.
     os.umask(0o077)
+    _mlflow_account()
     try:
         app()
     except (MlflowException, requests.RequestException, botocore.exceptions.BotoCoreError,

@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from oncoserve import credentials
 from oncoserve.credentials import S3Credentials
 from oncoserve.object_store import mlflow_env, object_store
 from oncoserve.settings import Settings
@@ -138,9 +139,27 @@ class MlflowServer(Component):
             return f"postgresql+psycopg2://oncoserve@{self.settings.host}:{self.settings.postgres_port}/mlflow"
         return f"sqlite:///{self.data_dir / 'mlflow.db'}"
 
+    @property
+    def auth_config(self) -> Path:
+        return self.data_dir / "basic_auth.ini"
+
+    def prepare(self) -> None:
+        super().prepare()
+        # MLflow's basic-auth app: every API call and the UI need an account; unknown callers get 401.
+        # Its user store is a sqlite file of its own beside the tracking store.
+        accounts = credentials.mlflow_accounts(self.settings.mlflow_accounts_file)
+        text = ("[mlflow]\ndefault_permission = READ\n"
+                f"database_uri = sqlite:///{self.data_dir / 'basic_auth.db'}\n"
+                f"admin_username = {accounts['platform']['username']}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")  # fmt: skip
+        fd = os.open(self.auth_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+
     def command(self) -> list[str]:
         return [
             _bin("mlflow"), "server",
+            "--app-name", "basic-auth",
             "--host", self.settings.host, "--port", str(self.settings.mlflow_port),
             "--backend-store-uri", self.backend_uri(),
             "--artifacts-destination", f"s3://{self.settings.bucket_artifacts}/mlflow",
@@ -152,15 +171,34 @@ class MlflowServer(Component):
         env = {**mlflow_env(self.settings), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         if self.settings.db == "postgresql":  # the database password through libpq's password file
             env["PGPASSFILE"] = str(self.settings.home / "auth" / "pgpass")
+        accounts = credentials.mlflow_accounts(self.settings.mlflow_accounts_file)
+        # Secrets through the environment (never the command line): the admin's first password, CSRF key.
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config),
+                "MLFLOW_AUTH_ADMIN_PASSWORD": accounts["platform"]["password"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": accounts["flask_secret"]}  # fmt: skip
         return env
 
     def health(self) -> Health:
         try:
             with urllib.request.urlopen(f"{self.settings.mlflow_url}/health", timeout=3) as resp:
                 body = resp.read().decode(errors="replace").strip()
-                return Health(resp.status == 200, f"/health {resp.status} {body[:40]}")
+                if resp.status != 200:
+                    return Health(False, f"/health {resp.status} {body[:40]}")
         except (urllib.error.URLError, OSError) as exc:
             return Health(False, f"/health unreachable: {exc}")
+        try:
+            self._ensure_accounts()
+        except Exception as exc:  # the auth app is still starting, or the admin password is wrong
+            return Health(False, f"accounts not ready: {type(exc).__name__}: {str(exc)[:200]}")
+        return Health(True, "/health 200 OK; basic-auth accounts platform, training, reader")
+
+    def _ensure_accounts(self) -> None:
+        """The training and read-only accounts, created by the platform account (MLflow's admin)."""
+        from pipelines.mlflow_accounts import ensure_users
+
+        accounts = credentials.mlflow_accounts(self.settings.mlflow_accounts_file)
+        ensure_users(self.settings.mlflow_url, (accounts["platform"]["username"], accounts["platform"]["password"]),
+                     [(accounts[n]["username"], accounts[n]["password"]) for n in ("training", "reader")])  # fmt: skip
 
     def url(self) -> str:
         return self.settings.mlflow_url

@@ -7,7 +7,7 @@ import { authHeaders, errorText, token } from "./api.js";
 import { el, fmt, showError, table } from "./dom.js";
 
 const $ = (id) => document.getElementById(id);
-const RANK = { viewer: 0, "data-scientist": 1, platform: 2, admin: 3 };
+const RANK = { viewer: 0, app: 1, clinician: 2, "data-scientist": 3, platform: 4, admin: 5 };
 const NEEDS = { candidate: "data-scientist", champion: "platform", rollback: "platform" };
 let platform = null;
 let identity = null;
@@ -65,9 +65,12 @@ async function refreshServing() {
     const s = await r.json();
     const deployments = s.deployments.error ? {} : s.deployments;
     const names = [...new Set([...Object.keys(s.model_versions), ...Object.keys(deployments)])];
-    table($("serving"), ["deployment", "status", "replicas running", "version", "backend"],
-      names.map((n) => [n, deployments[n]?.status ?? "", deployments[n]?.running ?? "", s.model_versions[n] ?? "", s.backends[n] ?? ""]),
-      s.deployments.error || "Serve deployments");
+    // An alias moved without a signed promotion is refused by the replicas: say so beside the version served.
+    const untrusted = s.untrusted_aliases || {};
+    table($("serving"), ["deployment", "status", "replicas running", "version", "backend", "champion alias"],
+      names.map((n) => [n, deployments[n]?.status ?? "", deployments[n]?.running ?? "", s.model_versions[n] ?? "", s.backends[n] ?? "",
+        untrusted[n] ? `UNTRUSTED: moved to v${untrusted[n].version} without a signed promotion (refused)` : "signed"]),
+      s.deployments.error || `Serve deployments · serving auth ${s.auth ?? ""}`);
     table($("routes"), ["route", "requests", "p50 (ms)", "p99 (ms)", "5xx rate", "4xx"],
       Object.entries(s.routes).map(([route, m]) => [route, m.requests, fmt(m.p50_ms, 0), fmt(m.p99_ms, 0), `${(m.error_rate * 100).toFixed(1)} %`, m.client_errors]),
       "Requests since the gateway started (from its Prometheus metrics)");

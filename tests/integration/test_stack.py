@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from oncoserve.object_store import object_store
 from pipelines.stack import EmbeddedStack, StackError
 from pipelines.stack import process as proc
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -85,8 +86,34 @@ def test_servers_bind_loopback_only(stack, stack_settings):
         assert conns and all(c.laddr.ip == "127.0.0.1" for c in conns), conns
 
 
+def test_mlflow_needs_an_account_and_the_reader_cannot_write(stack, stack_settings):
+    """MLflow runs its basic-auth app: no credentials is 401; the read-only account reads, and cannot
+    change what another account made (MLflow lets any account create new models, which it then owns)."""
+    import requests
+
+    accounts = json.loads(stack_settings.mlflow_accounts_file.read_text())
+    assert stack_settings.mlflow_accounts_file.stat().st_mode & 0o777 == 0o600
+    api = f"{stack_settings.mlflow_url}/api/2.0/mlflow"
+    anonymous = requests.get(f"{api}/experiments/search", params={"max_results": 1}, timeout=10)
+    assert anonymous.status_code == 401
+    assert requests.get(f"{stack_settings.mlflow_url}/", timeout=10).status_code == 401  # the UI too
+    reader = (accounts["reader"]["username"], accounts["reader"]["password"])
+    assert requests.get(f"{api}/experiments/search", params={"max_results": 1}, auth=reader, timeout=10).status_code == 200
+    training = (accounts["training"]["username"], accounts["training"]["password"])
+    assert requests.post(f"{api}/registered-models/create", json={"name": "acl-test"}, auth=training, timeout=10).status_code == 200
+    for path, body in (("registered-models/alias", {"name": "acl-test", "alias": "champion", "version": "1"}),
+                       ("registered-models/set-tag", {"name": "acl-test", "key": "k", "value": "v"})):  # fmt: skip
+        assert requests.post(f"{api}/{path}", json=body, auth=reader, timeout=10).status_code == 403, path
+    assert requests.get(f"{api}/registered-models/get", params={"name": "acl-test"}, auth=reader, timeout=10).status_code == 200
+    wrong = requests.get(f"{api}/experiments/search", params={"max_results": 1}, auth=(reader[0], "guess"), timeout=10)
+    assert wrong.status_code == 401
+
+
 def test_s3_mlflow_ray_round_trips(stack, stack_settings, saved):
+    from oncoserve.credentials import use_mlflow_account
+
     s = stack_settings
+    assert use_mlflow_account(s.mlflow_accounts_file, "training")  # what a training job does
     store = object_store(s)
     store.put_object(s.bucket_data, OBJECT_KEY, io.BytesIO(PAYLOAD), len(PAYLOAD))
     assert store.get_object(s.bucket_data, OBJECT_KEY).read() == PAYLOAD
@@ -175,3 +202,20 @@ def test_port_in_use_names_the_component(stack, stack_settings):
         blocker.close()
         stack.down()
     assert stack_pids(stack) == set()
+
+
+def test_racing_up_and_down_never_orphan_a_process(stack_settings):
+    """`stack up` and `stack down` at once on one home: one waits for the other (a lock), so whatever
+    runs afterwards is recorded, and the next `down` stops it all."""
+    env = os.environ.copy()
+    exe = str(Path(sys.executable).parent / "oncoserve")
+    up = subprocess.Popen([exe, "stack", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_until(lambda: (stack_settings.home / "stack.json").exists(), timeout_s=120)  # up is under way
+    down = subprocess.run([exe, "stack", "down"], env=env, capture_output=True, text=True, timeout=600)
+    up.communicate(timeout=600)
+    assert down.returncode == 0, down.stdout + down.stderr
+    final = subprocess.run([exe, "stack", "down"], env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr
+    home = stack_settings.home.resolve()
+    left = [p.pid for p in psutil.process_iter(["cwd"]) if p.info["cwd"] and Path(p.info["cwd"]) == home]
+    assert left == [], [" ".join(psutil.Process(p).cmdline())[:100] for p in left if psutil.pid_exists(p)]

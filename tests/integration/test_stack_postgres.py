@@ -27,13 +27,21 @@ def test_postgresql_backend_keeps_runs_in_the_database(monkeypatch):
     try:
         parts = {p.name: p for p in stack.up()}
         assert set(parts) == {"postgres", "s3", "ray", "mlflow", "platform"} and all(p.healthy for p in parts.values())
+        from oncoserve.credentials import use_mlflow_account
+
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(key, raising=False)  # restored with the rest after the test
+        assert use_mlflow_account(settings.mlflow_accounts_file, "training")
         client = MlflowClient(settings.mlflow_url)
         run = client.create_run(client.create_experiment("pg"))
-        count = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(settings.postgres_port), "-U", "oncoserve", "-d", "mlflow",
-             "-tAc", f"select count(*) from runs where run_uuid = '{run.info.run_id}'"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+        psql = ["psql", "-h", "127.0.0.1", "-p", str(settings.postgres_port), "-U", "oncoserve", "-d", "mlflow", "-w", "-tAc"]
+        # Password (SCRAM) authentication: without the home's password file the server refuses.
+        refused = subprocess.run([*psql, "select 1"], capture_output=True, text=True, timeout=30,
+                                 env={"PATH": "/usr/bin:/bin", "PGPASSFILE": "/dev/null"})  # fmt: skip
+        assert refused.returncode != 0 and "password" in refused.stderr, refused.stderr
+        env = {"PATH": "/usr/bin:/bin", "PGPASSFILE": str(settings.home / "auth" / "pgpass")}
+        count = subprocess.run([*psql, f"select count(*) from runs where run_uuid = '{run.info.run_id}'"],
+                               capture_output=True, text=True, timeout=30, env=env)  # fmt: skip
         assert count.stdout.strip() == "1", count.stderr
         # status/down of a stack brought up with postgres know about it without being told again.
         assert "postgres" in {p.name for p in EmbeddedStack(Settings()).status()}

@@ -231,3 +231,35 @@ def test_pipeline_rayjob_runs_the_cli_command_with_a_valid_definition(rendered, 
     assert {"/data", "/etc/oncoserve/pipeline", "/var/lib/oncoserve/auth"} <= mounts  # the driver runs on the head
     assert any(e["name"] == "ONCOSERVE_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in head["containers"][0]["env"])
     assert "RayJob" not in kinds(rendered["default"][1])  # jobs are opt-in
+
+
+def test_trust_chain_wiring_mlflow_auth_accounts_audit_claim_and_public_key(rendered):
+    docs = rendered["gpu"][1]
+    mlflow = one(docs, "Deployment", "-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name basic-auth" in mlflow["args"][0]
+    env = {e["name"]: e for e in mlflow["env"]}
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_DATABASE_URI"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "oncoserve-mlflow-auth", name  # from a Secret
+    assert not any(w in " ".join(mlflow["args"]) for w in ("password", "SECRET")), "a secret on the command line"
+    accounts = {"RayService": "reader", "RayJob": "training"}
+    for doc in docs:
+        if doc["kind"] not in accounts:
+            continue
+        for spec in pod_specs(doc):
+            for container in spec["containers"]:
+                if container["name"] == "submitter":
+                    continue
+                env = {e["name"]: e for e in container["env"]}
+                key = env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"]
+                assert key == f"{accounts[doc['kind']]}-password", (doc["kind"], container["name"], key)
+                assert env["ONCOSERVE_AUDIT_DIR"]["value"] == "/var/lib/oncoserve-audit"
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                volumes = {v["name"]: v for v in spec["volumes"]}
+                audit = volumes[mounts["/var/lib/oncoserve-audit"]]
+                assert audit["persistentVolumeClaim"]["claimName"] == "demo-oncoserve-audit" and "emptyDir" not in audit
+                assert "configMap" in volumes[mounts["/etc/oncoserve/trust"]]
+    claim = one(docs, "PersistentVolumeClaim", "-audit")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    job = one(docs, "Job", "-mlflow-accounts")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "-m", "pipelines.mlflow_accounts"]

@@ -60,12 +60,36 @@ capabilities: {drop: [ALL]}
 - {name: ONCOSERVE_SERVE_MAX_REQUEST_MB, value: {{ .Values.serve.maxRequestMb | quote }}}
 - {name: AWS_DEFAULT_REGION, value: {{ .Values.s3.region | quote }}}
 - {name: PROMETHEUS_MULTIPROC_DIR, value: /var/lib/oncoserve/serve/metrics}
+- {name: ONCOSERVE_AUDIT_DIR, value: /var/lib/oncoserve-audit}
+- {name: ONCOSERVE_SIGNING_PUBLIC_KEY, value: /etc/oncoserve/trust/signing.pub}
 {{- if .Values.s3.credentialsSecret }}
 - name: ONCOSERVE_S3_ACCESS_KEY
   valueFrom: {secretKeyRef: {name: {{ .Values.s3.credentialsSecret }}, key: AWS_ACCESS_KEY_ID}}
 - name: ONCOSERVE_S3_SECRET_KEY
   valueFrom: {secretKeyRef: {name: {{ .Values.s3.credentialsSecret }}, key: AWS_SECRET_ACCESS_KEY}}
 {{- end }}
+{{- end -}}
+
+{{/* The MLflow account a pod talks to the registry as (MLflow basic-auth; from the accounts Secret):
+args: root, account (platform | training | reader). */}}
+{{- define "oncoserve.mlflowAccount" -}}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom: {secretKeyRef: {name: {{ .root.Values.mlflow.auth.secretName }}, key: {{ printf "%s-username" .account }}}}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ .root.Values.mlflow.auth.secretName }}, key: {{ printf "%s-password" .account }}}}
+{{- end -}}
+
+{{/* What the trust chain needs in a pod: the audit log on its persistent claim (never an emptyDir),
+the platform's public key that replicas verify promotions with, and the token store. */}}
+{{- define "oncoserve.trustMounts" -}}
+- {name: audit, mountPath: /var/lib/oncoserve-audit}
+- {name: trust, mountPath: /etc/oncoserve/trust, readOnly: true}
+{{- end -}}
+{{- define "oncoserve.trustVolumes" -}}
+- name: audit
+  persistentVolumeClaim: {claimName: {{ include "oncoserve.fullname" . }}-audit}
+- name: trust
+  configMap: {name: {{ include "oncoserve.fullname" . }}-trust}
 {{- end -}}
 
 {{/* Writable scratch for a read-only root filesystem: Ray's /tmp and the platform home. */}}

@@ -52,15 +52,18 @@ spec:
               image: {{ include "oncoserve.image" $root }}
               env:
                 {{- include "oncoserve.env" $root | nindent 16 }}
+                {{- include "oncoserve.mlflowAccount" (dict "root" $root "account" "training") | nindent 16 }}
                 - name: ONCOSERVE_TOKEN
                   valueFrom: {secretKeyRef: {name: {{ $root.Values.auth.jobTokenSecret }}, key: token}}
               resources: {{- toYaml $root.Values.ray.head.resources | nindent 16 }}
               securityContext: {{- include "oncoserve.containerSecurity" $root | nindent 16 }}
               volumeMounts:
                 {{- include "oncoserve.scratchMounts" $root | nindent 16 }}
+                {{- include "oncoserve.trustMounts" $root | nindent 16 }}
                 {{- toYaml $mounts | nindent 16 }}
           volumes:
             {{- include "oncoserve.scratchVolumes" $root | nindent 12 }}
+            {{- include "oncoserve.trustVolumes" $root | nindent 12 }}
             {{- toYaml $volumes | nindent 12 }}
     workerGroupSpecs:
       - groupName: train
@@ -80,7 +83,9 @@ spec:
             containers:
               - name: ray-worker
                 image: {{ include "oncoserve.image" $root }}
-                env: {{- include "oncoserve.env" $root | nindent 18 }}
+                env:
+                  {{- include "oncoserve.env" $root | nindent 18 }}
+                  {{- include "oncoserve.mlflowAccount" (dict "root" $root "account" "training") | nindent 18 }}
                 {{- $res := $root.Values.ray.cpuWorkers.resources }}
                 {{- if .gpu }}
                 {{- $gpu := dict "nvidia.com/gpu" 1 }}
@@ -90,9 +95,11 @@ spec:
                 securityContext: {{- include "oncoserve.containerSecurity" $root | nindent 18 }}
                 volumeMounts:
                   {{- include "oncoserve.scratchMounts" $root | nindent 18 }}
+                  {{- include "oncoserve.trustMounts" $root | nindent 18 }}
                   - {name: data, mountPath: /data, readOnly: true}
             volumes:
               {{- include "oncoserve.scratchVolumes" $root | nindent 14 }}
+              {{- include "oncoserve.trustVolumes" $root | nindent 14 }}
               - name: data
                 persistentVolumeClaim: {claimName: {{ .dataClaim }}, readOnly: true}
 {{- end -}}
