@@ -113,10 +113,35 @@ def _reporting_gates(registry: Registry, info: VersionInfo, spec: dict) -> list[
     return _metric_gates(metrics, spec, "recomputed on the reference cases")
 
 
+def fair_metrics(registry: Registry, task: str, versions: tuple[str, ...], datasets: list[Path], cache_dir: Path) -> tuple[list[dict], str]:
+    """Each version's figures on the same cases: every dataset's cases minus any case either version trained
+    or calibrated on (by case id: the safe side, whatever copy of the data this is)."""
+    from pipelines.compare import NoUnseenCases, _seen_cases
+    from training.data import load_dataset
+    from training.evaluate import evaluate
+
+    seen = set().union(*(_seen_cases(registry, task, v) for v in versions))
+    cases, parts = [], []
+    for data in datasets:
+        dataset = load_dataset(data, cache_dir)
+        kept = [c for c in dataset.cases if c.case_id not in seen]
+        cases += kept
+        parts.append(f"{len(kept)} of {len(dataset.cases)}")
+    if not cases:
+        raise NoUnseenCases("every case of the comparison data was used to train or calibrate one of the versions")
+    figures = []
+    for v in versions:
+        model_dir = registry.download(task, v)
+        extras = json.loads((model_dir / "extras.json").read_text()) if (model_dir / "extras.json").exists() else {}
+        figures.append(evaluate(task, str(model_dir / "model.onnx"), cases, extras)["metrics"])
+    return figures, f"the pipeline's comparison data ({' + '.join(parts)} cases; cases either version saw left out)"
+
+
 def run_gates(registry: Registry, info: VersionInfo, gates: dict, eval_data: Path | None, cache_dir: Path,
-              champion: str | None = ...) -> list[GateResult]:  # fmt: skip
+              champion: str | None = ..., regression_data: list[Path] | None = None) -> list[GateResult]:  # fmt: skip
     """`champion`: the version to compare with (the platform passes its signed champion, so an alias moved
-    behind its back cannot lower the bar); default: the registry's champion alias."""
+    behind its back cannot lower the bar); default: the registry's champion alias. `regression_data`:
+    datasets the no-regression gate compares both versions on (the pipeline's comparison data)."""
     task = info.task
     if task == "reporting":
         return _reporting_gates(registry, info, gates.get(task, {}))
@@ -141,7 +166,15 @@ def run_gates(registry: Registry, info: VersionInfo, gates: dict, eval_data: Pat
     else:
         candidate_metrics, source = info.metrics, "registered held-out metrics"
     results += _metric_gates(candidate_metrics, spec, source)
-    if champion is not None and champion != info.version:
+    if champion is not None and champion != info.version and regression_data:
+        from pipelines.compare import NoUnseenCases
+
+        try:
+            (cand_fair, champ_fair), source = fair_metrics(registry, task, (info.version, champion), regression_data, cache_dir)
+            results += _regression_gates(cand_fair, champ_fair, spec, champion, source)
+        except NoUnseenCases as exc:
+            results.append(GateResult("no_regression", False, None, "unseen comparison cases", str(exc)))
+    elif champion is not None and champion != info.version:
         if eval_data is not None:
             champion_metrics = evaluate_on(task, registry.download(task, champion), eval_data, cache_dir)
         else:

@@ -96,6 +96,7 @@ class PipelineRunner:
         self.registry = Registry(settings.mlflow_url)
         # Gates, compile and promotion are the platform API's: it runs its own gates file and signs the moves.
         self.platform = PlatformClient(settings)
+        self._comparison_uris: list[str] | None = None
         if config.gates is not None:
             import hashlib
 
@@ -187,8 +188,18 @@ class PipelineRunner:
         worse = [m["name"] for m in report.doc["metrics"] if m.get("verdict") == "worse"]
         return StepOutcome("done", f"{against}; {report.markdown}" + (f"; worse on {', '.join(worse)}" if worse else ""))
 
+    def _comparison_data(self) -> list[str]:
+        """The comparison step's data (the run's dataset and every evaluation set), in the data bucket so
+        the platform can score both versions itself; uploaded once per run (content-addressed)."""
+        if self._comparison_uris is None:
+            from pipelines.dataset_upload import upload_dataset
+
+            folders = [self.config.data, *(s.path for s in self.config.evaluation_sets)]
+            self._comparison_uris = [upload_dataset(self.settings, Path(f), prefix="comparison") for f in folders]
+        return self._comparison_uris
+
     def _gates(self, out: TaskOutcome) -> StepOutcome:
-        results = self.platform.gate(out.task, out.version)
+        results = self.platform.gate(out.task, out.version, regression_data=self._comparison_data())
         out.gates = results
         out.gates_passed = all(g.passed for g in results)
         failed = [g.name for g in results if not g.passed]
@@ -212,7 +223,8 @@ class PipelineRunner:
         if self.registry.alias(out.task, self.target) == out.version:
             return StepOutcome("exists", f"version {out.version} is already {self.target}")
         try:  # a refusal is recorded in the audit log like any other
-            result = self.platform.promote(out.task, out.version, self.target, reason=f"pipeline {self.config.name}")
+            result = self.platform.promote(out.task, out.version, self.target, reason=f"pipeline {self.config.name}",
+                                           regression_data=self._comparison_data())  # fmt: skip
         except PromotionRefused as refused:
             return StepOutcome("refused", str(refused))
         return StepOutcome("done", f"{self.target} -> v{result.version} (was {result.previous_holder or 'unset'})")

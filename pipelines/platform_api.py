@@ -43,6 +43,9 @@ class PromoteRequest(BaseModel):
     reason: str | None = None
     force: bool = False
     eval_data: str | None = Field(None, description="s3://<data bucket>/<prefix>/: a dataset to compare on (never a server path).")
+    regression_data: list[str] = Field(default_factory=list, max_length=8,
+                                       description="s3://<data bucket>/<prefix>/ datasets the no-regression gate compares "
+                                                   "both versions on (cases either saw are left out)")
 
 
 class RollbackRequest(BaseModel):
@@ -51,6 +54,7 @@ class RollbackRequest(BaseModel):
 
 class GateRequest(BaseModel):
     eval_data: str | None = Field(None, description="s3://<data bucket>/<prefix>/")
+    regression_data: list[str] = Field(default_factory=list, max_length=8, description="as in PromoteRequest")
 
 
 class CompileRequest(BaseModel):
@@ -71,6 +75,8 @@ def fetch_eval_data(store, settings: Settings, uri: str | None) -> Path | None:
     if bucket != settings.bucket_data:
         raise ValueError(f"eval_data must be in the data bucket {settings.bucket_data!r}, not {bucket!r}")
     dst = settings.home / "cache" / "eval" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (dst / ".complete").exists():  # uploads are content-addressed: the same URI is the same data
+        return dst
     total = 0
     objects = [o for o in store.list_objects(bucket, prefix=prefix, recursive=True) if not o.is_dir]
     if not objects:
@@ -85,6 +91,7 @@ def fetch_eval_data(store, settings: Settings, uri: str | None) -> Path | None:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         store.fget_object(bucket, obj.object_name, str(target))
+    (dst / ".complete").touch()
     return dst
 
 
@@ -188,7 +195,9 @@ def create_app(settings: Settings, reconcile_interval_s: float = 3.0) -> FastAPI
     @app.post("/v1/models/{task}/versions/{version}:gate")
     def gate(task: str, version: str, body: GateRequest, who: Identity | None = Depends(caller)) -> dict:
         require(who, "data-scientist", "running the gates")
-        results = promoter.gate(who, task, version, fetch_eval_data(store, settings, body.eval_data), body.eval_data)
+        regression = [fetch_eval_data(store, settings, uri) for uri in body.regression_data]
+        results = promoter.gate(who, task, version, fetch_eval_data(store, settings, body.eval_data), body.eval_data,
+                                regression or None, body.regression_data or None)  # fmt: skip
         return {"task": task, "version": version, "passed": all(g.passed for g in results),
                 "gates": [g.to_json() for g in results], "gates_sha256": promoter.gates_sha256}  # fmt: skip
 
@@ -196,7 +205,9 @@ def create_app(settings: Settings, reconcile_interval_s: float = 3.0) -> FastAPI
     def promote(task: str, version: str, body: PromoteRequest, who: Identity | None = Depends(caller)) -> dict:
         require(who, "data-scientist", "promoting")
         eval_dir = fetch_eval_data(store, settings, body.eval_data)
-        result = promoter.promote(who, task, version, body.to, body.reason, body.force, eval_dir, body.eval_data)
+        regression = [fetch_eval_data(store, settings, uri) for uri in body.regression_data]
+        result = promoter.promote(who, task, version, body.to, body.reason, body.force, eval_dir, body.eval_data,
+                                  regression or None, body.regression_data or None)  # fmt: skip
         return {"task": task, "version": version, "to": body.to, "previous_holder": result.previous_holder,
                 "forced": result.forced, "gates": [g.to_json() for g in result.gates], "action_id": result.action_id,
                 "gates_sha256": result.gates_sha256}  # fmt: skip

@@ -57,9 +57,10 @@ class PlatformClient:
         raise PlatformUnavailable(f"platform API answered {response.status_code}: {message}")
 
     def promote(self, task: str, version: str, to: str, reason: str | None = None, force: bool = False,
-                eval_data: str | None = None) -> PromotionResult:  # fmt: skip
+                eval_data: str | None = None, regression_data: list[str] | None = None) -> PromotionResult:  # fmt: skip
         body = self._call("POST", f"/v1/models/{task}/versions/{version}:promote",
-                          {"to": to, "reason": reason, "force": force, "eval_data": eval_data}, f"{task}:{version}:{to}")  # fmt: skip
+                          {"to": to, "reason": reason, "force": force, "eval_data": eval_data,
+                           "regression_data": regression_data or []}, f"{task}:{version}:{to}")  # fmt: skip
         return PromotionResult(task, version, to, body["previous_holder"], body["forced"], _gates(body["gates"]),
                                body["action_id"], body.get("gates_sha256", ""))  # fmt: skip
 
@@ -67,8 +68,9 @@ class PlatformClient:
         body = self._call("POST", f"/v1/models/{task}:rollback", {"reason": reason})
         return body["from"], body["to"]
 
-    def gate(self, task: str, version: str, eval_data: str | None = None) -> list[GateResult]:
-        return _gates(self._call("POST", f"/v1/models/{task}/versions/{version}:gate", {"eval_data": eval_data})["gates"])
+    def gate(self, task: str, version: str, eval_data: str | None = None, regression_data: list[str] | None = None) -> list[GateResult]:
+        return _gates(self._call("POST", f"/v1/models/{task}/versions/{version}:gate",
+                                 {"eval_data": eval_data, "regression_data": regression_data or []})["gates"])  # fmt: skip
 
     def compile(self, task: str, version: str, gpu: bool = False, max_batch: int = 4, force: bool = False,
                 reason: str | None = None) -> dict:  # fmt: skip

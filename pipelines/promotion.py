@@ -95,23 +95,27 @@ class Promoter:
         return self.signer.sign(record)
 
     # -- gates ----------------------------------------------------------------------------------------
-    def check(self, task: str, version: str, eval_data: Path | None = None) -> list[GateResult]:
+    def check(self, task: str, version: str, eval_data: Path | None = None,
+              regression_data: list[Path] | None = None) -> list[GateResult]:  # fmt: skip
         champion = self.signed_champion(task) if self.store is not None else ...
-        return run_gates(self.registry, self.registry.version(task, version), self.gates, eval_data, self.cache_dir, champion)
+        return run_gates(self.registry, self.registry.version(task, version), self.gates, eval_data, self.cache_dir,
+                         champion, regression_data)  # fmt: skip
 
     def gate(self, who: Identity | None, task: str, version: str, eval_data: Path | None = None,
-             eval_source: str | None = None) -> list[GateResult]:  # fmt: skip
+             eval_source: str | None = None, regression_data: list[Path] | None = None,
+             regression_source: list[str] | None = None) -> list[GateResult]:  # fmt: skip
         """Run the server's gates on a version and record the decision (the pipeline's gate step)."""
         require(who, "data-scientist", "running the gates")
-        gates = self.check(task, version, eval_data)
+        gates = self.check(task, version, eval_data, regression_data)
         self.audit.event(who.name, who.role, "gates", task=task, version=version, passed=all(g.passed for g in gates),
                          gates=[g.to_json() for g in gates], gates_version=self.gates["version"],
-                         gates_sha256=self.gates_sha256, eval_data=eval_source)  # fmt: skip
+                         gates_sha256=self.gates_sha256, eval_data=eval_source, regression_data=regression_source)  # fmt: skip
         return gates
 
     # -- promote / rollback ---------------------------------------------------------------------------
     def promote(self, who: Identity | None, task: str, version: str, to: str, reason: str | None = None,
-                force: bool = False, eval_data: Path | None = None, eval_source: str | None = None) -> PromotionResult:  # fmt: skip
+                force: bool = False, eval_data: Path | None = None, eval_source: str | None = None,
+                regression_data: list[Path] | None = None, regression_source: list[str] | None = None) -> PromotionResult:  # fmt: skip
         if to not in TARGET_ROLE:
             raise ValueError(f"--to must be candidate or champion, not {to!r}")
         require(who, TARGET_ROLE[to], f"promoting to {to}")
@@ -120,7 +124,7 @@ class Promoter:
             if not reason or not reason.strip():
                 raise ValueError("a forced promotion needs --reason")
         self.registry.version(task, version)  # RegistryError if absent
-        gates = self.check(task, version, eval_data)
+        gates = self.check(task, version, eval_data, regression_data)
         passed = all(g.passed for g in gates)
         with self._lock:
             holder = self.registry.alias(task, to)
@@ -128,6 +132,7 @@ class Promoter:
                 who.name, who.role, "promote", task=task, version=version, to=to, from_version=holder,
                 reason=reason, forced=force and not passed, gates=[g.to_json() for g in gates],
                 gates_version=self.gates["version"], gates_sha256=self.gates_sha256, eval_data=eval_source,
+                regression_data=regression_source,
             )  # fmt: skip
             if not passed and not force:
                 self.audit.finish(action_id, "refused")

@@ -52,7 +52,8 @@ class ReportingService:
         self._trust = TrustedChampion(settings, TASK, self._registry, object_store(settings))
         record = self._trust.initial()  # UntrustedRecord when an alias exists that the platform never signed
         self.current = self._load(str(record["version"]) if record else None, record)
-        self._watcher = AliasWatcher(self._registry, TASK, "champion", self._on_alias_moved, watch_interval_s)
+        self._watcher = AliasWatcher(self._registry, TASK, "champion", self._on_alias_moved, watch_interval_s,
+                                     on_same=lambda alias: self._trust.settled(alias, self.current.version))  # fmt: skip
         self._watcher.current = None if self.current.version.startswith("packaged-") else self.current.version
         self._watcher.start()
 

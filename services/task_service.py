@@ -84,7 +84,8 @@ class TaskService:
         self._infer_batch.set_batch_wait_timeout_s(batching.get("batch_wait_timeout_s", 0.01))
         self._swap_lock = threading.Lock()
         self._input_names: dict[str, frozenset[str]] = {}
-        self._watcher = AliasWatcher(self._registry, task, "champion", self._on_alias_moved, watch_interval_s)
+        self._watcher = AliasWatcher(self._registry, task, "champion", self._on_alias_moved, watch_interval_s,
+                                     on_same=lambda alias: self._trust.settled(alias, self.model.version))  # fmt: skip
         self._watcher.current = self.model.version
         self._watcher.start()
 

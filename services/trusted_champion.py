@@ -49,6 +49,12 @@ class TrustedChampion:
         self.refuse(version, decision.reason)
         return None
 
+    def settled(self, alias: str | None, serving: str) -> None:
+        """The alias points at the version served again: a refused move was undone."""
+        if self.refused is not None and str(alias) == str(serving):
+            log.warning("%s: champion alias back on the served v%s", self.task, serving)
+            self.refused = None
+
     def refuse(self, version, reason: str) -> None:
         if self.refused is None or self.refused["version"] != str(version):
             metrics.UNTRUSTED_ALIAS.labels(self.task).inc()

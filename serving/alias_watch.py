@@ -11,9 +11,10 @@ from serving.registry import Registry
 
 class AliasWatcher:
     def __init__(self, registry: Registry, task: str, alias: str, on_change: Callable[[str | None, str | None], None],
-                 interval_s: float = 2.0):  # fmt: skip
+                 interval_s: float = 2.0, on_same: Callable[[str | None], None] | None = None):  # fmt: skip
+        """`on_same(alias)`: called on a poll that finds the alias where it was (a refused move undone)."""
         self.registry, self.task, self.alias = registry, task, alias
-        self.on_change, self.interval_s = on_change, interval_s
+        self.on_change, self.interval_s, self.on_same = on_change, interval_s, on_same
         self.current: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -25,6 +26,8 @@ class AliasWatcher:
         except Exception:  # registry briefly unreachable: keep serving what is loaded, try again
             return False
         if new == self.current:
+            if self.on_same is not None:
+                self.on_same(new)
             return False
         old, self.current = self.current, new
         self.on_change(old, new)

@@ -47,7 +47,8 @@ def stack_settings(stack_home):
 
 # The gates the shared test stack's platform API enforces (server side: a client's file has no effect).
 # One-epoch models on eight cases are weak, so floors are open; what must fail is the no-regression
-# gate: a version worse than the champion (an all-background segmentation) is refused on WT.
+# gate (a version worse than the champion, an all-background segmentation, is refused on WT) and any
+# survival promotion (an unreachable floor).
 TEST_GATES = """
 version = 99
 [defaults]
@@ -63,7 +64,7 @@ floors = {}
 [classification]
 floors = {}
 [survival]
-floors = {}
+floors = { c_index = 2.0 }  # unreachable: the console test's promotion is refused (fixtures force theirs)
 """
 
 

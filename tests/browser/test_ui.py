@@ -138,14 +138,14 @@ def test_console_shows_a_refused_promotion_with_its_failing_gate(page, served):
     page.wait_for_selector("#registry tbody tr", timeout=30_000)
     page.wait_for_selector("#serving tbody tr", timeout=30_000)
     assert "segmentation" in page.inner_text("#serving") and "p50" in page.inner_text("#routes")
-    version = registry.alias("segmentation", "champion")
-    candidate_before = registry.alias("segmentation", "candidate")
-    # A one-epoch model fails the packaged floors, so the promotion is refused and the gate is shown.
-    page.click(f"button[aria-label='Promote to candidate: segmentation version {version}']")
+    version = registry.alias("survival", "champion")
+    candidate_before = registry.alias("survival", "candidate")
+    # The test stack's gates (tests.conftest.TEST_GATES) hold survival to an unreachable floor: refused.
+    page.click(f"button[aria-label='Promote to candidate: survival version {version}']")
     page.wait_for_selector("#gate-table", timeout=120_000)
     gates = page.inner_text("#gate-results")
-    assert "Refused" in gates and "floor:dice_WT" in gates and "FAIL" in gates
-    assert registry.alias("segmentation", "candidate") == candidate_before
+    assert "Refused" in gates and "floor:c_index" in gates and "FAIL" in gates
+    assert registry.alias("survival", "candidate") == candidate_before
     page.wait_for_function("document.querySelector('#audit').innerText.includes('refused')", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "console-refused.png"), full_page=True)
 

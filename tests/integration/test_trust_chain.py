@@ -80,7 +80,16 @@ def test_a_direct_mlflow_alias_move_is_refused_by_every_replica(served, trained,
     settings, champion = served["settings"], trained[TASK]
     case = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[1]
     before = _counter(served["url"], TASK)
-    # What any local process can do: MLflow has no notion of our gates (no credentials needed here).
+    # Without credentials MLflow itself refuses (its basic-auth app) ...
+    from mlflow.exceptions import MlflowException
+
+    saved = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    try:
+        with pytest.raises(MlflowException, match="401"):
+            MlflowClient(settings.mlflow_url).set_registered_model_alias(TASK, "champion", intruder_version)
+    finally:
+        os.environ.update(saved)
+    # ... but the training account may move aliases of the models it created: what serving must refuse.
     MlflowClient(settings.mlflow_url).set_registered_model_alias(TASK, "champion", intruder_version)
     try:
         assert wait_until(lambda: _counter(served["url"], TASK) > before, timeout_s=60, interval_s=0.25)
