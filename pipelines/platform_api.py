@@ -31,7 +31,7 @@ from oncoserve.settings import Settings
 from oncoserve.signing import Signer
 from pipelines.promotion import Promoter, PromotionRefused
 from serving import promotion_ledger as ledger
-from serving.registry import TASKS, Registry, RegistryError
+from serving.registry import TASKS, Registry, RegistryError, RegistryUnavailable
 
 log = logging.getLogger("oncoserve.platform")
 S3_PREFIX = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/([A-Za-z0-9._\-/]+)$")
@@ -155,7 +155,7 @@ def create_app(settings: Settings, reconcile_interval_s: float = 3.0) -> FastAPI
 
     @app.exception_handler(RegistryError)
     async def _missing(request: Request, exc: RegistryError):
-        return JSONResponse({"error": str(exc)}, status_code=404)
+        return JSONResponse({"error": str(exc)}, status_code=503 if isinstance(exc, RegistryUnavailable) else 404)
 
     @app.exception_handler(ValueError)
     async def _bad(request: Request, exc: ValueError):

@@ -9,7 +9,7 @@ from oncoserve.auth import AuthError
 from oncoserve.settings import Settings
 from pipelines.gates import GateResult
 from pipelines.promotion import PromotionRefused, PromotionResult
-from serving.registry import RegistryError
+from serving.registry import RegistryError, RegistryUnavailable
 
 
 class PlatformUnavailable(RuntimeError):
@@ -49,6 +49,8 @@ class PlatformClient:
             raise AuthError("forbidden", f"platform API: {message}")
         if response.status_code == 404:
             raise RegistryError(message)
+        if response.status_code == 503:
+            raise RegistryUnavailable(message)
         if response.status_code == 409 and isinstance(body, dict) and "gates" in body:
             task, version, to = what.split(":") if what.count(":") == 2 else ("?", "?", "?")
             raise PromotionRefused(task, version, to, _gates(body["gates"]))

@@ -21,6 +21,10 @@ class RegistryError(LookupError):
     """A task, version or alias the registry does not have, or a registry that cannot be reached."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry did not answer (as opposed to answering "no such version")."""
+
+
 def _absent(exc: MlflowException) -> bool:
     """Whether MLflow said "no such model/version" (as opposed to failing to answer)."""
     return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
@@ -57,7 +61,7 @@ class Registry:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     def _unreachable(self, exc: MlflowException) -> RegistryError:
-        return RegistryError(f"registry at {self.tracking_uri} did not answer: {exc.message.splitlines()[0][:300]}")
+        return RegistryUnavailable(f"registry at {self.tracking_uri} did not answer: {exc.message.splitlines()[0][:300]}")
 
     def _check_task(self, task: str) -> None:
         if task not in TASKS:

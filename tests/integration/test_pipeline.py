@@ -67,7 +67,7 @@ def pipeline_env(tmp_path_factory):
     synthesise(root / "site-b", n=3, seed=11, sites=1)
     (root / "configs").mkdir()
     (root / "configs" / "gates.toml").write_text(GATES)
-    with private_stack("osp-", "pipeline-admin") as settings:
+    with private_stack("osp-", "pipeline-admin", gates=GATES) as settings:  # the platform's gates
         yield {"root": root, "configs": root / "configs", "settings": settings, "registry": Registry(settings.mlflow_url)}
 
 
@@ -78,6 +78,14 @@ def pipeline(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 def keyed_versions(registry: Registry, task: str, key: str) -> list[str]:
     return [v.version for v in registry.versions(task) if v.tags.get("pipeline_key") == key]
+
+
+def test_a_definition_naming_other_gates_is_refused_before_training(pipeline_env):
+    (pipeline_env["configs"] / "lenient.toml").write_text(GATES.replace("regression_tolerance = { dice_WT = 0.05 }", ""))
+    cfg = write_config(pipeline_env["configs"], "own-gates", gates="lenient.toml")
+    run = pipeline("--config", str(cfg), "--promote", "champion", timeout=120)
+    assert run.returncode == 1 and "the platform's gates decide" in " ".join(run.stderr.split()), run.stdout + run.stderr
+    assert all(not pipeline_env["registry"].versions(t) for t in TASKS)  # nothing trained or registered
 
 
 def test_first_run_registers_compares_compiles_and_promotes(pipeline_env):
