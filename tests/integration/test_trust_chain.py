@@ -155,7 +155,7 @@ def test_serving_rest_needs_a_token_and_the_right_role(served, tiny_dataset):
     files = study_files(sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[0])
     anonymous = httpx.post(f"{url}/v1/studies:analyze", files=files, timeout=60)
     assert anonymous.status_code == 401 and "needs a token" in anonymous.json()["error"]
-    for header in ("Bearer osv_unknown", "Basic abc", "Bearer "):
+    for header in ("Bearer osv_unknown", "Basic abc", "Bearer"):
         bad = httpx.post(f"{url}/v1/studies:analyze", files=files, headers={"authorization": header}, timeout=60)
         assert bad.status_code == 401, (header, bad.status_code, bad.text)
     store = TokenStore(settings.tokens_file)
