@@ -109,7 +109,7 @@ class _LazyStore:
         return getattr(self._client, name)
 
 
-def create_app(settings: Settings, reconcile_interval_s: float = 3.0) -> FastAPI:
+def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAPI:
     from oncoserve.credentials import use_mlflow_account
 
     use_mlflow_account(settings.mlflow_accounts_file, "platform")  # MLflow's admin: the one that moves aliases

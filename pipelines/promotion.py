@@ -27,6 +27,7 @@ from serving import promotion_ledger as ledger
 from serving.registry import Registry, RegistryError
 
 TARGET_ROLE = {"candidate": "data-scientist", "champion": "platform"}
+DECISION_TTL_S = 600.0
 
 
 class PromotionRefused(RuntimeError):
@@ -59,6 +60,10 @@ class Promoter:
         self.gates_file = path
         self.signer, self.store, self.bucket, self.prefix = signer, store, models_bucket, triton_prefix
         self._lock = threading.Lock()  # one alias move at a time per platform process
+        # Gate results by (task, version, champion, data): the pipeline's gate, compile and promote steps
+        # ask for the same decision within minutes; the second and third reuse it. The gates file is fixed
+        # for the process, uploaded data is content-addressed, and a champion move changes the key.
+        self._decisions: dict[tuple, tuple[float, list[GateResult]]] = {}
 
     # -- what serving trusts --------------------------------------------------------------------------
     def signed_champion(self, task: str) -> str | None:
@@ -98,8 +103,15 @@ class Promoter:
     def check(self, task: str, version: str, eval_data: Path | None = None,
               regression_data: list[Path] | None = None) -> list[GateResult]:  # fmt: skip
         champion = self.signed_champion(task) if self.store is not None else ...
-        return run_gates(self.registry, self.registry.version(task, version), self.gates, eval_data, self.cache_dir,
-                         champion, regression_data)  # fmt: skip
+        key = (task, str(version), str(champion), str(eval_data), tuple(str(p) for p in regression_data or ()))
+        cached = self._decisions.get(key)
+        if cached and time.monotonic() - cached[0] < DECISION_TTL_S:
+            return cached[1]
+        gates = run_gates(self.registry, self.registry.version(task, version), self.gates, eval_data, self.cache_dir,
+                          champion, regression_data)  # fmt: skip
+        self._decisions = {k: v for k, v in self._decisions.items() if time.monotonic() - v[0] < DECISION_TTL_S}
+        self._decisions[key] = (time.monotonic(), gates)
+        return gates
 
     def gate(self, who: Identity | None, task: str, version: str, eval_data: Path | None = None,
              eval_source: str | None = None, regression_data: list[Path] | None = None,

@@ -184,7 +184,7 @@ def compiled_champions(settings, versions: dict[str, str]):
 MAX_REQUEST_MB = 24  # above one raw OIP v2 study tensor (16.5 MB)
 SERVE_TEST_CONFIG = """
 application: oncoserve
-watch_interval_s: 0.5
+watch_interval_s: 2.0
 deployments:
   gateway: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1}}
   localization: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, batching: {max_batch_size: 4, batch_wait_timeout_s: 0.02}}

@@ -117,6 +117,11 @@ def test_upload_renders_overlay_probabilities_curve_and_report(page, served, tin
 def test_missing_modality_and_bad_upload_are_shown_plainly(page, served, tiny_dataset):
     case = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[1]
     page.set_input_files("#file-flair", str(case / f"{case.name}_flair.nii.gz"))
+    page.click("#analyse")  # no token yet: serving refuses anonymous callers, and the page says why
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+    assert "HTTP 401" in page.inner_text("#error") and "needs a token" in page.inner_text("#error")
+    page.fill("#token", admin_token(served["settings"]))
+    page.dispatch_event("#token", "change")
     page.click("#analyse")
     page.wait_for_selector("#results:not([hidden])", timeout=180_000)
     quality = page.inner_text("#quality")

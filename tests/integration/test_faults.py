@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 # One replica of everything: a killed replica has no sibling to hide behind.
 FAULT_CONFIG = """
 application: oncoserve
-watch_interval_s: 0.5
+watch_interval_s: 2.0
 deployments:
   gateway: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1}}
   localization: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}

@@ -104,7 +104,7 @@ def test_a_direct_mlflow_alias_move_is_refused_by_every_replica(served, trained,
             return any(e.get("action") == "untrusted_alias" and e.get("task") == TASK and e.get("version") == intruder_version
                        for e in AuditLog(settings.audit_file).entries())  # fmt: skip
 
-        assert wait_until(audited, timeout_s=30, interval_s=0.5), "the platform did not audit the unsigned move"
+        assert wait_until(audited, timeout_s=60, interval_s=0.5), "the platform did not audit the unsigned move"
         history = oncoserve("models", "history", TASK, "--json")
         assert history.returncode == 0, history.stderr
         rows = json.loads(history.stdout)
