@@ -80,8 +80,12 @@ class EmbeddedStack:
     # -- up --------------------------------------------------------------------------------------
     def up(self, on_event: Callable[[str, str], None] = lambda name, msg: None) -> list[ComponentStatus]:
         """Start what is not running, wait until every component is healthy; return their status."""
-        with self._locked():
-            return self._up(on_event)
+        old = os.umask(0o077)  # what `up` itself makes under the home (data folders, state) is the owner's only
+        try:
+            with self._locked():
+                return self._up(on_event)
+        finally:
+            os.umask(old)
 
     def _up(self, on_event: Callable[[str, str], None]) -> list[ComponentStatus]:
         home = self.settings.home

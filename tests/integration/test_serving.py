@@ -174,9 +174,10 @@ def test_oip_v2_with_tritonclient_http_and_grpc(served, tiny_dataset, trained, t
     inputs = [httpclient.InferInput("image", list(image.shape), "FP32"), httpclient.InferInput("presence", list(presence.shape), "FP32")]
     inputs[0].set_data_from_numpy(image, binary_data=True)
     inputs[1].set_data_from_numpy(presence, binary_data=True)
-    result = http.infer("classification", inputs, headers=served["auth"])
+    result = http.infer("classification", inputs, headers=dict(served["auth"]))
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected["probabilities"], atol=1e-5)
 
+    # (tritonclient adds its own headers to the dict it is given: each call gets a copy)
     limits = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     client = grpcclient.InferenceServerClient(served["grpc"], channel_args=limits)
     assert client.is_server_live() and client.is_model_ready("classification")
@@ -184,16 +185,16 @@ def test_oip_v2_with_tritonclient_http_and_grpc(served, tiny_dataset, trained, t
     g_inputs = [grpcclient.InferInput("image", list(image.shape), "FP32"), grpcclient.InferInput("presence", list(presence.shape), "FP32")]
     g_inputs[0].set_data_from_numpy(image)
     g_inputs[1].set_data_from_numpy(presence)
-    g_result = client.infer("classification", g_inputs, client_timeout=120, headers=served["auth"])
+    g_result = client.infer("classification", g_inputs, client_timeout=120, headers=dict(served["auth"]))
     np.testing.assert_allclose(g_result.as_numpy("probabilities"), expected["probabilities"], atol=1e-5)
     assert g_result.get_response().model_version == trained["classification"]
 
     from tritonclient.utils import InferenceServerException
 
     with pytest.raises(InferenceServerException, match="unknown model"):
-        client.infer("tumour", g_inputs, headers=served["auth"])
+        client.infer("tumour", g_inputs, headers=dict(served["auth"]))
     with pytest.raises(InferenceServerException, match="takes inputs"):
-        client.infer("classification", g_inputs[:1], headers=served["auth"])
+        client.infer("classification", g_inputs[:1], headers=dict(served["auth"]))
     bad = httpx.post(f"{served['url']}/v2/models/classification/infer", headers=served["auth"], content=b'{"inputs": [{"name": "image"', timeout=30)
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]
 
