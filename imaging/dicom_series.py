@@ -2,7 +2,9 @@
 
 Slices are sorted by their position along the slice normal; spacing and orientation come from the
 headers (ImagePositionPatient, ImageOrientationPatient, PixelSpacing). DICOM's patient space is LPS;
-volumes come out in nibabel's RAS world. Zips are read entry by entry in memory, never extracted:
+volumes come out in nibabel's RAS world. Enhanced (multi-frame) MR objects are split into their frames,
+positioned from the functional groups. Compressed pixel data (JPEG lossless, JPEG-LS, JPEG 2000, RLE)
+decode through pydicom's pylibjpeg plugins. Zips are read entry by entry in memory, never extracted:
 absolute paths, `..` components, symlinks and decompression bombs are refused.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from imaging.dicom_mapping import SeriesMapping, classify_series
 from imaging.errors import DicomError
 from imaging.study import MODALITIES, Volume
 
@@ -82,8 +85,57 @@ def _read_files(source: Path) -> list[tuple[str, bytes]]:
     raise DicomError(f"{source}: not found")
 
 
+class FrameDataset(Dataset):
+    """One frame of an enhanced (multi-frame) MR object, shaped like a classic single-slice dataset."""
+
+    def __init__(self, parent: Dataset, index: int, pixels: np.ndarray):
+        super().__init__()
+        shared = parent.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+        frame = parent.PerFrameFunctionalGroupsSequence[index]
+
+        def group(name: str):
+            for source in (frame, shared):
+                if name in source and len(source[name].value):
+                    return source[name].value[0]
+            raise DicomError(f"enhanced MR frame {index + 1}: no {name}")
+
+        self.SeriesInstanceUID = parent.get("SeriesInstanceUID", "unknown")
+        self.SeriesDescription = parent.get("SeriesDescription", "")
+        for key in ("StudyInstanceUID", "ProtocolName", "ImageType", "ContrastBolusAgent", "RepetitionTime", "EchoTime",
+                    "InversionTime", "SOPInstanceUID", "Modality", "PatientAge", "PatientSex", "PatientBirthDate",
+                    "StudyDate", "FrameOfReferenceUID"):  # fmt: skip
+            if key in parent:
+                setattr(self, key, parent.get(key))
+        self.ImagePositionPatient = list(group("PlanePositionSequence").ImagePositionPatient)
+        self.ImageOrientationPatient = list(group("PlaneOrientationSequence").ImageOrientationPatient)
+        self.PixelSpacing = list(group("PixelMeasuresSequence").PixelSpacing)
+        try:
+            rescale = group("PixelValueTransformationSequence")
+            self.RescaleSlope, self.RescaleIntercept = rescale.get("RescaleSlope", 1), rescale.get("RescaleIntercept", 0)
+        except DicomError:
+            pass
+        self.Rows, self.Columns = parent.Rows, parent.Columns
+        self.frame_index, self._pixels = index, pixels
+
+    @property
+    def pixel_array(self) -> np.ndarray:  # type: ignore[override]
+        return self._pixels
+
+
+def _frames(ds: Dataset, name: str) -> list[Dataset]:
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise DicomError(f"{name}: enhanced MR pixel data cannot be decoded ({exc})") from None
+    pixels = pixels.reshape((-1, ds.Rows, ds.Columns))
+    if len(ds.PerFrameFunctionalGroupsSequence) != pixels.shape[0]:
+        raise DicomError(f"{name}: {pixels.shape[0]} frames but {len(ds.PerFrameFunctionalGroupsSequence)} functional groups")
+    return [FrameDataset(ds, i, pixels[i]) for i in range(pixels.shape[0])]
+
+
 def read_datasets(source: str | Path) -> list[Dataset]:
-    """Every DICOM image object in a directory or zip (non-DICOM files such as DICOMDIR are skipped)."""
+    """Every DICOM image object in a directory or zip (non-DICOM files such as DICOMDIR are skipped);
+    an enhanced MR object contributes one dataset per frame."""
     source = Path(source)
     datasets = []
     for name, data in _read_files(source):
@@ -91,7 +143,9 @@ def read_datasets(source: str | Path) -> list[Dataset]:
             ds = pydicom.dcmread(io.BytesIO(data), force=False)
         except Exception:  # not DICOM (README, DICOMDIR, thumbnails): skipped
             continue
-        if "PixelData" in ds and "ImagePositionPatient" in ds:
+        if "PixelData" in ds and "PerFrameFunctionalGroupsSequence" in ds:
+            datasets.extend(_frames(ds, name))
+        elif "PixelData" in ds and "ImagePositionPatient" in ds:
             ds.filename = name
             datasets.append(ds)
     if not datasets:
@@ -109,29 +163,27 @@ def group_series(datasets: list[Dataset]) -> list[Series]:
 
 
 def guess_modality(description: str) -> str | None:
-    """SeriesDescription heuristics (the order matters: FLAIR before T2, contrast before plain T1)."""
-    d = description.lower().replace("_", " ").replace("-", " ")
-    if "flair" in d:
-        return "flair"
-    if re.search(r"t1", d) and re.search(r"(\bce\b|post|gad|\bgd\b|contrast|\+c|\bc\+|mprage ce|t1c)", d):
-        return "t1ce"
-    if re.search(r"t2", d):
-        return "t2"
-    if re.search(r"t1|mprage|spgr", d):
-        return "t1"
-    return None
+    """The modality a series description names (imaging.dicom_mapping), or None."""
+    return classify_series(description).modality
 
 
 def map_series(series: list[Series], mapping: dict[str, str] | None = None) -> dict[str, Series]:
-    """Assign series to modalities: an explicit mapping (SeriesInstanceUID or SeriesDescription -> modality),
-    else the description heuristics. Ambiguity is an error, never a silent choice."""
-    result: dict[str, Series] = {}
+    """Assign series to modalities; see `decide_mapping` for the decisions and their confidence."""
+    return {m: s for m, (s, _) in decide_mapping(series, mapping).items()}
+
+
+def decide_mapping(series: list[Series], mapping: dict[str, str] | None = None) -> dict[str, tuple[Series, SeriesMapping]]:
+    """Series -> modality: an explicit mapping (SeriesInstanceUID or SeriesDescription -> modality) wins,
+    else vendor-aware rules on the description, protocol name and acquisition tags (imaging.dicom_mapping).
+    Localisers, scouts and other sequences are ignored. Ambiguity is an error, never a silent choice."""
+    result: dict[str, tuple[Series, SeriesMapping]] = {}
     for s in series:
-        modality = None
-        if mapping:
-            modality = mapping.get(s.uid) or mapping.get(s.description)
-        if modality is None:
-            modality = guess_modality(s.description) if len(series) > 1 or not mapping else None
+        decision = None
+        if mapping and (mapping.get(s.uid) or mapping.get(s.description)):
+            decision = SeriesMapping(mapping.get(s.uid) or mapping[s.description], 1.0, "explicit --mapping")
+        if decision is None and (len(series) > 1 or not mapping):
+            decision = classify_series(s.description, s.datasets[0] if s.datasets else None)
+        modality = decision.modality if decision else None
         if modality is None and len(series) == 1:
             raise DicomError(
                 f"series {s.description!r}: cannot tell its modality; pass a mapping such as {{'{s.description}': 't1'}}"
@@ -142,13 +194,21 @@ def map_series(series: list[Series], mapping: dict[str, str] | None = None) -> d
             raise DicomError(f"mapping names unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
         if modality in result:
             raise DicomError(
-                f"two series map to {modality}: {result[modality].description!r} and {s.description!r}; "
+                f"two series map to {modality}: {result[modality][0].description!r} and {s.description!r}; "
                 "pass an explicit mapping"
             )
-        result[modality] = s
+        result[modality] = (s, decision)
     if not result:
         raise DicomError("no series could be mapped to t1, t1ce, t2 or flair")
     return result
+
+
+def mapping_record(decided: dict[str, tuple[Series, SeriesMapping]]) -> dict[str, dict]:
+    """The decisions for the output, series named by their de-identified description (names can hold PHI)."""
+    from imaging.deidentify import clean_description
+
+    return {m: {"series": clean_description(s.description) if s.description else "(no description)", **d.to_json()}
+            for m, (s, d) in decided.items()}  # fmt: skip
 
 
 def sorted_slices(datasets: list[Dataset]) -> list[Dataset]:
@@ -210,7 +270,14 @@ def series_to_volume(series: Series, source: str = "series") -> Volume:
 
 def read_dicom_study(source: str | Path, mapping: dict[str, str] | None = None) -> tuple[dict[str, Volume], list[Dataset]]:
     """Volumes per modality from a DICOM directory or zip, plus the datasets they came from."""
-    datasets = read_datasets(source)
-    mapped = map_series(group_series(datasets), mapping)
-    volumes = {m: series_to_volume(s, Path(source).name) for m, s in mapped.items()}
+    volumes, datasets, _ = read_dicom_study_mapped(source, mapping)
     return volumes, datasets
+
+
+def read_dicom_study_mapped(source: str | Path, mapping: dict[str, str] | None = None):
+    """As read_dicom_study, plus the mapping decisions: modality -> {series, confidence, reason}."""
+    datasets = read_datasets(source)
+    decided = decide_mapping(group_series(datasets), mapping)
+    volumes = {m: series_to_volume(s, Path(source).name) for m, (s, _) in decided.items()}
+    decisions = mapping_record(decided)
+    return volumes, datasets, decisions

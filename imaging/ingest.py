@@ -20,7 +20,7 @@ from pathlib import Path
 from imaging import nifti
 from imaging.dataset import check_case_id, clinical_row, read_clinical, write_case, write_clinical
 from imaging.deidentify import Deidentifier, age_years
-from imaging.dicom_series import read_dicom_study
+from imaging.dicom_series import read_dicom_study_mapped
 from imaging.errors import StudyError
 from imaging.labels import normalise_labels
 from imaging.study import MODALITIES, Study, Volume
@@ -37,11 +37,13 @@ class IngestResult:
     modalities: list[str]
     missing: list[str]
     removed: dict
+    series_mapping: dict | None = None  # DICOM: modality -> series, confidence, reason
 
     def to_json(self) -> dict:
         return {
             "case_id": self.case_id, "folder": str(self.folder), "source": self.source_kind,
             "modalities": self.modalities, "missing": self.missing, "deidentification": self.removed,
+            **({"series_mapping": self.series_mapping} if self.series_mapping else {}),
         }  # fmt: skip
 
 
@@ -97,7 +99,7 @@ def _from_nifti(src: Path, salt: str, case_id: str | None) -> tuple[Study, dict]
 
 
 def _from_dicom(src: Path, salt: str, case_id: str | None, mapping: dict[str, str] | None) -> tuple[Study, dict]:
-    volumes, datasets = read_dicom_study(src, mapping)
+    volumes, datasets, decisions = read_dicom_study_mapped(src, mapping)
     study_uid = str(datasets[0].get("StudyInstanceUID", "")) or src.name
     cid = case_id or _pseudonym(salt, study_uid)
     deid = Deidentifier(pseudonym=cid, salt=salt)
@@ -105,6 +107,7 @@ def _from_dicom(src: Path, salt: str, case_id: str | None, mapping: dict[str, st
         deid.apply(ds)
     sex = str(datasets[0].get("PatientSex", "")).strip().upper() or None
     study = Study(case_id=cid, images=volumes, age=age_years(datasets[0]), sex=sex if sex in ("F", "M", "O") else None)
+    study.provenance["series_mapping"] = decisions
     return study, deid.report.to_json()
 
 
@@ -144,4 +147,5 @@ def ingest(
         os.replace(tmp_csv_dir / "clinical.csv", out / "clinical.csv")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return IngestResult(study.case_id, final, kind, study.present, study.missing, removed)
+    return IngestResult(study.case_id, final, kind, study.present, study.missing, removed,
+                        study.provenance.get("series_mapping"))  # fmt: skip

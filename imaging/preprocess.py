@@ -1,30 +1,45 @@
 """Study -> model grid, and model outputs -> the study's own grid. One code path for training and serving.
 
-Steps (versioned as PREPROCESSING_VERSION, recorded with every model and prediction):
-1. A model grid: RAS-aligned, isotropic `spacing` mm, fixed `shape`, centred on the brain.
-   Defining it in world (mm) coordinates does reorientation, resampling and crop/pad in one step.
-2. Each present modality is resampled from its own affine onto that grid (nibabel's
-   `resample_from_to`, trilinear), so modalities with different geometry are aligned explicitly.
-3. Brain mask: voxels where any modality is non-zero (inputs are skull-stripped, as in BraTS),
-   holes filled.
-4. Per-modality z-score inside the mask; zero outside.
-5. Missing modalities: zero channels and a 0 in the presence vector.
+Preprocessing v2 (PREPROCESSING_VERSION, recorded with every model; every step, why it ran and its
+figures are recorded in every prediction as `findings.quality.preprocessing`):
+1. Detect (imaging.detect): noise floor per modality, skull-stripped or not, aligned or not.
+   A skull-stripped study takes the fast path; a raw head (skull, scalp, neck) the full path.
+2. Co-register (imaging.register): every modality to the reference (T1ce when present), rigid Mattes MI;
+   on the raw path always, on the fast path only the modalities detection found misaligned.
+3. Skull-strip (imaging.skullstrip, raw path): deepbet (or HD-BET from configured weights) on the
+   T1-weighted image; on the fast path the brain is the foreground above the noise floor.
+4. Model grid: RAS, isotropic `spacing` mm, fixed `shape`, centred on the brain; each modality is
+   resampled onto it once (SimpleITK), through its registration transform when it has one.
+5. N4 bias-field correction (imaging.bias) on the raw path, inside the brain mask.
+6. Per-modality z-score inside the brain mask; zero outside. Missing modalities: zero channels and a 0
+   in the presence vector.
+7. Quality control (imaging.quality): brain volume and shape, registration per modality, the brain
+   inside the model grid. A failure refuses the study (QualityError names the check) or, with
+   quality_mode="flag", is recorded in `flags` and the study goes on.
+A BraTS-style study (skull-stripped, exact-zero background, one grid) takes v1's steps: the same mask
+rule and normalisation, resampling equal to v1's scipy path within float rounding (SimpleITK extrapolates
+the field of view's outer half-voxel, where such studies are background), the grid centred on T1ce.
 The inverse maps label maps (nearest neighbour), boxes and points back to the study's reference grid.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
-import nibabel as nib
 import numpy as np
-from nibabel.processing import resample_from_to
 from scipy import ndimage
 
+from imaging import quality
+from imaging.bias import n4_correct
+from imaging.detect import StudyProfile, detect, foreground
 from imaging.errors import StudyError
+from imaging.register import register_rigid
+from imaging.sitk_bridge import resample
+from imaging.skullstrip import extractor
 from imaging.study import MODALITIES, Study, Volume
 
-PREPROCESSING_VERSION = "1.0"
+PREPROCESSING_VERSION = "2.0"
 DEFAULT_SPACING_MM = 2.0
 DEFAULT_SHAPE = (96, 112, 96)
 # Fraction of a modality's field of view that must overlap the reference modality's.
@@ -37,6 +52,10 @@ class PreprocessConfig:
     spacing_mm: float = DEFAULT_SPACING_MM
     shape: tuple[int, int, int] = DEFAULT_SHAPE
     mismatched_geometry: str = "resample"  # or "refuse": modalities must share the reference grid
+    skull_strip: str = "deepbet"  # or "hd-bet" (needs hdbet_weights)
+    hdbet_weights: str | None = None
+    quality_mode: str = "refuse"  # or "flag": QC failures are recorded and the study goes on
+    threads: int = 2  # SimpleITK and the skull-stripping model
 
     @property
     def version(self) -> str:
@@ -67,19 +86,21 @@ class PreparedStudy:
     source: Grid  # the study's reference grid (outputs go back here)
     version: str
     segmentation: np.ndarray | None = None  # (X, Y, Z) uint8 labels on the model grid, when known
+    record: dict = field(default_factory=dict)  # findings.quality.preprocessing: steps, figures, versions
+    flags: list[str] = field(default_factory=list)  # QC checks that failed (quality_mode="flag")
 
 
-def _foreground_centre_mm(volume: Volume) -> np.ndarray:
-    fg = np.argwhere(volume.data != 0)
+def _bbox_centre_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    fg = np.argwhere(mask)
     if fg.size == 0:
-        raise StudyError("reference volume is empty (all voxels zero)")
+        raise StudyError("reference volume is empty (no voxel above the background)")
     # An integer voxel: when the study is already RAS at the model spacing, both grids coincide exactly.
     centre_vox = np.round((fg.min(0) + fg.max(0)) / 2.0)
-    return Grid(volume.shape, volume.affine).vox_to_world(centre_vox)[0]
+    return Grid(mask.shape, affine).vox_to_world(centre_vox)[0]
 
 
-def model_grid(study: Study, config: PreprocessConfig) -> Grid:
-    centre = _foreground_centre_mm(study.reference)
+def model_grid(brain_on_reference: np.ndarray, reference: Volume, config: PreprocessConfig) -> Grid:
+    centre = _bbox_centre_mm(brain_on_reference, reference.affine)
     shape = np.array(config.shape)
     affine = np.diag([config.spacing_mm] * 3 + [1.0])
     affine[:3, 3] = centre - (shape // 2) * config.spacing_mm
@@ -99,17 +120,17 @@ def _fov_overlap(a: Volume, b: Volume) -> float:
     return float(inter / max(np.prod(ahi - alo), 1e-9))
 
 
-def _resample(volume: Volume, grid: Grid, order: int) -> np.ndarray:
-    img = nib.Nifti1Image(np.asarray(volume.data, dtype=np.float32 if order else np.int16), volume.affine)
-    out = resample_from_to(img, (grid.shape, grid.affine), order=order, mode="constant", cval=0.0)
-    return np.asarray(out.dataobj)
+def _resample(volume: Volume, grid: Grid, order: int, transform=None, threads: int = 0) -> np.ndarray:
+    return resample(volume, grid.shape, grid.affine, order=order, transform=transform, threads=threads)
 
 
 def check_geometry(study: Study, config: PreprocessConfig) -> None:
-    ref_name = study.present[0]
+    ref_name = study.reference_name
     ref = study.images[ref_name]
-    for name in study.present[1:]:
+    for name in study.present:
         vol = study.images[name]
+        if name == ref_name:
+            continue
         if vol.same_grid(ref):
             continue
         if config.mismatched_geometry == "refuse":
@@ -140,27 +161,110 @@ def check_plausible(study: Study) -> None:
             raise StudyError(f"{study.case_id}: {name} is blank (every voxel is {low:g})")
 
 
+def _step(record: list, name: str, t0: float, **figures) -> None:
+    record.append({"step": name, "seconds": round(time.perf_counter() - t0, 3), **figures})
+
+
 def preprocess(study: Study, config: PreprocessConfig = PreprocessConfig()) -> PreparedStudy:
     check_plausible(study)
     check_geometry(study, config)
-    grid = model_grid(study, config)
+    steps: list[dict] = []
+    t0 = time.perf_counter()
+    profile: StudyProfile = detect(study)
+    raw = not profile.skull_stripped
+    path = "raw" if raw else "fast"
+    _step(steps, "detect", t0, path=path, why=("foreground of %.0f mL: a head, not a skull-stripped brain" if raw else
+          "foreground of %.0f mL: skull-stripped") % profile.foreground_ml, **profile.to_json())  # fmt: skip
+    ref_name = profile.reference
+    ref = study.images[ref_name]
+    head_on_ref = foreground(ref.data, profile.noise_floor[ref_name])
+    checks: list[quality.Check] = []
+
+    # 2. co-registration (one transform per moving modality; applied once, at resampling)
+    transforms = {}
+    moving = [m for m in study.present if m != ref_name] if raw else list(profile.misaligned)
+    for name in moving:
+        t0 = time.perf_counter()
+        reg = register_rigid(ref, study.images[name], name, head_on_ref)
+        transforms[name] = reg.transform
+        _step(steps, "register", t0, modality=name, reference=ref_name,
+              why="raw path: every modality" if raw else f"overlap Dice {profile.overlap_dice[name]:.3f} < aligned threshold",
+              **reg.to_json())  # fmt: skip
+        checks.append(quality.registration_check(reg))
+    if not moving:
+        steps.append({"step": "register", "skipped": True, "why": "modalities aligned (foreground overlap) on the fast path"})
+    quality.enforce(study.case_id, checks, config.quality_mode)  # a series of another head: refused before stripping
+
+    # 3. brain mask on the reference grid
+    t0 = time.perf_counter()
+    if raw:
+        bet = extractor(config.skull_strip, config.hdbet_weights)
+        source = "t1" if "t1" in study.images else ref_name
+        img = study.images[source]
+        if source != ref_name:
+            img = Volume(resample(img, ref.shape, ref.affine, order=1, transform=transforms.get(source)), ref.affine)
+        brain_on_ref = bet.extract(img)
+        _step(steps, "skull_strip", t0, on=source, why="raw path", brain_ml=round(float(brain_on_ref.sum()) * _voxel_ml(ref), 1),
+              **bet.describe())  # fmt: skip
+    else:
+        brain_on_ref = head_on_ref
+        steps.append({"step": "skull_strip", "skipped": True, "why": "already skull-stripped: the brain is the "
+                      "foreground above the noise floor"})  # fmt: skip
+
+    # 4. one resampling per modality onto the model grid
+    t0 = time.perf_counter()
+    grid = model_grid(brain_on_ref, ref, config)
     channels = np.zeros((len(MODALITIES), *grid.shape), dtype=np.float32)
     presence = np.zeros(len(MODALITIES), dtype=np.float32)
     for i, modality in enumerate(MODALITIES):
         if modality in study.images:
-            channels[i] = _resample(study.images[modality], grid, order=1)
+            channels[i] = _resample(study.images[modality], grid, 1, transforms.get(modality), config.threads)
             presence[i] = 1.0
-    mask = ndimage.binary_fill_holes(np.any(np.abs(channels) > 1e-6, axis=0))
+    if raw:
+        mask = _resample(Volume(brain_on_ref.astype(np.int16), ref.affine), grid, 0) > 0
+    elif not profile.noisy_background:
+        mask = ndimage.binary_fill_holes(np.any(np.abs(channels) > 1e-6, axis=0))  # v1's rule, exactly
+    else:
+        floors = [profile.noise_floor[m] for m in MODALITIES if m in study.images]
+        present = [channels[i] for i in np.flatnonzero(presence)]
+        mask = np.zeros(grid.shape, dtype=bool)
+        for image, floor in zip(present, floors):
+            mask |= foreground(image, floor)
+        mask = foreground(mask.astype(np.float32), 0.5)
+    _step(steps, "resample", t0, spacing_mm=config.spacing_mm, shape=list(config.shape), interpolation="linear (SimpleITK)",
+          transforms=sorted(transforms))  # fmt: skip
     if mask.sum() < 100:
-        raise StudyError(f"{study.case_id}: fewer than 100 non-zero voxels inside the model grid")
+        raise StudyError(f"{study.case_id}: fewer than 100 brain voxels inside the model grid")
+
+    # 5. bias field
+    if raw:
+        t0 = time.perf_counter()
+        fields = {}
+        for i in np.flatnonzero(presence):
+            channels[i], fields[MODALITIES[i]] = n4_correct(channels[i], mask, grid.affine)
+        _step(steps, "n4", t0, why="raw path (bias nonuniformity %.3f)" % profile.bias_nonuniformity, field=fields)
+    else:
+        steps.append({"step": "n4", "skipped": True, "why": "fast path: skull-stripped data are bias-corrected upstream "
+                      "(nonuniformity %.3f recorded)" % profile.bias_nonuniformity})  # fmt: skip
+
+    # 6. normalise
     for i in np.flatnonzero(presence):
         values = channels[i][mask]
         std = float(values.std())
         channels[i] = np.where(mask, (channels[i] - values.mean()) / (std if std > 1e-6 else 1.0), 0.0)
+    steps.append({"step": "normalise", "method": "z-score inside the brain mask"})
+
+    # 7. quality control
+    voxel_ml = config.spacing_mm**3 / 1000.0
+    checks += [quality.brain_volume_check(float(mask.sum()) * voxel_ml), quality.brain_shape_check(mask),
+               quality.grid_overlap_check(brain_on_ref, ref.affine, grid)]  # fmt: skip
+    flags = quality.enforce(study.case_id, checks, config.quality_mode)
+
     seg = None
     if study.segmentation is not None:
-        seg = _resample(study.segmentation, grid, order=0).astype(np.uint8)
-    ref = study.reference
+        seg = _resample(study.segmentation, grid, 0).astype(np.uint8)
+    record = {"version": config.version, "path": path, "reference": ref_name, "steps": steps,
+              "checks": [c.to_json() for c in checks], "quality_mode": config.quality_mode, **study.provenance}  # fmt: skip
     return PreparedStudy(
         image=channels,
         presence=presence,
@@ -169,15 +273,44 @@ def preprocess(study: Study, config: PreprocessConfig = PreprocessConfig()) -> P
         source=Grid(ref.shape, ref.affine),
         version=config.version,
         segmentation=seg,
+        record=record,
+        flags=flags,
     )
 
 
+def _voxel_ml(volume: Volume) -> float:
+    return float(np.prod(volume.spacing)) / 1000.0
+
+
 # -- inverse: model grid -> the study's own grid ------------------------------------------------------
+def _axis_gather(labels: np.ndarray, grid: Grid, target: Grid) -> np.ndarray | None:
+    """Nearest neighbour between two axis-aligned grids (diagonal affines) as one index gather per
+    axis; None when either grid is oblique or permuted (the general resampler handles those)."""
+    a, b = grid.affine[:3, :3], target.affine[:3, :3]
+    if np.count_nonzero(np.abs(a) > 1e-9) != 3 or np.count_nonzero(np.abs(b) > 1e-9) != 3:
+        return None
+    if not (np.allclose(a, np.diag(np.diag(a))) and np.allclose(b, np.diag(np.diag(b)))):
+        return None
+    index = []
+    for axis in range(3):
+        world = b[axis, axis] * np.arange(target.shape[axis]) + target.affine[axis, 3]
+        # floor(x + 0.5): ITK's nearest-neighbour rounding, so both paths agree on ties too
+        index.append(np.floor((world - grid.affine[axis, 3]) / a[axis, axis] + 0.5).astype(np.int64))
+    valid = [(i >= 0) & (i < n) for i, n in zip(index, labels.shape)]
+    safe = [np.clip(i, 0, n - 1) for i, n in zip(index, labels.shape)]
+    out = labels[np.ix_(*safe)]
+    out[~(valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :])] = 0
+    return out
+
+
 def labels_to_source(labels: np.ndarray, prepared: PreparedStudy) -> Volume:
-    """A label map on the model grid, resampled (nearest neighbour) onto the study's reference grid."""
-    vol = Volume(labels.astype(np.int16), prepared.grid.affine)
-    back = _resample(vol, prepared.source, order=0).astype(np.uint8)
-    return Volume(back, prepared.source.affine)
+    """A label map on the model grid, resampled (nearest neighbour) onto the study's reference grid:
+    an index gather when both grids are axis-aligned (the usual case), else SimpleITK's resampler."""
+    back = _axis_gather(np.asarray(labels), prepared.grid, prepared.source)
+    if back is None:
+        vol = Volume(labels.astype(np.int16), prepared.grid.affine)
+        back = _resample(vol, prepared.source, order=0)
+    return Volume(back.astype(np.uint8), prepared.source.affine)
 
 
 def points_to_source(points_vox: np.ndarray, prepared: PreparedStudy) -> np.ndarray:

@@ -72,6 +72,7 @@ class Study:
     sex: str | None = None
     segmentation: Volume | None = None
     labels: Labels = field(default_factory=Labels)
+    provenance: dict = field(default_factory=dict)  # how the input became this study (DICOM series mapping)
 
     def __post_init__(self) -> None:
         unknown = set(self.images) - set(MODALITIES)
@@ -89,6 +90,11 @@ class Study:
         return [m for m in MODALITIES if m not in self.images]
 
     @property
+    def reference_name(self) -> str:
+        """The modality others are registered to and outputs are mapped back to: T1ce when present (the
+        series tumours are read and measured on), else the first present in canonical order."""
+        return "t1ce" if "t1ce" in self.images else self.present[0]
+
+    @property
     def reference(self) -> Volume:
-        """The grid outputs are mapped back to: the first present modality in canonical order."""
-        return self.images[self.present[0]]
+        return self.images[self.reference_name]

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
                                                                 "else client address) per gateway replica; 0: no limit.")
     serve_rate_limit_burst: int = Field(60, description="Requests a caller may send at once before the rate applies.")
 
+    # Preprocessing of raw scanner studies (imaging.preprocess; training and serving alike).
+    skull_strip: Literal["deepbet", "hd-bet"] = Field("deepbet", description="Brain extraction for studies that still have a "
+                                                      "skull: deepbet (weights in its wheel) or hd-bet (needs hdbet_weights).")
+    hdbet_weights: Path | None = Field(None, description="Folder holding HD-BET's 0.model..4.model; HD-BET never downloads.")
+    quality_mode: Literal["refuse", "flag"] = Field("refuse", description="A study failing quality control: refuse it "
+                                                    "(HTTP 422 naming the check) or analyse it with quality.flags set.")
+
     # Clusters (Kubernetes): external services instead of the embedded ones. Unset on one machine.
     mlflow_uri: str | None = Field(None, description="URL of an external MLflow server; default: the embedded one.")
     s3_external_endpoint: str | None = Field(None, description="host[:port] of an external S3 (cloud S3, MinIO).")

@@ -12,7 +12,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from imaging.preprocess import preprocess
+from imaging.preprocess import PreparedStudy, PreprocessConfig, preprocess
 from imaging.study import Study, Volume
 from serving.backends import InferenceBackend, OnnxRuntimeBackend
 from services.schemas import Findings
@@ -29,7 +29,8 @@ class Analysis:
     mask: Volume  # labels 1/2/4 on the input's reference grid and affine
 
 
-def assemble(study: Study, preprocessing_version: str, results: dict[str, dict], versions: dict[str, str]) -> Analysis:
+def assemble(study: Study, preprocessing_version: str, results: dict[str, dict], versions: dict[str, str],
+             prepared: PreparedStudy | None = None) -> Analysis:  # fmt: skip
     """Per-task results (task_logic.postprocess output) -> the published findings and the mask."""
     loc = results["localization"]["section"]
     mc_std = results["classification"]["mc_std_mean"]
@@ -41,18 +42,21 @@ def assemble(study: Study, preprocessing_version: str, results: dict[str, dict],
         classification=results["classification"]["section"],
         survival=results["survival"]["section"],
         quality={"missing_modalities": study.missing, "ood_score": round(mc_std, 4),
-                 "ood_flag": bool(mc_std > OOD_THRESHOLD or not loc["found"])},  # fmt: skip
+                 "ood_flag": bool(mc_std > OOD_THRESHOLD or not loc["found"]),
+                 "preprocessing": prepared.record if prepared is not None else None,
+                 "flags": list(prepared.flags) if prepared is not None else []},  # fmt: skip
         preprocessing_version=preprocessing_version,
     )
     return Analysis(findings, results["segmentation"]["mask"])
 
 
 class StudyAnalyzer:
-    def __init__(self, backends: dict[str, InferenceBackend], extras: dict[str, dict]):
+    def __init__(self, backends: dict[str, InferenceBackend], extras: dict[str, dict],
+                 config: PreprocessConfig = PreprocessConfig()):  # fmt: skip
         missing = [t for t in TASKS if t not in backends]
         if missing:
             raise ServingError(f"no backend for {', '.join(missing)}")
-        self.backends, self.extras = backends, extras
+        self.backends, self.extras, self.config = backends, extras, config
 
     @classmethod
     def from_registry(cls, registry, store, bucket: str, prefix: str, alias: str = "champion", threads: int = 1) -> "StudyAnalyzer":
@@ -74,9 +78,9 @@ class StudyAnalyzer:
         return postprocess(task, outputs, prepared, self.extras.get(task, {}))
 
     def analyze(self, study: Study) -> Analysis:
-        prepared = preprocess(study)
+        prepared = preprocess(study, self.config)
         # The four models are independent: run them side by side (onnxruntime releases the GIL).
         with ThreadPoolExecutor(max_workers=len(TASKS)) as pool:
             futures = {task: pool.submit(self.run_task, task, prepared, study.age) for task in TASKS}
             results = {task: future.result() for task, future in futures.items()}
-        return assemble(study, prepared.version, results, self.versions)
+        return assemble(study, prepared.version, results, self.versions, prepared)

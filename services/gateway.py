@@ -38,6 +38,7 @@ from ray import serve
 
 from imaging.errors import StudyError
 from imaging.preprocess import preprocess
+from imaging.qc_preview import qc_png
 from imaging.study import MODALITIES
 from serving.backends import BackendUnavailable
 from services import metrics, ui_support
@@ -45,8 +46,8 @@ from services.rate_limit import RateLimiter
 from services.analyzer import assemble
 from services.grpc_servicers import service_pb2, study_pb2
 from services.oip import ProtocolError, decode_grpc, decode_rest, encode_grpc, encode_rest
-from services.study_input import InputError, StudyInput, from_dicom_zip, from_nifti, from_s3
-from services.task_logic import TASKS, ServingError
+from services.study_input import InputError, StudyInput, from_dicom_zip, from_nifti, from_s3, parse_mapping
+from services.task_logic import TASKS, ServingError, preprocess_config
 
 log = logging.getLogger("ray.serve")
 API_VERSION = "1.0"
@@ -131,6 +132,7 @@ class StudyGateway:
                       "classification": classification, "survival": survival}  # fmt: skip
         self.reporting = reporting
         self.max_bytes = int(self.settings.serve_max_request_mb * 1024 * 1024)
+        self.preprocess_config = preprocess_config(self.settings)
         self.limiter = RateLimiter(self.settings.serve_rate_limit_per_min, self.settings.serve_rate_limit_burst)
         self.audit = AuditLog(self.settings.audit_file)
         self.tokens = TokenStore(self.settings.tokens_file)
@@ -191,7 +193,8 @@ class StudyGateway:
                 case_id, age = form.get("case_id") or None, _age(form.get("age"))
                 dicom = form.get("dicom")
                 if dicom is not None and hasattr(dicom, "read"):
-                    return await asyncio.to_thread(from_dicom_zip, await dicom.read(), case_id, age, self._salt)
+                    mapping = parse_mapping(form.get("mapping") if isinstance(form.get("mapping"), str) else None)
+                    return await asyncio.to_thread(from_dicom_zip, await dicom.read(), case_id, age, self._salt, mapping)
                 files = {}
                 for key, value in form.multi_items():
                     if hasattr(value, "read"):
@@ -253,8 +256,8 @@ class StudyGateway:
     async def _run(self, source: StudyInput, tasks: tuple[str, ...]) -> tuple[dict, object]:
         t0 = time.perf_counter()
         try:
-            prepared = await asyncio.to_thread(preprocess, source.study)
-        except StudyError as exc:
+            prepared = await asyncio.to_thread(preprocess, source.study, self.preprocess_config)
+        except StudyError as exc:  # QualityError included: 422 naming the failing check
             raise InputError(str(exc)) from None
         metrics.STAGE_SECONDS.labels("study", "preprocess", "-").observe(time.perf_counter() - t0)
         ref = ray.put(prepared)  # one copy in the object store, shared by every task replica
@@ -347,15 +350,16 @@ class StudyGateway:
             source = await self._study(request)
             results, prepared = await self._run(source, TASKS)
             versions = {task: results[task]["version"] for task in TASKS}
-            analysis = assemble(source.study, prepared.version, results, versions)
+            analysis = assemble(source.study, prepared.version, results, versions, prepared)
             report = await self._report(analysis.findings)
             body = {"findings": analysis.findings.model_dump(),
                     "mask_nifti_gz_b64": base64.b64encode(_mask_bytes(analysis.mask)).decode()}  # fmt: skip
             if report:
                 body["report_markdown"], body["report_fhir"] = report["markdown"], report["fhir"]
-            if preview:  # the web UI's slice viewer
-                body["images_nifti_gz_b64"] = await asyncio.to_thread(ui_support.preview_images, source.study)
-            if source.kind == "dicom":
+            if preview:  # the web UI's slice viewer, and the quality-control picture (imaging.qc_preview)
+                body["images_nifti_gz_b64"] = await asyncio.to_thread(ui_support.preview_images, source.study, prepared)
+                body["qc_png_b64"] = base64.b64encode(await asyncio.to_thread(qc_png, prepared)).decode()
+            if source.kind == "dicom" and source.dicom_reference:
                 from services.dicom_seg import build_dicom_seg
 
                 seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference, versions["segmentation"])
@@ -379,6 +383,7 @@ class StudyGateway:
             result = results[task]
             body = {"task": task, "case_id": source.study.case_id, "model_version": result["version"],
                     "result": result["section"], "preprocessing_version": prepared.version,
+                    "preprocessing": prepared.record, "quality_flags": prepared.flags,
                     "missing_modalities": source.study.missing, "request_id": _request_id()}  # fmt: skip
             if "mask" in result:
                 body["mask_nifti_gz_b64"] = base64.b64encode(_mask_bytes(result["mask"])).decode()
@@ -654,7 +659,7 @@ class StudyGateway:
                 source = await asyncio.to_thread(from_nifti, dict(request.nifti), case_id, _age(age))
             results, prepared = await self._run(source, TASKS)
             versions = {task: results[task]["version"] for task in TASKS}
-            analysis = assemble(source.study, prepared.version, results, versions)
+            analysis = assemble(source.study, prepared.version, results, versions, prepared)
             report = await self._report(analysis.findings)
             response = study_pb2.AnalyzeResponse(findings_json=analysis.findings.model_dump_json(),
                                                  report_markdown=report.get("markdown", ""),

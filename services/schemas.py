@@ -51,6 +51,10 @@ class QualityFindings(BaseModel):
     missing_modalities: list[str]
     ood_score: float
     ood_flag: bool
+    # What preprocessing did to the study (imaging.preprocess): path (fast|raw), every step with why it
+    # ran and its figures and versions, and each quality-control check.
+    preprocessing: dict | None = None
+    flags: list[str] = []  # quality-control checks that failed (quality_mode="flag"); empty when all passed
 
 
 class Findings(BaseModel):

@@ -7,6 +7,8 @@ Nothing here writes outside a temporary directory that is removed before returni
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import re
 import tempfile
@@ -16,7 +18,7 @@ from pathlib import Path
 from imaging import nifti
 from imaging.dataset import check_case_id
 from imaging.deidentify import Deidentifier, age_years
-from imaging.dicom_series import group_series, map_series, read_datasets, series_to_volume, sorted_slices
+from imaging.dicom_series import FrameDataset, decide_mapping, mapping_record, group_series, read_datasets, series_to_volume, sorted_slices
 from imaging.errors import StudyError
 from imaging.ingest import NIFTI_NAME  # BraTS names: *_t1, *_t1ce, *_t2, *_flair (and *_seg, ignored here)
 from imaging.study import MODALITIES, Study
@@ -73,7 +75,21 @@ def from_nifti(files: dict[str, bytes], case_id: str | None, age: float | None, 
     return StudyInput(_study(_case_id(case_id, identity), images, age), "nifti")
 
 
-def from_dicom_zip(data: bytes, case_id: str | None, age: float | None, salt: str) -> StudyInput:
+def parse_mapping(text: str | None) -> dict[str, str] | None:
+    """A `mapping` form field: JSON {series UID or description: modality}."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InputError("mapping: not JSON (expected {\"series description or UID\": \"t1ce\", ...})", 400) from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InputError("mapping: expected an object of strings {series: modality}", 400)
+    return value
+
+
+def from_dicom_zip(data: bytes, case_id: str | None, age: float | None, salt: str,
+                   mapping: dict[str, str] | None = None) -> StudyInput:  # fmt: skip
     if not data:
         raise InputError("the DICOM zip is empty", 400)
     with tempfile.TemporaryDirectory(prefix="oncoserve-dicom-") as tmp:
@@ -81,7 +97,8 @@ def from_dicom_zip(data: bytes, case_id: str | None, age: float | None, salt: st
         path.write_bytes(data)
         try:
             datasets = read_datasets(path)
-            mapped = map_series(group_series(datasets))
+            decided = decide_mapping(group_series(datasets), mapping)
+            mapped = {m: s for m, (s, _) in decided.items()}
             volumes = {m: series_to_volume(s, "upload") for m, s in mapped.items()}
         except StudyError as exc:
             raise InputError(str(exc).replace(str(path), "upload")) from None
@@ -92,7 +109,10 @@ def from_dicom_zip(data: bytes, case_id: str | None, age: float | None, salt: st
         deid.apply(ds)
     age = age if age is not None else age_years(datasets[0])
     study = _study(cid, volumes, age)
-    reference = sorted_slices(mapped[study.present[0]].datasets)
+    study.provenance["series_mapping"] = mapping_record(decided)
+    reference = sorted_slices(mapped[study.reference_name].datasets)
+    if any(isinstance(ds, FrameDataset) for ds in reference):
+        reference = []  # enhanced MR: the DICOM SEG writer references single-frame slices only (not built)
     return StudyInput(study, "dicom", reference)
 
 

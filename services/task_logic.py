@@ -16,13 +16,19 @@ from imaging.postprocess import (
     survival_curve,
     volumes_ml,
 )
-from imaging.preprocess import PreparedStudy, box_to_source, labels_to_source, points_to_source
+from imaging.preprocess import PreparedStudy, PreprocessConfig, box_to_source, labels_to_source, points_to_source
 from imaging.study import CLASS_LABELS
 
 TASKS = ("localization", "segmentation", "classification", "survival")
 CURVE_POINTS = 40
 MIDLINE_MM = 5.0  # tumour centre within this distance of the brain's centre plane: "midline"
 DEFAULT_AGE = 60.0  # survival's age input when a study has none (the training cohort's centre)
+
+
+def preprocess_config(settings) -> PreprocessConfig:
+    """The preprocessing the platform's settings ask for (model grid fixed by the serving contract)."""
+    return PreprocessConfig(skull_strip=settings.skull_strip, quality_mode=settings.quality_mode,
+                            hdbet_weights=str(settings.hdbet_weights) if settings.hdbet_weights else None)  # fmt: skip
 
 
 class ServingError(RuntimeError):

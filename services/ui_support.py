@@ -27,20 +27,25 @@ def security_headers(platform_url: str) -> dict[str, str]:
             "referrer-policy": "no-referrer", "cross-origin-opener-policy": "same-origin"}  # fmt: skip
 
 
-def preview_images(study) -> dict[str, str]:
-    """Each present modality on the input's reference grid (the grid of the mask and box), scaled to
-    int16 0..1000 between its 0.5th and 99.5th percentiles, as gzipped NIfTI in base64 -- for display."""
+def preview_images(study, prepared=None) -> dict[str, str]:
+    """Each present modality on the input's reference grid (the grid of the mask and box), through its
+    registration transform when preprocessing registered it (so the viewer shows what the models saw),
+    scaled to int16 0..1000 between its 0.5th and 99.5th percentiles, as gzipped NIfTI in base64."""
     import nibabel as nib
-    from nibabel.processing import resample_from_to
+
+    from imaging.sitk_bridge import resample, rigid_from_ras
 
     ref = study.reference
-    ref_img = nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine)
+    registered = {s["modality"]: s["transform_ras"] for s in (prepared.record.get("steps", []) if prepared else [])
+                  if s.get("step") == "register" and "transform_ras" in s}  # fmt: skip
     out = {}
     for modality in study.present:
         vol = study.images[modality]
         data = np.asarray(vol.data, np.float32)
-        if vol.shape != ref.shape or not np.allclose(vol.affine, ref.affine, atol=1e-3):
-            data = resample_from_to(nib.Nifti1Image(data, vol.affine), ref_img, order=1).get_fdata(dtype=np.float32)
+        if modality in registered:
+            data = resample(vol, ref.shape, ref.affine, order=1, transform=rigid_from_ras(np.array(registered[modality])))
+        elif vol.shape != ref.shape or not np.allclose(vol.affine, ref.affine, atol=1e-3):
+            data = resample(vol, ref.shape, ref.affine, order=1)
         finite = data[np.isfinite(data)]
         lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
         scaled = np.clip((np.nan_to_num(data) - lo) / max(hi - lo, 1e-6), 0, 1) * 1000

@@ -7,7 +7,8 @@ Promotion refuses a version whose ONNX signature or preprocessing version breaks
 from __future__ import annotations
 
 GRID = [4, 96, 112, 96]  # channels x model grid, without the batch axis
-SUPPORTED_PREPROCESSING = {"1.0/2mm/96x112x96"}
+# v2's fast path is v1's steps on BraTS-style (skull-stripped, zero-background) studies: v1 models stay servable.
+SUPPORTED_PREPROCESSING = {"1.0/2mm/96x112x96", "2.0/2mm/96x112x96"}
 
 CONTRACT: dict[str, dict[str, dict[str, list[int]]]] = {
     "segmentation": {"inputs": {"image": GRID}, "outputs": {"probabilities": [4, 96, 112, 96]}},

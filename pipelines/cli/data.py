@@ -12,6 +12,7 @@ from imaging import manifest as manifest_mod
 from imaging.errors import StudyError
 from imaging.ingest import ingest as ingest_case
 from imaging.phantoms import synthesise
+from imaging.raw_phantoms import synthesise_raw
 from pipelines.cli._console import console, user_errors
 
 app = typer.Typer(help="Datasets: ingest DICOM/NIfTI, synthesise phantoms, write manifests.", no_args_is_help=True)
@@ -31,6 +32,9 @@ def ingest(
         result = ingest_case(src, out, case_id=case_id, site=site, mapping=series_map)
     console.print(f"[green]ingested[/] {result.case_id} ({result.source_kind}) -> {result.folder}")
     console.print(f"modalities: {', '.join(result.modalities)}; missing: {', '.join(result.missing) or 'none'}")
+    if result.series_mapping:
+        for modality, decision in result.series_mapping.items():
+            console.print(f"  {modality:6s} <- {decision['series']!r} (confidence {decision['confidence']:.2f}: {decision['reason']})")
     console.print_json(data=result.removed)
 
 
@@ -42,14 +46,23 @@ def synth(
     sites: int = typer.Option(1, "--sites", min=1, help="Number of acquisition sites (site effects)."),
     resolution: float = typer.Option(2.0, "--resolution", min=1.0, max=4.0, help="Voxel size in mm."),
     ood_fraction: float = typer.Option(0.0, "--ood-fraction", min=0.0, max=0.9, help="Fraction of out-of-distribution cases."),
+    raw: bool = typer.Option(False, "--raw", help="Raw scanner studies: skull, scalp, neck, head pose, per-series motion, "
+                             "bias field, Rician noise, thick slices; the true brain mask and transforms are written too."),
 ) -> None:
     """Write a synthetic glioma dataset on the MNI152 brain in the BraTS layout."""
+    if raw and (sites != 1 or ood_fraction):
+        console.print("[red]error:[/] --raw makes single-site, in-distribution cases (drop --sites/--ood-fraction)")
+        raise typer.Exit(2)
     columns = (TextColumn("synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with user_errors(FileExistsError, ValueError), Progress(*columns, console=console) as progress:
         task = progress.add_task("cases", total=n)
-        synthesise(out, n, seed, sites, resolution, ood_fraction,
-                   progress=lambda done, total: progress.update(task, completed=done))  # fmt: skip
-    console.print(f"wrote {n} cases to {out} (clinical.csv, phantoms.json)")
+        report = lambda done, total: progress.update(task, completed=done)  # noqa: E731
+        if raw:
+            synthesise_raw(out, n, seed, resolution, progress=report)
+        else:
+            synthesise(out, n, seed, sites, resolution, ood_fraction, progress=report)
+    extra = ", <case>_brainmask.nii.gz" if raw else ""
+    console.print(f"wrote {n} {'raw ' if raw else ''}cases to {out} (clinical.csv, phantoms.json{extra})")
 
 
 @app.command()

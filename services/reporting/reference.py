@@ -17,7 +17,7 @@ BASE = {
     },
     "survival": {"risk_score": 1.23, "risk_group": "high", "median_survival_days": 410.0, "curve": []},
     "quality": {"missing_modalities": ["flair"], "ood_score": 0.05, "ood_flag": False},
-    "report": None, "preprocessing_version": "1.0/2mm/96x112x96",
+    "report": None, "preprocessing_version": "2.0/2mm/96x112x96",
 }  # fmt: skip
 
 

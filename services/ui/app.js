@@ -111,10 +111,20 @@ async function showResults(body) {
   const q = f.quality;
   const notes = [];
   if (q.missing_modalities.length) notes.push(`Missing modalities: ${q.missing_modalities.join(", ")} — results rely on the others.`);
+  if (q.flags && q.flags.length) notes.push(`QUALITY CONTROL FAILED: ${q.flags.join(", ")} — analysed because quality_mode=flag; check the preprocessing picture before reading the results.`);
   if (q.ood_flag) notes.push(`OUT OF DISTRIBUTION (score ${fmt(q.ood_score, 2)}): this study differs from the training data; treat every result with caution.`);
   $("quality").replaceChildren(...(notes.length ? notes : ["All four modalities present; the study is within the training distribution."]).map((n) => el("p", { text: n })));
   $("quality").className = notes.length ? "quality warn" : "quality ok";
 
+  const pre = q.preprocessing;
+  if (pre) {
+    const ran = pre.steps.filter((s) => !s.skipped).map((s) => s.step + (s.modality ? ` ${s.modality}` : ""));
+    $("qc-summary").textContent = `${pre.path === "raw" ? "Raw scanner study" : "Skull-stripped study (fast path)"}: ${ran.join(", ")}. Preprocessing ${pre.version}.`;
+  }
+  if (body.qc_png_b64) {
+    $("qc-image").src = `data:image/png;base64,${body.qc_png_b64}`;
+    $("qc-image").hidden = false;
+  }
   const v = f.segmentation.volumes_ml;
   table($("volumes"), ["region", "volume (mL)"], ["WT", "TC", "ET", "NCR", "ED"].map((k) => [k, fmt(v[k], 1)]), "Tumour volumes");
   const loc = f.localization;

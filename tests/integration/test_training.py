@@ -29,7 +29,7 @@ def test_version_is_registered_with_lineage_tags(trained, live_stack, tiny_datas
     mv = client.get_model_version(task, trained[task])
     assert REQUIRED_TAGS <= set(mv.tags), REQUIRED_TAGS - set(mv.tags)
     assert mv.tags["dataset_hash"] == manifest.build(tiny_dataset)["dataset_hash"]
-    assert mv.tags["preprocessing_version"].startswith("1.0/2mm/")
+    assert mv.tags["preprocessing_version"].startswith("2.0/2mm/")
     assert float(mv.tags["onnx_parity_max_abs_diff"]) <= 1e-3
     assert json.loads(mv.tags["signature"])["inputs"][0]["name"] == "image"
     run = client.get_run(mv.run_id)

@@ -56,8 +56,8 @@ def test_study_on_the_model_grid_round_trips_exactly():
     shape = SMALL.shape
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = [-40, -50, -30]
-    data = np.zeros(shape, np.float32)
-    data[5:40, 6:42, 4:36] = 100.0
+    idx = np.indices(shape)
+    data = (((idx[0] - 22) / 17) ** 2 + ((idx[1] - 24) / 18) ** 2 + ((idx[2] - 20) / 16) ** 2 < 1) * np.float32(100.0)
     seg = np.zeros(shape, np.uint8)
     seg[10:20, 12:18, 8:15] = 4
     study = Study("G", {"t1": Volume(data, affine)}, segmentation=Volume(seg, affine))
@@ -93,7 +93,7 @@ def test_mismatched_geometry_is_resampled_or_refused_explicitly():
     study.images["t2"] = coarse
     resampled = preprocess(study, SMALL)
     assert resampled.presence[2] == 1 and np.abs(resampled.image[2]).sum() > 0
-    with pytest.raises(StudyError, match="t2 geometry .* differs from t1 .*refusing"):
+    with pytest.raises(StudyError, match="t2 geometry .* differs from t1ce .*refusing"):
         preprocess(study, PreprocessConfig(spacing_mm=2.0, shape=(48, 48, 40), mismatched_geometry="refuse"))
 
 
@@ -108,4 +108,4 @@ def test_modality_from_elsewhere_in_space_is_refused():
 
 
 def test_version_names_the_grid():
-    assert SMALL.version == "1.0/2mm/48x48x40"
+    assert SMALL.version == "2.0/2mm/48x48x40"
