@@ -174,6 +174,9 @@ NOTES = {
     "stack / data": "embedded stack start, stop and memory; phantom synthesis and manifest of 20 cases.",
     "P4": "onnxruntime vs torch eager on one preprocessed study, per task, 2 threads each.",
     "P7": "Ray Train samples/s, segmentation, 2 workers vs 1 on the 2 cores.",
+    "PP": "preprocessing v2 of one 2 mm phantom case: the BraTS-style twin (fast path) and the same case as a raw "
+          "scanner study (raw path: registration of 3 series, deepbet, N4), each step timed; resampling 4 volumes onto "
+          "the model grid with SimpleITK vs the scipy path it replaced; labels back to the native grid.",
     "P1": "one segmentation request through the platform (HTTP, Ray Serve, the replica's onnxruntime) vs the "
           "same work as function calls in one process, measured alternately; with the pre/post-processing share.",
     "P1-peers": "raw inference on the same compiled ONNX and input tensor (1x4x96x112x96 float32, 16.5 MB) through "
@@ -232,7 +235,14 @@ SECTIONS = {
     "ort": ("onnxruntime vs torch eager (P4)", lambda: bench_ort_vs_torch()),
     "serving": ("serving overhead, fan-out and batching (P1, P2, P3)", lambda: _serving()),
     "train": ("Ray Train 2 workers vs 1 (P7)", lambda: bench_ray_train_scaling()),
+    "preprocess": ("preprocessing v2: fast path vs raw scanner study, per step (PP)", lambda: _preprocessing()),
 }
+
+
+def _preprocessing() -> list[dict]:
+    from bench.preprocessing import bench_preprocessing
+
+    return bench_preprocessing()
 
 
 def _serving() -> list[dict]:

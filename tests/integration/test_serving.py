@@ -233,7 +233,7 @@ def test_dicom_zip_in_dicom_seg_out(served, tiny_dataset, tmp_path):
     seg = hd.seg.segread(tmp_path / "out" / "segmentation.dcm")
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) == 3
     assert seg.PatientName != "" and not any(s in str(seg) for s in PHI_STRINGS)
-    reference = study.present[0]
+    reference = study.reference_name  # T1ce: the series the mask and the SEG refer to
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID != series[reference][0].SeriesInstanceUID  # de-identified UIDs
     mask = nib.load(tmp_path / "out" / "segmentation.nii.gz")
     assert mask.shape == study.images[reference].shape

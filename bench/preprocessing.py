@@ -1,0 +1,67 @@
+"""Preprocessing v2 per study on this machine: each step timed, fast path beside raw path.
+
+The fast path is a BraTS-style phantom (skull-stripped, zero background, one grid); the raw path is
+the same case as `imaging.raw_phantoms` writes it (head, pose, motion, bias, noise, thick slices), at
+2 mm. Also: SimpleITK's resampler vs the scipy path it replaced, and the label gather on the way back.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def _steps(record: dict, prefix: str) -> list[dict]:
+    from bench.run import figure
+
+    out, register = [], 0.0
+    for step in record["steps"]:
+        if step.get("skipped"):
+            continue
+        if step["step"] == "register":
+            register += step["seconds"]
+            continue
+        out.append(figure(f"PP_{prefix}_{step['step']}_s", step["seconds"], "s"))
+    out.append(figure(f"PP_{prefix}_register_all_s", register, "s"))
+    return out
+
+
+def bench_preprocessing(seed: int = 5, index: int = 0) -> list[dict]:
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    from bench.run import figure
+    from imaging.phantoms import make_case
+    from imaging.preprocess import labels_to_source, preprocess
+    from imaging.raw_phantoms import make_raw_case
+    from imaging.sitk_bridge import resample
+
+    figures = []
+    twin, _ = make_case(seed, index)
+    preprocess(twin)  # warm caches (anatomy, imports)
+    t0 = time.perf_counter()
+    fast = preprocess(twin)
+    figures.append(figure("PP_fast_total_s", time.perf_counter() - t0, "s"))
+    figures += _steps(fast.record, "fast")
+    raw, _, _ = make_raw_case(seed, index)
+    t0 = time.perf_counter()
+    prepared = preprocess(raw)
+    figures.append(figure("PP_raw_total_s", time.perf_counter() - t0, "s"))
+    figures += _steps(prepared.record, "raw")
+
+    # Resampling 4 volumes onto the model grid: SimpleITK vs nibabel/scipy (the v1 path).
+    grid = prepared.grid
+    t0 = time.perf_counter()
+    for volume in twin.images.values():
+        resample(volume, grid.shape, grid.affine, order=1)
+    sitk_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for volume in twin.images.values():
+        resample_from_to(nib.Nifti1Image(np.asarray(volume.data, np.float32), volume.affine), (grid.shape, grid.affine), order=1)
+    scipy_s = time.perf_counter() - t0
+    figures += [figure("PP_resample4_simpleitk_s", sitk_s, "s"), figure("PP_resample4_scipy_s", scipy_s, "s")]
+    t0 = time.perf_counter()
+    labels_to_source(prepared.segmentation, prepared)
+    figures.append(figure("PP_inverse_labels_s", time.perf_counter() - t0, "s"))
+    return figures
