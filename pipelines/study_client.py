@@ -100,4 +100,7 @@ def findings_line(findings: dict) -> str:
             + ", ".join(f"{k} {v['label']} ({max(v['probabilities'].values()):.2f})" for k, v in f["classification"].items())
             + f"; survival risk {f['survival']['risk_group']}"
             + (f"; missing {', '.join(f['quality']['missing_modalities'])}" if f["quality"]["missing_modalities"] else "")
-            + ("; OUT OF DISTRIBUTION" if f["quality"]["ood_flag"] else ""))  # fmt: skip
+            + ("; OUT OF DISTRIBUTION" if f["quality"]["ood_flag"] else "")
+            + (f"; QUALITY CONTROL FAILED: {', '.join(f['quality']['flags'])}" if f["quality"].get("flags") else "")
+            + (f"; raw study ({', '.join(s['step'] for s in f['quality']['preprocessing']['steps'] if not s.get('skipped'))})"
+               if (f["quality"].get("preprocessing") or {}).get("path") == "raw" else ""))  # fmt: skip
