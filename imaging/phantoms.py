@@ -313,20 +313,32 @@ def synthesise(
     rng = np.random.default_rng([seed, 104729])
     n_ood = int(round(n * ood_fraction))
     ood_kinds = {int(i): str(rng.choice(["healthy", "noise", "corrupt"])) for i in rng.choice(n, n_ood, replace=False)}
+
+    def build(i: int, staging: Path) -> tuple[Study, dict]:
+        study, record = make_case(seed, i, sites, resolution_mm, ood_kinds.get(i))
+        write_case(staging, study)
+        return study, record
+
+    meta = {"generator": "oncoserve.phantoms", "seed": seed, "n": n, "sites": sites,
+            "resolution_mm": resolution_mm, "ood_fraction": ood_fraction}  # fmt: skip
+    return write_dataset(out, n, build, meta, progress)
+
+
+def write_dataset(out: Path, n: int, build: Callable[[int, Path], tuple[Study, dict]], meta: dict,
+                  progress: Callable[[int, int], None]) -> Path:  # fmt: skip
+    """Cases 0..n-1 written by `build(i, staging)` (which returns the study and its generation record),
+    then clinical.csv and phantoms.json; built in a hidden folder and moved into place whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         rows, records = [], []
         for i in range(n):
-            study, record = make_case(seed, i, sites, resolution_mm, ood_kinds.get(i))
-            write_case(staging, study)
+            study, record = build(i, staging)
             rows.append(clinical_row(study))
             records.append(record)
             progress(i + 1, n)
         write_clinical(staging, rows)
-        meta = {"generator": "oncoserve.phantoms", "seed": seed, "n": n, "sites": sites,
-                "resolution_mm": resolution_mm, "ood_fraction": ood_fraction, "cases": records}  # fmt: skip
-        (staging / "phantoms.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        (staging / "phantoms.json").write_text(json.dumps({**meta, "cases": records}, indent=1, sort_keys=True) + "\n")
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

@@ -17,10 +17,6 @@ scanner). Same seed, same bytes.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 from imaging import nifti
-from imaging.dataset import clinical_row, write_case, write_clinical
-from imaging.phantoms import load_anatomy, make_case
+from imaging.dataset import write_case
+from imaging.phantoms import load_anatomy, make_case, write_dataset
 from imaging.study import MODALITIES, Study, Volume
 
 # Extra-cerebral tissue contrasts (same arbitrary units as phantoms.CONTRAST).
@@ -190,25 +186,13 @@ def synthesise_raw(
         raise FileExistsError(f"{out}: already exists and is not empty")
     if n < 1:
         raise ValueError("need n >= 1")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        rows, records = [], []
-        for i in range(n):
-            study, brain, record = make_raw_case(seed, i, resolution_mm)
-            folder = write_case(staging, study)
-            nifti.save(brain, folder / f"{study.case_id}_brainmask.nii.gz", dtype="uint8")
-            rows.append(clinical_row(study))
-            records.append(record)
-            progress(i + 1, n)
-        write_clinical(staging, rows)
-        meta = {"generator": "oncoserve.raw_phantoms", "seed": seed, "n": n, "raw": True,
-                "resolution_mm": resolution_mm, "modalities": list(MODALITIES), "cases": records}  # fmt: skip
-        (staging / "phantoms.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+
+    def build(i: int, staging: Path) -> tuple[Study, dict]:
+        study, brain, record = make_raw_case(seed, i, resolution_mm)
+        folder = write_case(staging, study)
+        nifti.save(brain, folder / f"{study.case_id}_brainmask.nii.gz", dtype="uint8")
+        return study, record
+
+    meta = {"generator": "oncoserve.raw_phantoms", "seed": seed, "n": n, "raw": True,
+            "resolution_mm": resolution_mm, "modalities": list(MODALITIES)}  # fmt: skip
+    return write_dataset(out, n, build, meta, progress)
