@@ -29,6 +29,7 @@ NOISE_QUANTILE = 0.999  # of the background: the floor above which a voxel is si
 SKULL_STRIPPED_MAX_ML = 2600.0
 ALIGNED_MIN_DICE = 0.95
 BIAS_SMOOTH_MM = 20.0
+STRIDE = 2  # detection figures on every 2nd voxel per axis: 8x cheaper, and volumes of litres need no more
 
 
 def noise_floor(data: np.ndarray) -> float:
@@ -99,19 +100,26 @@ class StudyProfile:
         return out
 
 
+def _coarse(volume: Volume) -> Volume:
+    affine = volume.affine.copy()
+    affine[:3, :3] = affine[:3, :3] * STRIDE
+    return Volume(np.asarray(volume.data)[::STRIDE, ::STRIDE, ::STRIDE], affine)
+
+
 def detect(study: Study) -> StudyProfile:
     ref_name = study.reference_name
-    ref = study.images[ref_name]
     floors = {m: round(noise_floor(study.images[m].data), 3) for m in study.present}
+    coarse = {m: _coarse(study.images[m]) for m in study.present}
+    ref = coarse[ref_name]
     ref_fg = foreground(ref.data, floors[ref_name])
     voxel_ml = float(np.prod(ref.spacing)) / 1000.0
     fg_ml = float(ref_fg.sum()) * voxel_ml
     overlap, misaligned = {}, []
-    same_grid = all(study.images[m].same_grid(ref) for m in study.present)
+    same_grid = all(study.images[m].same_grid(study.images[ref_name]) for m in study.present)
     for name in study.present:
         if name == ref_name:
             continue
-        vol = study.images[name]
+        vol = coarse[name]
         fg = foreground(vol.data, floors[name]).astype(np.int16)
         on_ref = fg.astype(bool) if vol.same_grid(ref) else resample(Volume(fg, vol.affine), ref.shape, ref.affine, order=0) > 0
         overlap[name] = round(dice(on_ref, ref_fg), 4)
