@@ -103,17 +103,24 @@ class HdBetExtractor:
         self.weights_dir = weights_dir
 
     def describe(self) -> dict:
-        return {"method": self.name, "version": importlib.metadata.version("HD_BET"),
+        try:
+            version = importlib.metadata.version("HD_BET")
+        except importlib.metadata.PackageNotFoundError:
+            version = importlib.metadata.version("hd-bet")
+        return {"method": self.name, "version": version,
                 "weights_sha256": {n: _sha256(self.weights_dir / n) for n in self.WEIGHT_FILES}}  # fmt: skip
 
     def extract(self, volume: Volume) -> np.ndarray:  # pragma: no cover - needs HD-BET and its weights
         import os
         import tempfile
 
-        from HD_BET import paths
+        import HD_BET.paths
+        import HD_BET.utils
         from HD_BET.run import run_hd_bet
 
-        paths.folder_with_parameter_files = str(self.weights_dir)  # where it looks before downloading
+        # HD-BET 1.x looks here before downloading (the files exist, so it never does); modules that
+        # imported the name keep their own binding, so both are set. Not verified on this machine.
+        HD_BET.paths.folder_with_parameter_files = HD_BET.utils.folder_with_parameter_files = str(self.weights_dir)
         with tempfile.TemporaryDirectory() as tmp:
             src, out = os.path.join(tmp, "in.nii.gz"), os.path.join(tmp, "out.nii.gz")
             nib.save(nib.Nifti1Image(np.asarray(volume.data, dtype=np.float32), volume.affine), src)
