@@ -57,6 +57,14 @@ class PreprocessConfig:
     quality_mode: str = "refuse"  # or "flag": QC failures are recorded and the study goes on
     threads: int = 2  # SimpleITK and the skull-stripping model
 
+    def __post_init__(self) -> None:
+        from imaging.skullstrip import SKULL_STRIP_METHODS
+
+        if self.quality_mode not in quality.QUALITY_MODES:
+            raise StudyError(f"quality_mode={self.quality_mode!r}: expected one of {', '.join(quality.QUALITY_MODES)}")
+        if self.skull_strip not in SKULL_STRIP_METHODS:
+            raise StudyError(f"skull_strip={self.skull_strip!r}: expected one of {', '.join(SKULL_STRIP_METHODS)}")
+
     @property
     def version(self) -> str:
         return f"{PREPROCESSING_VERSION}/{self.spacing_mm:g}mm/{'x'.join(map(str, self.shape))}"

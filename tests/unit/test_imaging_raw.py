@@ -30,6 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
+def twin() -> Study:
+    """A BraTS-style phantom (skull-stripped, zero background, one grid)."""
+    return make_case(SEED, 1)[0]
+
+
+@pytest.fixture(scope="module")
 def raw_data(tmp_path_factory) -> Path:
     return synthesise_raw(tmp_path_factory.mktemp("raw") / "raw", n=2, seed=SEED)
 
@@ -43,8 +49,7 @@ def rician(study: Study, sigma: float, seed: int = 0) -> Study:
 
 
 # -- the fast path -----------------------------------------------------------------------------------------
-def test_noisy_background_gets_the_brain_mask_of_its_zero_background_twin():
-    twin, _ = make_case(SEED, 1)
+def test_noisy_background_gets_the_brain_mask_of_its_zero_background_twin(twin):
     clean = preprocess(twin)
     noisy = preprocess(rician(twin, sigma=25.0))  # 2.5 % of white matter
     assert clean.record["path"] == noisy.record["path"] == "fast"
@@ -56,8 +61,7 @@ def test_noisy_background_gets_the_brain_mask_of_its_zero_background_twin():
     assert noisy.brain_mask.mean() < 0.5
 
 
-def test_fast_path_says_what_it_skipped_and_why():
-    twin, _ = make_case(SEED, 1)
+def test_fast_path_says_what_it_skipped_and_why(twin):
     record = preprocess(twin).record
     steps = {s["step"]: s for s in record["steps"]}
     assert set(steps) == {"detect", "register", "skull_strip", "resample", "normalise", "n4"}
@@ -67,8 +71,7 @@ def test_fast_path_says_what_it_skipped_and_why():
     assert record["version"].startswith("2.0/") and all(c["passed"] for c in record["checks"])
 
 
-def test_modality_shifted_15mm_and_rotated_8_degrees_is_aligned_not_refused():
-    twin, _ = make_case(SEED, 1)
+def test_modality_shifted_15mm_and_rotated_8_degrees_is_aligned_not_refused(twin):
     flair = twin.images["flair"]
     centre = flair.affine[:3, :3] @ (np.array(flair.shape) / 2) + flair.affine[:3, 3]
     motion = rigid([8.0, 0.0, 0.0], [15.0, 0.0, 0.0], centre)
@@ -208,17 +211,17 @@ def test_flag_mode_analyses_the_study_and_records_the_failed_checks():
     assert failed and failed[0]["limit"] and prepared.record["quality_mode"] == "flag"
 
 
-def test_a_brain_larger_than_the_model_grid_is_refused():
-    twin, _ = make_case(SEED, 1)
+def test_a_brain_larger_than_the_model_grid_is_refused(twin):
     tight = PreprocessConfig(spacing_mm=2.0, shape=(64, 64, 64))  # 128 mm: smaller than the brain
     with pytest.raises(QualityError, match="grid_overlap"):
         preprocess(twin, tight)
 
 
-def test_unknown_quality_mode_is_a_clear_error():
-    twin, _ = make_case(SEED, 1)
+def test_unknown_settings_are_a_clear_error_before_any_work():
     with pytest.raises(StudyError, match="quality_mode='lenient'"):
-        preprocess(twin, PreprocessConfig(quality_mode="lenient"))
+        PreprocessConfig(quality_mode="lenient")
+    with pytest.raises(StudyError, match="skull_strip='bet2'"):
+        PreprocessConfig(skull_strip="bet2")
 
 
 # -- skull-stripping backends --------------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def test_simpleitk_resampling_matches_the_scipy_path_it_replaced():
     assert (np.abs(ours - scipy_path) > 1e-4).mean() < 0.05
 
 
-def test_label_gather_equals_nearest_neighbour_resampling():
+def test_label_gather_equals_nearest_neighbour_resampling(twin):
     rng = np.random.default_rng(1)
     labels = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(48, 56, 48))
     model = Grid((48, 56, 48), np.array([[2.0, 0, 0, -48], [0, 2.0, 0, -56], [0, 0, 2.0, -48], [0, 0, 0, 1]]))
@@ -265,7 +268,6 @@ def test_label_gather_equals_nearest_neighbour_resampling():
     np.testing.assert_array_equal(gathered, general)
     oblique = Grid((10, 10, 10), np.array([[0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]]))
     assert _axis_gather(labels, model, oblique) is None  # permuted axes take the general path
-    twin, _ = make_case(SEED, 1)
     prepared = preprocess(twin)
     back = labels_to_source(prepared.segmentation, prepared)
     assert dice(back.data > 0, twin.segmentation.data > 0) > 0.99
