@@ -1,7 +1,10 @@
-"""Faults under serving, on a private stack of its own (these tests stop its parts): a Serve replica
-killed mid-load, S3 stopped, MLflow stopped, the whole stack restarted. Serving must go on from the
-models it has loaded; registry work must fail in seconds with one clear line; nothing may be lost.
-(The Triton backend down is in test_serving.py: a 503 naming it, or the configured fallback.)
+"""Faults under serving: a Serve replica killed mid-load, S3 stopped, MLflow stopped, the whole stack
+restarted. Serving must go on from the models it has loaded; registry work must fail in seconds with
+one clear line; nothing may be lost. (The Triton backend down is in test_serving.py.)
+
+They run on the session's shared stack and its served champions (training four more models on a stack
+of their own cost about six minutes): each test brings every component back and checks it healthy, and
+the module redeploys the session's Serve config when it ends.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 from ray.util.state import list_actors
 
 from pipelines.stack import EmbeddedStack
-from tests.conftest import TASKS, auth_headers, compiled_champions, oncoserve, private_stack
+from tests.conftest import SERVE_TEST_CONFIG, TASKS, auth_headers, oncoserve
 from tests.helpers import study_files, wait_until
 
 pytestmark = pytest.mark.integration
@@ -38,30 +41,23 @@ CLI_FAILS_WITHIN_S = 60  # MLflow's own retries would take about four minutes; t
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_dataset, tmp_path_factory):
-    config = tmp_path_factory.mktemp("faults") / "deployments.yaml"
+def stack(served, trained, tiny_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faults")
+    config, restore = folder / "deployments.yaml", folder / "served.yaml"
     config.write_text(FAULT_CONFIG)
-    with private_stack("osf-", "fault-admin") as settings:
-        versions = {}
-        for task in TASKS:
-            run = oncoserve("train", task, "--data", str(tiny_dataset), "--epochs", "1")
-            assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-            versions[task] = run.stdout.split(f"registered model {task} version")[-1].split()[0]
-        with compiled_champions(settings, versions):
-            registered = oncoserve("reporting", "register")
-            assert registered.returncode == 0, registered.stderr[-2000:]
-            versions["reporting"] = registered.stdout.split("registered model reporting version")[-1].split()[0]
-            promoted = oncoserve("models", "promote", "reporting", versions["reporting"], "--to", "champion",
-                                 "--reason", "fault tests")  # fmt: skip
-            assert promoted.returncode == 0, promoted.stdout[-2000:] + promoted.stderr[-2000:]
-            up = oncoserve("serve", "up", "--config", str(config))
-            assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
-            try:
-                yield {"settings": settings, "versions": versions, "url": settings.serve_url, "config": config,
-                       "auth": auth_headers(settings),
-                       "files": study_files(sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[0])}  # fmt: skip
-            finally:
-                oncoserve("serve", "down")
+    restore.write_text(SERVE_TEST_CONFIG)
+    settings = served["settings"]
+    up = oncoserve("serve", "up", "--config", str(config))
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+    versions = {**{t: trained[t] for t in TASKS}, "reporting": served["reporting"]}
+    try:
+        yield {"settings": settings, "versions": versions, "url": settings.serve_url, "config": config,
+               "auth": auth_headers(settings),
+               "files": study_files(sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[0])}  # fmt: skip
+    finally:
+        assert all(part.healthy for part in EmbeddedStack(settings).up())
+        back = oncoserve("serve", "up", "--config", str(restore))  # the session's Serve config again
+        assert back.returncode == 0, back.stdout[-2000:] + back.stderr[-2000:]
 
 
 def analyse(stack, timeout: float = 180) -> httpx.Response:
@@ -88,8 +84,9 @@ def segmentation_replica_pids(settings) -> set[int]:
 def test_killed_replica_is_replaced_and_requests_recover(stack):
     settings = stack["settings"]
     assert analyse(stack).status_code == 200  # warm
+    # One replica (the redeploy may still be draining the session config's second one).
+    assert wait_until(lambda: len(segmentation_replica_pids(settings)) == 1, timeout_s=120, interval_s=0.5)
     old = segmentation_replica_pids(settings)
-    assert len(old) == 1
     outcomes: list[tuple[int, str]] = []
     stop = threading.Event()
 
