@@ -46,7 +46,8 @@ def upload_files(case: Path) -> tuple[dict, str]:
     return {"dicom": (f"{case.name}.zip", buffer.getvalue(), "application/zip")}, "dicom"
 
 
-def analyze(base: str, case: Path, token: str | None, age: float | None = None, timeout: float = 600.0) -> dict:
+def analyze(base: str, case: Path, token: str | None, age: float | None = None, timeout: float = 600.0,
+            mapping: str | None = None) -> dict:  # fmt: skip
     """POST the study to /v1/studies:analyze; returns the response body."""
     base = base.rstrip("/")
     if not case.exists():
@@ -62,6 +63,10 @@ def analyze(base: str, case: Path, token: str | None, age: float | None = None, 
         age = read_clinical(case.parent).get(case.name, {}).get("age")
     if age not in (None, ""):
         form["age"] = str(age)
+    if mapping:
+        if kind != "dicom":
+            raise StudyClientError("--mapping applies to DICOM input (series -> modality)")
+        form["mapping"] = mapping
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
         response = httpx.post(f"{base}/v1/studies:analyze", files=files, data=form, headers=headers, timeout=timeout)

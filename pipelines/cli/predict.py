@@ -22,13 +22,15 @@ def predict(
     url: str = typer.Option(None, "--url", help="Serving API base URL (default: this machine's, from settings)."),
     age: float = typer.Option(None, "--age", help="Age in years (default: the dataset's clinical.csv, if any)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the analysis."),
+    mapping: str = typer.Option(None, "--mapping", help='DICOM: JSON series description or UID -> modality, overriding '
+                                'the automatic mapping, e.g. \'{"Series 3": "t1ce"}\''),
 ) -> None:
     """Analyse a study with the served champions and write the findings and the mask."""
     settings = Settings()
     base = (url or settings.serve_url).rstrip("/")
     try:
         with console.status(f"analysing {case.name} at {base}"):
-            body = analyze(base, case, settings.cli_token(), age, timeout)
+            body = analyze(base, case, settings.cli_token(), age, timeout, mapping)
     except StudyClientError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(exc.exit_code) from None

@@ -97,3 +97,28 @@ def test_a_study_failing_quality_control_is_a_422_naming_the_check(served):
     response = analyse(served, Study("BOX", {"t1": Volume(box, affine)}))
     assert response.status_code == 422
     assert "quality control failed" in response.json()["error"] and "brain_shape" in response.json()["error"]
+
+
+def test_dicom_series_mapping_is_reported_and_can_be_overridden(served, twin_case, tmp_path):
+    from pydicom.uid import generate_uid
+
+    from tests.dicom_factory import series_datasets, write_zip
+
+    uid = generate_uid()
+    names = {"t1": "t1_mprage_sag", "t1ce": "Series 7", "t2": "T2W_TSE", "flair": "t2_tse_dark-fluid_tra"}
+    series = {m: series_datasets(twin_case.images[m], names[m], uid) for m in twin_case.present}
+    archive = write_zip(tmp_path / "study.zip", series).read_bytes()
+    url = f"{served['url']}/v1/studies:analyze"
+    files = {"dicom": ("study.zip", archive, "application/zip")}
+    # "Series 7" says nothing and carries no tags: without a mapping the study lacks T1ce.
+    plain = httpx.post(url, headers=served["auth"], files=files, timeout=600)
+    assert plain.status_code == 200, plain.text
+    decided = plain.json()["findings"]["quality"]["preprocessing"]["series_mapping"]
+    assert decided["flair"]["modality"] == "flair" and decided["flair"]["confidence"] >= 0.9
+    assert "t1ce" not in decided and plain.json()["findings"]["quality"]["missing_modalities"] == ["t1ce"]
+    mapped = httpx.post(url, headers=served["auth"], files=files, data={"mapping": '{"Series 7": "t1ce"}'}, timeout=600)
+    assert mapped.status_code == 200, mapped.text
+    decided = mapped.json()["findings"]["quality"]["preprocessing"]["series_mapping"]
+    assert decided["t1ce"]["reason"] == "explicit --mapping" and mapped.json()["findings"]["quality"]["missing_modalities"] == []
+    bad = httpx.post(url, headers=served["auth"], files=files, data={"mapping": "t1ce please"}, timeout=60)
+    assert bad.status_code == 400 and "mapping" in bad.json()["error"]
