@@ -57,6 +57,10 @@ def admin_token(settings) -> str:
     return (settings.home / "token").read_text().strip()
 
 
+def findings_version(body: dict) -> str:
+    return body["findings"]["quality"]["preprocessing"]["version"]
+
+
 def test_upload_renders_overlay_probabilities_curve_and_report(page, served, tiny_dataset):
     case = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[0]
     page.fill("#token", admin_token(served["settings"]))
@@ -90,6 +94,10 @@ def test_upload_renders_overlay_probabilities_curve_and_report(page, served, tin
     assert colours >= per_slice[target]  # overlay pixels (and the box) are not grey
     page.uncheck("#show-overlay")
     assert int(page.get_attribute("#canvas-axial", "data-labelled-pixels")) == 0
+
+    # The preprocessing check: what ran, and the QC picture (mask outline, registration checkerboard).
+    assert "fast path" in page.inner_text("#qc-summary") and findings_version(body) in page.inner_text("#qc-summary")
+    assert page.is_visible("#qc-image") and page.evaluate("document.getElementById('qc-image').naturalWidth") > 100
 
     findings = body["findings"]
     cls_text = page.inner_text("#classification")
