@@ -17,7 +17,7 @@ def _steps(record: dict, prefix: str) -> list[dict]:
 
     out, register = [], 0.0
     for step in record["steps"]:
-        if step.get("skipped"):
+        if step.get("skipped") or "seconds" not in step:  # (normalise is not timed on its own)
             continue
         if step["step"] == "register":
             register += step["seconds"]
