@@ -84,6 +84,9 @@ def test_modality_shifted_15mm_and_rotated_8_degrees_is_aligned_not_refused(twin
     point = np.r_[twin.segmentation.affine[:3, :3] @ tumour + twin.segmentation.affine[:3, 3], 1.0]
     error = np.linalg.norm((np.array(reg["transform_ras"]) @ point)[:3] - (motion @ point)[:3])
     assert error <= 2.0, f"residual registration error {error:.2f} mm at the tumour"
+    # Seeded sampling and a fixed thread count: the same study gives the same transform on every call.
+    again = preprocess(Study(twin.case_id, moved, segmentation=twin.segmentation))
+    assert next(s for s in again.record["steps"] if s["step"] == "register")["transform_ras"] == reg["transform_ras"]
     reference = preprocess(twin)
     i = 3  # flair channel
     inside = reference.brain_mask
@@ -110,8 +113,8 @@ print(json.dumps(prepared.record))
 
 @pytest.fixture(scope="module")
 def raw_prepared(raw_data, tmp_path_factory):
-    """Case 0 preprocessed in a subprocess inside a network namespace with no interface: any download
-    (a model's weights, an atlas) would fail the run."""
+    """Case 0 preprocessed in a subprocess inside a new network namespace (only a loopback, down): any
+    download (a model's weights, an atlas) would fail the run."""
     case = sorted(p.name for p in raw_data.iterdir() if p.is_dir())[0]
     out = tmp_path_factory.mktemp("offline") / "prepared.npz"
     cmd = ["unshare", "-n", sys.executable, "-W", "ignore", "-c", OFFLINE_SCRIPT, str(raw_data), case, str(out)]
