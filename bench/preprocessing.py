@@ -65,3 +65,46 @@ def bench_preprocessing(seed: int = 5, index: int = 0) -> list[dict]:
     labels_to_source(prepared.segmentation, prepared)
     figures.append(figure("PP_inverse_labels_s", time.perf_counter() - t0, "s"))
     return figures
+
+
+def _upload(study) -> dict:
+    """A study as the multipart upload a client sends (NIfTI, gzip level 1)."""
+    import gzip
+
+    import nibabel as nib
+
+    return {m: (f"{m}.nii.gz", gzip.compress(nib.Nifti1Image(np.asarray(v.data), v.affine).to_bytes(), compresslevel=1),
+                "application/gzip") for m, v in study.images.items()}  # fmt: skip
+
+
+def bench_served_paths(seed: int = 5, index: int = 0, runs: int = 5) -> list[dict]:
+    """PP-served: /v1/segmentation:predict end to end for the BraTS-style twin (fast path) and the same case
+    as a raw scanner study (raw path), timed alternately on one served stack, with the path each took."""
+    import httpx
+
+    from bench.run import figure
+    from bench.serving import interleaved_p50_ms, served_stack
+    from imaging.phantoms import make_case
+    from imaging.raw_phantoms import make_raw_case
+
+    twin, _ = make_case(seed, index)
+    raw, _, _ = make_raw_case(seed, index)
+    uploads = {"fast": _upload(twin), "raw": _upload(raw)}
+    with served_stack("osb-pp-", n=6) as (settings, _, _, _):
+        url = f"{settings.serve_url}/v1/segmentation:predict"
+        paths = {}
+
+        def post(name):
+            def call():
+                response = httpx.post(url, files=uploads[name], timeout=600)
+                response.raise_for_status()
+                paths[name] = response.json()["preprocessing"]["path"]
+
+            return call
+
+        p50 = interleaved_p50_ms({name: post(name) for name in uploads}, runs=runs)
+    if paths != {"fast": "fast", "raw": "raw"}:
+        raise RuntimeError(f"the served studies took the wrong preprocessing paths: {paths}")
+    return [figure("PP_served_fast_segmentation_e2e_p50", p50["fast"], "ms"),
+            figure("PP_served_raw_segmentation_e2e_p50", p50["raw"], "ms"),
+            figure("PP_served_raw_over_fast", p50["raw"] / p50["fast"], "ratio")]  # fmt: skip

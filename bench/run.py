@@ -149,6 +149,9 @@ def bench_ray_train_scaling() -> list[dict]:
     stack = EmbeddedStack(settings)
     try:
         stack.up()
+        from oncoserve.credentials import use_mlflow_account
+
+        use_mlflow_account(settings.mlflow_accounts_file, "training")  # the job runs in this process
         data = synthesise(home / "data", n=12, seed=5)
         rates = {}
         for workers in (1, 2):
@@ -177,6 +180,8 @@ NOTES = {
     "PP": "preprocessing v2 of one 2 mm phantom case: the BraTS-style twin (fast path) and the same case as a raw "
           "scanner study (raw path: registration of 3 series, deepbet, N4), each step timed; resampling 4 volumes onto "
           "the model grid with SimpleITK vs the scipy path it replaced; labels back to the native grid.",
+    "PP-served": "/v1/segmentation:predict end to end (one-epoch models, 2 threads per replica) for that twin and that "
+                 "raw study, alternately, 5 rounds each after a warm-up; the raw path's extra time is its preprocessing.",
     "P1": "one segmentation request through the platform (HTTP, Ray Serve, the replica's onnxruntime) vs the "
           "same work as function calls in one process, measured alternately; with the pre/post-processing share.",
     "P1-peers": "raw inference on the same compiled ONNX and input tensor (1x4x96x112x96 float32, 16.5 MB) through "
@@ -236,6 +241,7 @@ SECTIONS = {
     "serving": ("serving overhead, fan-out and batching (P1, P2, P3)", lambda: _serving()),
     "train": ("Ray Train 2 workers vs 1 (P7)", lambda: bench_ray_train_scaling()),
     "preprocess": ("preprocessing v2: fast path vs raw scanner study, per step (PP)", lambda: _preprocessing()),
+    "preprocess-served": ("served segmentation request, fast path vs raw path (PP-served)", lambda: _served_paths()),
 }
 
 
@@ -243,6 +249,12 @@ def _preprocessing() -> list[dict]:
     from bench.preprocessing import bench_preprocessing
 
     return bench_preprocessing()
+
+
+def _served_paths() -> list[dict]:
+    from bench.preprocessing import bench_served_paths
+
+    return bench_served_paths()
 
 
 def _serving() -> list[dict]:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -242,28 +243,29 @@ def _hot_swap(settings, registry, store, data: Path, files: dict, url: str) -> l
                    not any(x.version == old for x in after))]  # fmt: skip
 
 
-def bench_serving() -> list[dict]:
-    from imaging.dataset import read_case
+@contextmanager
+def served_stack(prefix: str, n: int = 8, sites: int = 2):
+    """A private embedded stack with one-epoch champions of every task, deployed (batching up to 8);
+    yields (settings, data folder, registry, store). Serving auth and the rate limit are off: a token
+    lookup per request is a hash and a file read, and the load generators carry no token."""
     from imaging.phantoms import synthesise
-    from imaging.preprocess import preprocess
+    from oncoserve.auth import TokenStore
     from oncoserve.object_store import object_store
+    from pipelines import serving
+    from pipelines.platform_client import PlatformClient
     from serving.registry import Registry
 
-    home = Path(tempfile.mkdtemp(prefix="osb-sv-", dir="/tmp"))
-    # Throughput figures of the data path: no rate limit, and serving auth off (a token lookup per request
-    # is a hash and a file read; the load generators carry no token).
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     settings = private_settings(home, serve_rate_limit_per_min=0, serve_auth=False)
     stack = EmbeddedStack(settings)
-    figures = []
     try:
         stack.up()
-        from oncoserve.auth import TokenStore
+        from oncoserve.credentials import use_mlflow_account
 
+        use_mlflow_account(settings.mlflow_accounts_file, "reader")  # this process only reads the registry
         (home / "token").write_text(TokenStore(settings.tokens_file).create("bench", "admin", None))
-        data = synthesise(home / "data", n=8, seed=3, sites=2)
+        data = synthesise(home / "data", n=n, seed=3, sites=sites)
         registry, store = Registry(settings.mlflow_url), object_store(settings)
-        from pipelines.platform_client import PlatformClient
-
         platform = PlatformClient(settings)
         for task in TASKS:
             out = _cli(settings, "train", task, "--data", str(data), "--epochs", "1")
@@ -271,6 +273,20 @@ def bench_serving() -> list[dict]:
             platform.compile(task, version, force=True, reason="bench: one-epoch models")
             platform.promote(task, version, "champion", reason="bench", force=True)
         _deploy(settings, home, batch=8)
+        yield settings, data, registry, store
+        serving.down(settings)
+    finally:
+        stack.down()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def bench_serving() -> list[dict]:
+    from imaging.dataset import read_case
+    from imaging.preprocess import preprocess
+
+    figures = []
+    with served_stack("osb-sv-") as (settings, data, registry, store):
+        home = settings.home
         case = sorted(p for p in data.iterdir() if p.is_dir())[0]
         files, url = _files(case), settings.serve_url
 
@@ -308,10 +324,4 @@ def bench_serving() -> list[dict]:
         figures += _volume_sizes(settings, registry, store, case, home, url)
         figures += _soak(settings, url, [_files(c) for c in sorted(p for p in data.iterdir() if p.is_dir())[:4]])
         figures += _hot_swap(settings, registry, store, data, files, url)  # last: it moves the segmentation champion
-        from pipelines import serving
-
-        serving.down(settings)
-    finally:
-        stack.down()
-        shutil.rmtree(home, ignore_errors=True)
     return figures

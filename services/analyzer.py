@@ -44,7 +44,8 @@ def assemble(study: Study, preprocessing_version: str, results: dict[str, dict],
         quality={"missing_modalities": study.missing, "ood_score": round(mc_std, 4),
                  "ood_flag": bool(mc_std > OOD_THRESHOLD or not loc["found"]),
                  "preprocessing": prepared.record if prepared is not None else None,
-                 "flags": list(prepared.flags) if prepared is not None else []},  # fmt: skip
+                 "flags": list(prepared.flags) if prepared is not None else [],
+                 "implausible": [c for task in TASKS for c in results.get(task, {}).get("implausible", [])]},  # fmt: skip
         preprocessing_version=preprocessing_version,
     )
     return Analysis(findings, results["segmentation"]["mask"])

@@ -384,6 +384,7 @@ class StudyGateway:
             body = {"task": task, "case_id": source.study.case_id, "model_version": result["version"],
                     "result": result["section"], "preprocessing_version": prepared.version,
                     "preprocessing": prepared.record, "quality_flags": prepared.flags,
+                    "implausible": result.get("implausible", []),
                     "missing_modalities": source.study.missing, "request_id": _request_id()}  # fmt: skip
             if "mask" in result:
                 body["mask_nifti_gz_b64"] = base64.b64encode(_mask_bytes(result["mask"])).decode()

@@ -55,6 +55,9 @@ class QualityFindings(BaseModel):
     # ran and its figures and versions, and each quality-control check.
     preprocessing: dict | None = None
     flags: list[str] = []  # quality-control checks that failed (quality_mode="flag"); empty when all passed
+    # Findings that cannot be true (services.plausibility): {check, value, limit, detail} each; the report
+    # states them instead of presenting the figures they concern as fact.
+    implausible: list[dict] = []
 
 
 class Findings(BaseModel):

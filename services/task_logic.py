@@ -18,6 +18,7 @@ from imaging.postprocess import (
 )
 from imaging.preprocess import PreparedStudy, PreprocessConfig, box_to_source, labels_to_source, points_to_source
 from imaging.study import CLASS_LABELS
+from services import plausibility
 
 TASKS = ("localization", "segmentation", "classification", "survival")
 CURVE_POINTS = 40
@@ -54,9 +55,13 @@ def postprocess(task: str, outputs: dict[str, np.ndarray], prepared: PreparedStu
     if task == "segmentation":
         mask = _segmentation(outputs["probabilities"][0], prepared)
         voxel_ml = float(abs(np.linalg.det(mask.affine[:3, :3]))) / 1000.0
-        return {"section": {"volumes_ml": volumes_ml(mask.data, voxel_ml), "mask": "segmentation.nii.gz"}, "mask": mask}
+        volumes = volumes_ml(mask.data, voxel_ml)
+        brain_ml = float(prepared.brain_mask.sum()) * float(abs(np.linalg.det(prepared.grid.affine[:3, :3]))) / 1000.0
+        return {"section": {"volumes_ml": volumes, "mask": "segmentation.nii.gz"}, "mask": mask,
+                "implausible": plausibility.segmentation_checks(volumes, brain_ml, extras.get("training_volumes_ml"))}  # fmt: skip
     if task == "classification":
-        return {"section": _classification(outputs), "mc_std_mean": float(np.mean(outputs["mc_std"][0]))}
+        return {"section": _classification(outputs), "mc_std_mean": float(np.mean(outputs["mc_std"][0])),
+                "implausible": plausibility.classification_checks(outputs["probabilities"][0])}  # fmt: skip
     if task == "survival":
         return {"section": _survival(float(outputs["risk"][0, 0]), extras)}
     raise ServingError(f"unknown task {task!r}")

@@ -79,7 +79,11 @@ def _classify(sess, cases: list[CaseArrays], drop: int | None = None) -> tuple[n
     return np.array(probs), np.array(stds)
 
 
-def _cls_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str = "") -> dict:
+def _cls_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str = "", temperature: list[float] | None = None) -> dict:
+    """AUC, balanced accuracy, F1, ECE and Brier per marker; with `temperature`, ECE and Brier of the
+    probabilities before temperature scaling too (`*_uncalibrated`), so the calibration's effect shows."""
+    from training.calibration import uncalibrated
+
     out = {}
     for t, task in enumerate(CLS_TASKS):
         known = labels[:, t] >= 0
@@ -88,9 +92,34 @@ def _cls_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str = "") -> dic
         if known.sum() == 0:
             continue
         out[f"{prefix}{task}_auc"] = metrics.auc(y, p)
+        if not prefix:  # the interval of the headline figures (not of every missing-modality variant)
+            out[f"{task}_auc_ci_low"], out[f"{task}_auc_ci_high"] = metrics.bootstrap_ci(metrics.auc, y, p)
         out[f"{prefix}{task}_balanced_accuracy"] = metrics.balanced_accuracy(y, p >= 0.5)
         out[f"{prefix}{task}_f1"] = metrics.f1(y, p >= 0.5)
         out[f"{prefix}{task}_ece"] = metrics.ece(y, p)
+        out[f"{prefix}{task}_brier"] = metrics.brier(y, p)
+        if temperature is not None:
+            raw = uncalibrated(p, temperature[t])
+            out[f"{prefix}{task}_ece_uncalibrated"] = metrics.ece(y, raw)
+            out[f"{prefix}{task}_brier_uncalibrated"] = metrics.brier(y, raw)
+    return out
+
+
+def _marker_baselines(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """What a marker's AUC means beside the shortcut a cohort offers: IDH predicted from the grade alone
+    (lower grade -> IDH-mutant) on the same cases, and 1p/19q judged only where it is asked in practice,
+    within IDH-mutant tumours."""
+    out = {}
+    grade, idh, codel = labels[:, 0], labels[:, 1], labels[:, 2]
+    both = (grade >= 0) & (idh >= 0)
+    if both.any():
+        out["idh_auc_grade_only"] = metrics.auc(idh[both], 1.0 - grade[both])
+        out["idh_auc_same_cases"] = metrics.auc(idh[both], probs[both, 1])
+        out["idh_auc_over_grade_only"] = out["idh_auc_same_cases"] - out["idh_auc_grade_only"]
+    within = (idh == 1) & (codel >= 0)
+    out["codeletion_1p19q_n_within_idh_mutant"] = int(within.sum())
+    if within.any():
+        out["codeletion_1p19q_auc_within_idh_mutant"] = metrics.auc(codel[within], probs[within, 2])
     return out
 
 
@@ -98,8 +127,9 @@ def evaluate_classification(sess, cases: list[CaseArrays], extras: dict) -> dict
     cases = [c for c in cases if (c.cls >= 0).any()]
     labels = np.array([c.cls for c in cases]) if cases else np.zeros((0, 4))
     probs, stds = _classify(sess, cases)
-    result = _cls_metrics(probs, labels)
+    result = _cls_metrics(probs, labels, temperature=extras.get("temperature", [1.0] * len(CLS_TASKS)))
     result["mean_mc_std"] = float(stds.mean()) if len(stds) else float("nan")
+    result |= _marker_baselines(probs, labels)
     for m, modality in enumerate(MODALITIES):
         # Robustness: the same cases with one modality missing (where it was present).
         with_it = [c for c in cases if c.presence[m] > 0]
@@ -124,7 +154,21 @@ def evaluate_survival(sess, cases: list[CaseArrays], extras: dict) -> dict:
     events = np.array([c.os_event for c in cases])
     out = {"n_cases": len(cases)}
     if len(cases) >= 2:
+        from training.tasks import clinical_risk
+
         out["c_index"] = metrics.c_index(days, risks, events)
+        out["c_index_ci_low"], out["c_index_ci_high"] = metrics.bootstrap_ci(_c_index_or_nan, days, risks, events)
+        # Baselines beside the image model, on the same cases: age alone, and a clinical Cox model (age, grade,
+        # IDH) fitted on the training split. The difference is the image's added value.
+        ages = np.array([c.age for c in cases])
+        out["c_index_age_only"] = metrics.c_index(days, ages, events)
+        if extras.get("clinical_baseline"):
+            clinical = clinical_risk(extras["clinical_baseline"], cases)
+            out["c_index_clinical_only"] = metrics.c_index(days, clinical, events)
+            out["c_index_over_clinical"] = out["c_index"] - out["c_index_clinical_only"]
+            low, high = metrics.bootstrap_ci(lambda d, r, c, e: _c_index_or_nan(d, r, e) - _c_index_or_nan(d, c, e),
+                                             days, risks, clinical, events)  # fmt: skip
+            out["c_index_over_clinical_ci_low"], out["c_index_over_clinical_ci_high"] = low, high
         high = risks >= extras.get("risk_threshold", float(np.median(risks)))
         if high.any() and (~high).any():
             test = logrank_test(days[high], days[~high], events[high], events[~high])
@@ -132,6 +176,16 @@ def evaluate_survival(sess, cases: list[CaseArrays], extras: dict) -> dict:
     rows = [{"case_id": c.case_id, "site": c.site, "risk": float(r), "os_days": float(c.os_days), "os_event": int(c.os_event)}
             for c, r in zip(cases, risks)]  # fmt: skip
     return {"metrics": out, "per_case": rows}
+
+
+def _c_index_or_nan(days, risk, events) -> float:
+    """The c-index of a bootstrap resample; nan where it is undefined (no event, or no comparable pair)."""
+    if events.sum() == 0:
+        return float("nan")
+    try:
+        return metrics.c_index(days, risk, events)
+    except ZeroDivisionError:  # lifelines: no admissible pairs
+        return float("nan")
 
 
 EVALUATORS = {

@@ -21,6 +21,7 @@ from imaging.preprocess import PREPROCESSING_VERSION
 from oncoserve.lineage import git_commit
 from training import networks, tasks
 from training.data import load_dataset, split_cases
+from training.early_stopping import EarlyStopping
 from training.errors import TrainingError
 from training.evaluate import evaluate, session
 from training.export import export_onnx
@@ -55,6 +56,7 @@ class JobConfig:
     audit_file: Path | None = None
     threads_per_worker: int | None = None  # default: the machine's cores shared among the workers
     lr: float | None = None  # default: the task's own learning rate
+    patience: int | None = None  # default: the task's own (epochs without improvement before stopping)
     tags: dict[str, str] = field(default_factory=dict)  # set on the MLflow run and the registered version
 
 
@@ -80,6 +82,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
     if cfg.gpu and not torch.cuda.is_available():
         raise TrainingError("--gpu asked for, but no CUDA device is visible on this machine")
     epochs = cfg.epochs or task.default_epochs
+    patience = cfg.patience or task.patience
     log(f"preprocessing {cfg.data_dir} (cached under {cfg.home / 'cache'})")
     data = load_dataset(cfg.data_dir, cfg.home / "cache")
     cases = data.by_id()
@@ -103,7 +106,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         params = {"task": cfg.task, "epochs": epochs, "workers": cfg.workers, "seed": cfg.seed, "lr": task.lr,
                   "batch_size": task.batch_size, "lr_override": cfg.lr, "preprocessing_version": data.preprocessing,
                   "dataset_hash": data.dataset_hash, "n_train": len(split["train"]), "n_val": len(split["val"]),
-                  "n_test": len(split["test"]), "gpu": cfg.gpu}  # fmt: skip
+                  "n_test": len(split["test"]), "gpu": cfg.gpu, "patience": patience}  # fmt: skip
         for k, v in params.items():
             client.log_param(run_id, k, v)
         client.log_dict(run_id, split, "split.json")
@@ -114,7 +117,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         train_loop_config={
             "task": cfg.task, "data_dir": str(cfg.data_dir), "cache_dir": str(cfg.home / "cache"),
             "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
-            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "resume_from": resume_from, "lr": cfg.lr, "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
+            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "resume_from": resume_from, "lr": cfg.lr, "patience": patience, "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
         run_config=RunConfig(
@@ -141,12 +144,18 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         client.set_tag(run_id, "ray_checkpoint", str(path))
         state = torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     model = networks.build(cfg.task)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("best_model") or state["model"])  # the kept epoch's weights
     model.eval()
-    return _finish(cfg, task, model, data, cases, split, run_id, client, log)
+    stopping = EarlyStopping.from_state(state.get("early_stopping"), patience)
+    kept = {"kept_epoch": stopping.best_epoch, "epochs_run": int(state["epoch"]) + 1,
+            "kept_because": stopping.reason(int(state["epoch"]) + 1, epochs)}  # fmt: skip
+    for key, value in kept.items():
+        client.set_tag(run_id, key, str(value))
+    log(f"kept {kept['kept_because']}")
+    return _finish(cfg, task, model, data, cases, split, run_id, client, log, kept)
 
 
-def _finish(cfg, task, model, data, cases, split, run_id, client, log) -> TrainResult:
+def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dict) -> TrainResult:
     log("post-fit: calibration / baselines on the training and validation splits")
     extras = task.finalize(model, cases, split)
     test_cases = [cases[i] for i in split["test"]]
@@ -164,7 +173,8 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log) -> TrainR
         (model_dir / "extras.json").write_text(json.dumps(extras))
         (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=1, default=float))
         plots = _plots(cfg.task, str(exported.path), test_cases, evaluation, extras, tmp)
-        info = {"params": {"epochs": cfg.epochs, "workers": cfg.workers, "seed": cfg.seed}, "opset": exported.opset,
+        info = {"params": {"epochs": cfg.epochs, "workers": cfg.workers, "seed": cfg.seed}, "opset": exported.opset, **kept,
+                "calibration": extras.get("calibration"),
                 "parity_max_abs_diff": exported.parity_max_abs_diff, "git_commit": git_commit()}  # fmt: skip
         datainfo = {"dataset_hash": data.dataset_hash, "preprocessing": data.preprocessing, "n_cases": len(cases),
                     "seed": cfg.seed, **{f"n_{k}": len(v) for k, v in split.items()}}  # fmt: skip
@@ -177,7 +187,8 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log) -> TrainR
     for key, value in metrics.items():
         client.log_metric(run_id, f"test.{key}", value)
     client.log_metric(run_id, "onnx_parity_max_abs_diff", exported.parity_max_abs_diff)
-    version = register(client, cfg.tracking_uri, cfg.task, run_id, data, exported, metrics, info["git_commit"], cfg.tags)
+    tags = {**cfg.tags, "kept_epoch": str(kept["kept_epoch"]), "epochs_run": str(kept["epochs_run"])}
+    version = register(client, cfg.tracking_uri, cfg.task, run_id, data, exported, metrics, info["git_commit"], tags)
     if cfg.audit_file is not None:
         from oncoserve.audit import AuditLog
 
@@ -191,7 +202,7 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log) -> TrainR
 def _plots(task_name, onnx_path, test_cases, evaluation, extras, tmp: Path) -> list[Path]:
     plots = []
     if task_name == "classification":
-        plots.append(calibration_plot(evaluation["per_case"], tmp / "calibration.png"))
+        plots.append(calibration_plot(evaluation["per_case"], tmp / "calibration.png", extras.get("temperature")))
     elif task_name == "survival":
         plots.append(km_plot(evaluation["per_case"], extras["risk_threshold"], tmp / "km_by_risk_group.png"))
     else:

@@ -1,7 +1,11 @@
 """The Ray Train worker loop shared by every task (runs inside TorchTrainer workers).
 
-Each epoch: a sharded pass over the training split, a validation loss on the val split, a report to
-Ray Train (with a checkpoint from rank 0) and, from rank 0, the epoch's metrics to the MLflow run.
+Each epoch: a sharded pass over the training split, a validation loss and the task's validation metric
+on the val split, a report to Ray Train (with a checkpoint from rank 0) and, from rank 0, the epoch's
+metrics to the MLflow run. The checkpoint carries the weights of the best epoch so far (lowest validation
+metric) beside the latest ones; the loop stops when the metric has not improved for `patience` epochs.
+Every rank scores the whole validation split with the same (all-reduced) weights, so all ranks stop at
+the same epoch.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ import torch
 CHECKPOINT_FILE = "state.pt"
 
 
-def _load_state(model, optimizer, path: str) -> int:
+def _load_state(model, optimizer, path: str) -> dict:
     state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]) + 1
+    return state
+
+
+def _copy(state_dict: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state_dict.items()}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -30,6 +38,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from training import networks, tasks
     from training.data import load_dataset
+    from training.early_stopping import EarlyStopping
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
@@ -43,13 +52,16 @@ def train_loop_per_worker(config: dict) -> None:
     model = networks.build(config["task"])
     lr = config.get("lr") if config.get("lr") is not None else task.lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    start_epoch = 0
+    restored = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            start_epoch = _load_state(model, optimizer, path)
+            restored = _load_state(model, optimizer, path)
     elif config.get("resume_from"):
-        start_epoch = _load_state(model, optimizer, config["resume_from"])
+        restored = _load_state(model, optimizer, config["resume_from"])
+    start_epoch = int(restored["epoch"]) + 1 if restored else 0
+    stopping = EarlyStopping.from_state(restored.get("early_stopping") if restored else None, config.get("patience"))
+    best_model = restored.get("best_model", _copy(model.state_dict())) if restored else None
     model = ray.train.torch.prepare_model(model)
 
     if rank == 0 and config.get("mlflow_accounts"):  # a Ray worker: the driver's environment is not ours
@@ -71,19 +83,29 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.step()
             train_losses.append(float(loss.detach()))
         model.eval()
+        val_losses, val_metrics = [], []
         with torch.no_grad():
-            val_losses = [float(task.loss(model, b)) for b in task.batches(cases, split["val"], np.random.default_rng(0), train=False)]
+            for b in task.batches(cases, split["val"], np.random.default_rng(0), train=False):
+                val_losses.append(float(task.loss(model, b)))
+                val_metrics.append(float(task.val_metric(model, b)))
+        finite = [v for v in val_metrics if np.isfinite(v)]  # (a batch with no label of the task gives nan)
+        val_metric = float(np.mean(finite)) if finite else float("nan")
+        net = model.module if hasattr(model, "module") else model
+        if stopping.update(epoch, val_metric):
+            best_model = _copy(net.state_dict())
         metrics = {
             "epoch": epoch,
             "train_loss": float(np.mean(train_losses)) if train_losses else float("nan"),
             "val_loss": float(np.mean(val_losses)) if val_losses else float("nan"),
+            "val_metric": val_metric,
+            "best_epoch": stopping.best_epoch,
             "epoch_seconds": time.monotonic() - t0,
             "samples_per_second": len(train_losses) * task.batch_size * world / max(time.monotonic() - t0, 1e-6),
         }
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                net = model.module if hasattr(model, "module") else model
-                torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "best_model": best_model, "early_stopping": stopping.state()},
                            os.path.join(tmp, CHECKPOINT_FILE))  # fmt: skip
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             for key, value in metrics.items():
@@ -91,3 +113,5 @@ def train_loop_per_worker(config: dict) -> None:
                     client.log_metric(config["run_id"], key, float(value), step=epoch)
         else:
             ray.train.report(metrics)
+        if stopping.should_stop:
+            break

@@ -24,15 +24,40 @@ def uncertainty_weighted(task_losses: torch.Tensor, present: torch.Tensor, log_s
     return (weighted * present).sum()
 
 
-def cox_partial_likelihood(risk: torch.Tensor, days: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
-    """Negative Cox partial log-likelihood (Breslow ties), averaged over events; 0 when no event."""
-    order = torch.argsort(days, descending=True)
-    risk, events = risk[order].flatten(), events[order].flatten().float()
-    log_cumsum = torch.logcumsumexp(risk, dim=0)  # log of the risk set sum, longest survivors first
+def cox_partial_likelihood(risk: torch.Tensor, days: torch.Tensor, events: torch.Tensor, ties: str = "efron") -> torch.Tensor:
+    """Negative Cox partial log-likelihood, averaged over events; 0 when no event.
+
+    Tied event times are handled exactly and independently of the cases' order: `efron` (the default;
+    lifelines and R's survival use it) or `breslow`. For distinct event time t with d events D and risk
+    set R(t) = {k: T_k >= t}, the log-likelihood term is sum_D r_i - sum_{l<d} log(S_R - l/d * S_D) with
+    S = sum exp(r); Breslow drops the l/d * S_D correction.
+    """
+    if ties not in ("efron", "breslow"):
+        raise ValueError(f"ties must be 'efron' or 'breslow', not {ties!r}")
+    risk, days = risk.flatten(), days.flatten()
+    events = events.flatten().to(risk.dtype)
     n_events = events.sum()
     if n_events == 0:
         return risk.sum() * 0.0
-    return -((risk - log_cumsum) * events).sum() / n_events
+    shift = risk.max().detach()  # exp(r - max) cannot overflow; the shift cancels in every term
+    w = torch.exp(risk - shift)
+    times, group = torch.unique(days, return_inverse=True)  # ascending distinct times, each case's index
+    n = len(times)
+    at_time = torch.zeros(n, dtype=w.dtype).index_add(0, group, w)  # sum exp(r) of cases at each time
+    risk_set = torch.flip(torch.cumsum(torch.flip(at_time, [0]), 0), [0])  # sum over T_k >= t
+    tied = torch.zeros(n, dtype=w.dtype).index_add(0, group, w * events)  # S_D: the events' own sum
+    d = torch.zeros(n, dtype=w.dtype).index_add(0, group, events)
+    # The l-th event (l = 0..d-1) of each tie group: the order in which its events are numbered does not
+    # matter, since only the set {0..d-1} enters the sum.
+    order = torch.argsort(group * 2 + (1 - events), stable=True)  # events first within each time
+    starts = torch.cumsum(torch.bincount(group, minlength=n), 0) - torch.bincount(group, minlength=n)
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(len(group)) - starts[group[order]]
+    fraction = rank.to(w.dtype) / d[group].clamp(min=1) if ties == "efron" else torch.zeros_like(w)
+    # Censored cases enter only risk sets; their own term is masked (a negative 'denominator' there is unused).
+    denominator = torch.where(events > 0, risk_set[group] - fraction * tied[group], risk_set[group])
+    log_lik = ((risk - shift - torch.log(denominator)) * events).sum()
+    return -log_lik / n_events
 
 
 def segmentation_loss() -> nn.Module:

@@ -54,21 +54,23 @@ class Encoder(nn.Module):
 class MultiTaskClassifier(nn.Module):
     """One encoder, one head per task (grade, IDH, 1p/19q, MGMT); a logit per task.
 
-    The heads' dropout stays usable at inference for MC-dropout epistemic uncertainty.
+    Dropout on the encoder's features (p=`feature_dropout`) and on the hidden layer (p=`dropout`) trains
+    the two fully connected layers; both stay usable at inference for MC-dropout epistemic uncertainty.
     """
 
-    def __init__(self, dropout: float = 0.3) -> None:
+    def __init__(self, dropout: float = 0.3, feature_dropout: float = 0.1) -> None:
         super().__init__()
         self.encoder = Encoder()
         self.hidden = nn.Sequential(nn.Linear(self.encoder.out_features, 64), nn.LeakyReLU())
-        self.dropout_p = dropout
+        self.dropout_p, self.feature_dropout_p = dropout, feature_dropout
         self.heads = nn.Linear(64, N_CLS_TASKS)
         # Learned homoscedastic uncertainty per task (log sigma), Kendall et al. weighting.
         self.log_sigma = nn.Parameter(torch.zeros(N_CLS_TASKS))
         self.register_buffer("temperature", torch.ones(N_CLS_TASKS))
 
     def features(self, image: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-        return self.hidden(self.encoder(image, presence))
+        encoded = nn.functional.dropout(self.encoder(image, presence), self.feature_dropout_p, training=self.training)
+        return self.hidden(encoded)
 
     def head(self, hidden: torch.Tensor, mc: bool = False) -> torch.Tensor:
         return self.heads(nn.functional.dropout(hidden, self.dropout_p, training=self.training or mc))

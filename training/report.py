@@ -18,22 +18,22 @@ from training.data import CLS_TASKS, CaseArrays  # noqa: E402
 FLAIR = 3
 
 
-def calibration_plot(per_case: list[dict], out: Path) -> Path:
+def calibration_plot(per_case: list[dict], out: Path, temperature: list[float] | None = None) -> Path:
+    """Reliability diagram per marker on the test cases: after temperature scaling and, given the
+    temperatures, before it."""
+    from training.calibration import uncalibrated
+
     fig, axes = plt.subplots(1, len(CLS_TASKS), figsize=(4 * len(CLS_TASKS), 4))
-    for ax, task in zip(axes, CLS_TASKS):
+    for i, (ax, task) in enumerate(zip(axes, CLS_TASKS)):
         rows = [r for r in per_case if r[f"label_{task}"] >= 0]
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         if rows:
             p = np.array([r[f"p_{task}"] for r in rows])
             y = np.array([r[f"label_{task}"] for r in rows])
-            edges = np.linspace(0, 1, 6)
-            centres, rates = [], []
-            for lo, hi in zip(edges[:-1], edges[1:]):
-                sel = (p >= lo) & (p < hi if hi < 1 else p <= hi)
-                if sel.any():
-                    centres.append(p[sel].mean())
-                    rates.append(y[sel].mean())
-            ax.plot(centres, rates, "o-")
+            ax.plot(*_calibration_points(p, y), "o-", label="calibrated")
+            if temperature is not None and temperature[i] != 1.0:
+                ax.plot(*_calibration_points(uncalibrated(p, temperature[i]), y), "s:", label=f"before (T={temperature[i]:.2f})")
+            ax.legend(loc="upper left", fontsize=8)
         ax.set(title=f"{task} (n={len(rows)})", xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
     fig.tight_layout()
     fig.savefig(out, dpi=80)
@@ -84,6 +84,10 @@ def segmentation_prediction(sess, case: CaseArrays) -> np.ndarray:
 
 
 def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> str:
+    calibration = version_info.get("calibration")
+    if isinstance(calibration, dict):
+        calibration = "; ".join(f"{marker} T = {c['temperature']:.3f} ({c['why']})" for marker, c in calibration.items())
+    calibration_line = f"- Calibration (temperature scaling on the validation split): {calibration}\n" if calibration else ""
     metric_lines = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(evaluation.items())
     )
@@ -95,11 +99,12 @@ def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> s
   {version_info.get('parity_max_abs_diff'):.2e}
 - Preprocessing: {data['preprocessing']} (the same `imaging.preprocess` code path serving uses)
 - Code: git {version_info.get('git_commit')}
-
+- Training: {version_info.get('epochs_run', '?')} epochs ran; kept {version_info.get('kept_because', 'the last epoch')}
+{calibration_line}
 ## Data
 - Dataset hash {data['dataset_hash']} ({data['n_cases']} cases); split by case, stratified by grade x IDH,
   seed {data['seed']}: train {data['n_train']}, validation {data['n_val']}, test {data['n_test']}.
-- Validation cases fit early stopping and calibration; the metrics below are on the **test** cases,
+- Validation cases choose the kept epoch (early stopping) and fit calibration; the metrics below are on the **test** cases,
   which the model never saw in training or calibration.
 
 ## Metrics (held-out test split, onnxruntime on the exported model)

@@ -14,9 +14,10 @@ from torch import nn
 
 from training import losses
 from training.augment import modality_dropout, tumour_crop
-from training.data import CaseArrays
+from training.data import CLS_TASKS, CaseArrays
 
 MC_SAMPLES = 16
+MC_SEED = 20240617  # the MC-dropout masks of every exported classifier (deterministic uncertainty)
 
 
 def _stack(items: list[np.ndarray]) -> torch.Tensor:
@@ -37,6 +38,7 @@ class TaskDef:
     batch_size = 4
     lr = 1e-3
     default_epochs = 20
+    patience = 10  # epochs without a better validation metric before training stops
     input_names = ["image", "presence"]
     output_names: list[str] = []
 
@@ -60,6 +62,10 @@ class TaskDef:
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def val_metric(self, model: nn.Module, batch: dict) -> float:
+        """The validation figure that chooses the kept epoch (lower is better): the loss by default."""
+        return float(self.loss(model, batch))
 
     def export_module(self, model: nn.Module, extras: dict) -> nn.Module:
         raise NotImplementedError
@@ -99,6 +105,17 @@ class Segmentation(TaskDef):
 
     def loss(self, model, batch):
         return self.criterion(model(batch["image"]), batch["seg"])
+
+    def finalize(self, model, cases, split):
+        """The region volumes (mL) the version trained on: serving flags a study far outside them."""
+        from imaging.labels import CLASS_TO_LABEL
+        from imaging.postprocess import volumes_ml
+
+        rows = [volumes_ml(CLASS_TO_LABEL[c.seg_classes], c.spacing_mm**3 / 1000.0)
+                for i in split["train"] if self.usable(c := cases[i])]  # fmt: skip
+        if not rows:
+            return {}
+        return {"training_volumes_ml": {r: [min(x[r] for x in rows), max(x[r] for x in rows)] for r in ("WT", "TC", "ET")}}
 
     def export_module(self, model, extras):
         return _ActivatedGraph(model, "softmax")
@@ -169,9 +186,15 @@ class Classification(TaskDef):
         net = model.module if hasattr(model, "module") else model
         return losses.uncertainty_weighted(per_task, present.float(), net.log_sigma)
 
+    def val_metric(self, model, batch):
+        """Mean BCE over the markers labelled in the batch, unweighted: the learned task weights make
+        the training loss move for reasons that are not accuracy."""
+        per_task, present = losses.masked_task_losses(model(batch["image"], batch["presence"]), batch["cls"])
+        return float(per_task[present].mean()) if present.any() else float("nan")
+
     def finalize(self, model, cases, split):
-        """Temperature scaling per task on the validation split (never on test)."""
-        from training.calibration import fit_temperature
+        """Temperature scaling per task on the validation split (never on test), where it has enough cases."""
+        from training.calibration import fit_temperatures
 
         model.eval()
         logits, targets = [], []
@@ -180,30 +203,42 @@ class Classification(TaskDef):
                 logits.append(model(batch["image"], batch["presence"]))
                 targets.append(batch["cls"])
         if not logits:
-            return {"temperature": [1.0] * 4}
-        temps = fit_temperature(torch.cat(logits), torch.cat(targets))
+            return {"temperature": [1.0] * 4, "calibration": "no validation case: left uncalibrated"}
+        fits = fit_temperatures(torch.cat(logits), torch.cat(targets))
+        temps = [f.temperature for f in fits]
         model.temperature.copy_(torch.tensor(temps))
-        return {"temperature": temps}
+        return {"temperature": temps, "calibration": {marker: f.record() for marker, f in zip(CLS_TASKS, fits)}}
 
     def export_module(self, model, extras):
         return _ClassificationGraph(model, MC_SAMPLES)
 
 
 class _ClassificationGraph(nn.Module):
-    """Calibrated probabilities, plus MC-dropout mean and std over the heads, in one ONNX call."""
+    """Calibrated probabilities, plus MC-dropout mean and std, in one ONNX call.
 
-    def __init__(self, net, samples):
+    The MC samples drop units of the encoder's features and of the hidden layer with masks drawn once,
+    from a fixed seed, when the graph is built: the same study always gets the same uncertainty (masks
+    drawn inside the graph, RandomUniformLike, were unseeded and changed it on every call), and every
+    sample is a fixed thinned sub-network, as MC-dropout's ensemble reading has it.
+    """
+
+    def __init__(self, net, samples, seed: int = MC_SEED):
         super().__init__()
         self.net, self.samples = net, samples
+        generator = torch.Generator().manual_seed(seed)
+
+        def masks(width: int, p: float) -> torch.Tensor:
+            return (torch.rand(samples, 1, width, generator=generator) >= p).float() / (1 - p)
+
+        self.register_buffer("feature_keep", masks(net.encoder.out_features, net.feature_dropout_p))
+        self.register_buffer("hidden_keep", masks(net.heads.in_features, net.dropout_p))
 
     def forward(self, image, presence):
-        hidden = self.net.features(image, presence)
+        encoded = self.net.encoder(image, presence)  # (B, F)
         temperature = self.net.temperature
-        deterministic = torch.sigmoid(self.net.heads(hidden) / temperature)
-        # Dropout masks drawn in the graph (RandomUniformLike), so each inference samples anew.
-        repeated = hidden.unsqueeze(0).expand(self.samples, *hidden.shape)
-        keep = (torch.rand_like(repeated) >= self.net.dropout_p).float() / (1 - self.net.dropout_p)
-        mc = torch.sigmoid(self.net.heads(repeated * keep) / temperature)
+        deterministic = torch.sigmoid(self.net.heads(self.net.hidden(encoded)) / temperature)
+        hidden = self.net.hidden(encoded.unsqueeze(0) * self.feature_keep)  # (S, B, H)
+        mc = torch.sigmoid(self.net.heads(hidden * self.hidden_keep) / temperature)
         return deterministic, mc.mean(0), mc.std(0)
 
 
@@ -249,8 +284,47 @@ class Survival(TaskDef):
                 events.append(batch["event"])
         risk, day, event = (torch.cat(x).numpy() for x in (risks, days, events))
         times, hazard = breslow_baseline(day, event, risk)
+        train = [cases[i] for i in split["train"] if self.usable(cases[i])]
         return {"baseline_days": times.tolist(), "baseline_hazard": hazard.tolist(),
-                "risk_threshold": float(np.median(risk))}  # fmt: skip
+                "risk_threshold": float(np.median(risk)), "clinical_baseline": fit_clinical_baseline(train)}  # fmt: skip
+
+
+CLINICAL_COLUMNS = ("age", "grade", "idh")
+
+
+def _clinical_rows(cases: list[CaseArrays]) -> np.ndarray:
+    """(age, HGG, IDH-mutant) per case; an unknown label is nan."""
+    return np.array([[c.age, c.cls[0] if c.cls[0] >= 0 else np.nan, c.cls[1] if c.cls[1] >= 0 else np.nan]
+                     for c in cases], dtype=float).reshape(-1, len(CLINICAL_COLUMNS))  # fmt: skip
+
+
+def fit_clinical_baseline(train: list[CaseArrays]) -> dict | None:
+    """A Cox model on clinical data alone (age, grade, IDH; lifelines, ridge 0.1), fitted on the training
+    split: the baseline the image model has to beat. An unknown grade/IDH takes the training mean."""
+    import pandas as pd
+    from lifelines import CoxPHFitter
+
+    rows = _clinical_rows(train)
+    if len(train) < 5 or sum(c.os_event for c in train) < 2:
+        return None
+    means = np.nanmean(rows, axis=0)
+    means = np.where(np.isfinite(means), means, 0.0)
+    filled = np.where(np.isnan(rows), means, rows)
+    frame = pd.DataFrame(filled, columns=CLINICAL_COLUMNS)
+    keep = [c for c in CLINICAL_COLUMNS if frame[c].std() > 0]  # a constant column has no coefficient
+    frame = frame[keep].assign(T=[c.os_days for c in train], E=[c.os_event for c in train])
+    fitted = CoxPHFitter(penalizer=0.1).fit(frame, "T", "E")
+    return {"columns": keep, "coef": [float(fitted.params_[c]) for c in keep],
+            "fill": {c: float(m) for c, m in zip(CLINICAL_COLUMNS, means)}}  # fmt: skip
+
+
+def clinical_risk(baseline: dict, cases: list[CaseArrays]) -> np.ndarray:
+    """The clinical baseline's log-hazard (up to a constant) for each case."""
+    rows = _clinical_rows(cases)
+    fill = np.array([baseline["fill"][c] for c in CLINICAL_COLUMNS])
+    filled = np.where(np.isnan(rows), fill, rows)
+    index = [CLINICAL_COLUMNS.index(c) for c in baseline["columns"]]
+    return filled[:, index] @ np.array(baseline["coef"]) if index else np.zeros(len(cases))
 
 
 TASKS: dict[str, type[TaskDef]] = {

@@ -24,6 +24,8 @@ def train(
     gpu: bool = typer.Option(False, "--gpu", help="Train on GPU workers (needs CUDA)."),
     resume: str = typer.Option(None, "--resume", help="MLflow run id to resume from its last checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and training."),
+    patience: int = typer.Option(None, "--patience", min=1,
+                                 help="Stop after this many epochs without a better validation metric (default: the task's own, 10)."),
 ) -> None:
     """Train TASK with Ray Train, track it in MLflow and register the version."""
     from training.jobs import JobConfig, run_job
@@ -35,7 +37,7 @@ def train(
         who = require(cli_identity(settings), "data-scientist",
                       "training and registering a version")  # fmt: skip
     cfg = JobConfig(task=task, data_dir=data.resolve(), tracking_uri=settings.mlflow_url, ray_address=settings.ray_address,
-                    home=settings.home, epochs=epochs, workers=workers, gpu=gpu, resume_run=resume, seed=seed,
+                    home=settings.home, epochs=epochs, workers=workers, gpu=gpu, resume_run=resume, seed=seed, patience=patience,
                     actor=who.name, audit_file=settings.audit_file)  # fmt: skip
     columns = (TextColumn(f"training {task}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with user_errors(TrainingError, StudyError, ValueError, FileNotFoundError), Progress(*columns, console=console) as progress:

@@ -68,6 +68,8 @@ class Reporter:
             else:
                 generator_name, guard_result = f"template (fallback from {self.generator.name})", verdict
         conclusion = facts.diagnosis.integrated + (" Study flagged as out of distribution." if facts.ood_flag else "")
+        if facts.implausible:
+            conclusion += " Implausible findings: " + ", ".join(facts.implausible) + "."
         data = {
             "generator": generator_name,
             "guard": {**guard_result.to_json(), "checked": self.generator.name if self.generator else "template"},

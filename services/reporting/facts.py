@@ -52,10 +52,19 @@ class Facts:
     ood_flag: bool
     ood_score: float
     model_versions: dict[str, str]
+    implausible: list[str] = field(default_factory=list)  # services.plausibility check names
     diagnosis: Diagnosis = field(init=False)
 
     def __post_init__(self) -> None:
         self.diagnosis = diagnose(self.markers)
+
+    @property
+    def implausible_volumes(self) -> bool:
+        return any(c.startswith(("tumour_volume", "volume_")) for c in self.implausible)
+
+    @property
+    def uninformative_markers(self) -> bool:
+        return "uninformative_probabilities" in self.implausible
 
     @property
     def median_months(self) -> float | None:
@@ -103,6 +112,7 @@ def from_findings(findings: dict) -> Facts:
         ood_flag=bool(quality["ood_flag"]),
         ood_score=float(quality["ood_score"]),
         model_versions=dict(findings["model_versions"]),
+        implausible=[c["check"] for c in quality.get("implausible", [])],
     )
 
 

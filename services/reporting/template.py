@@ -34,10 +34,15 @@ def _findings(f: Facts) -> Section:
         where = f"The lesion is centred in the {f.hemisphere} hemisphere."
     else:
         where = "The lesion is centred near the midline."
-    parts = [where,
-             f"Segmented volumes: necrotic core {v['NCR']:.1f} mL, edema {v['ED']:.1f} mL, enhancing tumour "
-             f"{v['ET']:.1f} mL; tumour core {v['TC']:.1f} mL, whole tumour {v['WT']:.1f} mL."]  # fmt: skip
-    if f.enhancement_pct is not None:
+    if f.implausible_volumes:
+        # services.plausibility: the figures cannot be true for this study, so they are not written as findings.
+        parts = [where, "The segmentation is implausible for this study (a tumour too large for its brain mask, or far "
+                        "outside the volumes the model was trained on); its volumes are not reported as measurements."]  # fmt: skip
+    else:
+        parts = [where,
+                 f"Segmented volumes: necrotic core {v['NCR']:.1f} mL, edema {v['ED']:.1f} mL, enhancing tumour "
+                 f"{v['ET']:.1f} mL; tumour core {v['TC']:.1f} mL, whole tumour {v['WT']:.1f} mL."]  # fmt: skip
+    if f.enhancement_pct is not None and not f.implausible_volumes:
         parts.append(f"Enhancement proportion (enhancing tumour / tumour core): {f.enhancement_pct:.0f}%.")
     parts.append("Missing sequences: " + (", ".join(m.upper() for m in f.missing) if f.missing else "none") + ".")
     if f.ood_flag:
@@ -48,6 +53,9 @@ def _findings(f: Facts) -> Section:
 def _diagnosis(f: Facts) -> Section:
     d = f.diagnosis
     lines = [f"Integrated diagnosis: {d.integrated}.", f"Histology (predicted): {d.histology}.", f"Grade: {d.grade}."]
+    if f.uninformative_markers:
+        lines.append("The classifier's probabilities are uninformative for this study (every marker near even odds); "
+                     "no marker is called from them.")  # fmt: skip
     for name in ("grade", "idh", "codeletion_1p19q", "mgmt"):
         m = f.markers[name]
         lines.append(f"{MARKER_NAMES[name]}: {LABEL_WORDS.get(m.label, m.label)}, probability {m.probability * 100:.0f}%, "

@@ -37,6 +37,16 @@ def test_findings_have_every_key_and_the_mask_matches_the_input(analyzer, tiny_d
     assert result.mask.shape == study.reference.shape
     np.testing.assert_allclose(result.mask.affine, study.reference.affine)
     assert set(np.unique(result.mask.data)) <= {0, 1, 2, 4}
+    # Plausibility: the training job recorded the volumes the version trained on, and serving judged by them.
+    trained_ml = analyzer.extras["segmentation"]["training_volumes_ml"]
+    assert set(trained_ml) == {"WT", "TC", "ET"} and trained_ml["WT"][1] > 0
+    checks = {c["check"]: c for c in doc["quality"]["implausible"]}
+    wt = doc["segmentation"]["volumes_ml"]["WT"]
+    lo, hi = trained_ml["WT"]
+    assert ("volume_WT_vs_training" in checks) == (not lo * 0.5 <= wt <= hi * 1.5), (wt, trained_ml, checks)
+    probabilities = [m["probabilities"][m["label"]] for m in doc["classification"].values()]
+    near_even = all(abs(p - 0.5) <= 0.05 for p in probabilities)
+    assert ("uninformative_probabilities" in checks) == near_even
 
 
 def test_missing_flair_is_reported_and_still_analysed(analyzer, tiny_dataset):

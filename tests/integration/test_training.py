@@ -73,6 +73,14 @@ def test_resume_continues_the_same_run(trained, live_stack, tiny_dataset):
     run = oncoserve("train", "localization", "--data", str(tiny_dataset), "--epochs", "2", "--resume", run_id)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [0, 1]
+    # The kept weights are the epoch with the lowest validation metric, over both sessions of the run.
+    history = sorted(client.get_metric_history(run_id, "val_metric"), key=lambda m: m.step)
+    assert [m.step for m in history] == [0, 1]
+    version = run.stdout.split("registered model localization version")[-1].split()[0]
+    mv = client.get_model_version("localization", version)
+    assert int(mv.tags["kept_epoch"]) == min(history, key=lambda m: (m.value, m.step)).step and mv.tags["epochs_run"] == "2"
+    card = (download_model(client, "localization", version) / "MODEL_CARD.md").read_text()
+    assert f"kept epoch {mv.tags['kept_epoch']}, the lowest validation metric" in card
 
 
 def test_bad_train_requests_are_messages(live_stack, tiny_dataset, tmp_path):

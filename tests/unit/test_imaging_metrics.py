@@ -113,3 +113,22 @@ def test_c_index_orders_risk_against_survival():
     events = np.ones(4)
     assert metrics.c_index(days, np.array([4, 3, 2, 1]), events) == 1.0
     assert metrics.c_index(days, np.array([1, 2, 3, 4]), events) == 0.0
+
+
+def test_auc_equals_sklearn_with_ties_and_the_bootstrap_interval_covers_the_figure():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        y, p = rng.integers(0, 2, 15), np.round(rng.random(15), 1)  # many tied scores
+        if len(set(y)) == 2:
+            assert metrics.auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    y = rng.integers(0, 2, 40)
+    p = np.clip(y * 0.3 + rng.random(40) * 0.7, 0, 1)
+    low, high = metrics.bootstrap_ci(metrics.auc, y, p)
+    assert low < metrics.auc(y, p) < high and high - low > 0.05  # 40 cases: a real width
+    assert metrics.bootstrap_ci(metrics.auc, y, p) == (low, high)  # seeded: the same interval twice
+    wide = metrics.bootstrap_ci(metrics.auc, y[:10], p[:10])
+    assert wide[1] - wide[0] > high - low  # fewer cases, a wider interval
+    assert all(np.isnan(metrics.bootstrap_ci(metrics.auc, y[:1], p[:1])))
+    assert metrics.brier(np.array([1, 0]), np.array([0.5, 0.5])) == 0.25

@@ -209,3 +209,35 @@ def test_reporting_deployment_counts_guard_outcomes_and_fallbacks(knowledge, cha
     assert result["version"] == "7" and result["report"]["generator"] == "template (fallback from openai)"
     assert count("openai", "rejected") == before + 1
     assert metrics.REPORT_FORMAT.labels("openai", "noncompliant")._value.get() >= 1
+
+
+def test_implausible_findings_are_stated_as_such_not_as_fact(reporter):
+    from services import plausibility
+
+    findings = copy.deepcopy(FINDINGS)
+    findings["segmentation"]["volumes_ml"] = {"NCR": 900.0, "ED": 3000.0, "ET": 212.0, "WT": 4112.0, "TC": 1112.0}
+    for marker in findings["classification"].values():
+        marker["probabilities"] = {k: 0.5 for k in marker["probabilities"]}
+    checks = plausibility.segmentation_checks(findings["segmentation"]["volumes_ml"], 1400.0, {"WT": [7.0, 320.0]})
+    checks += plausibility.classification_checks([0.52, 0.49, 0.5, 0.47])
+    assert [c["check"] for c in checks] == ["tumour_volume_vs_brain", "volume_WT_vs_training", "uninformative_probabilities"]
+    findings["quality"]["implausible"] = checks
+    report = reporter.report(findings)
+    assert "4112" not in report.markdown and "not reported as measurements" in report.markdown
+    assert "uninformative" in report.markdown and report.data["guard"]["passed"] is True
+    assert "Implausible findings: tumour_volume_vs_brain" in json.dumps(report.fhir)  # the FHIR conclusion says it too
+    plain = reporter.report(FINDINGS)  # the reference findings are plausible: the volumes are stated
+    assert "Segmented volumes: necrotic core" in plain.markdown and "implausible" not in plain.markdown
+
+
+def test_plausibility_checks_pass_ordinary_findings_and_name_what_fails():
+    from services import plausibility
+
+    ordinary = {"NCR": 5.0, "ED": 40.0, "ET": 8.0, "WT": 53.0, "TC": 13.0}
+    assert plausibility.segmentation_checks(ordinary, 1400.0, {"WT": [7.0, 320.0], "TC": [1.0, 90.0], "ET": [0.0, 40.0]}) == []
+    assert plausibility.segmentation_checks(ordinary, 1400.0, None) == []  # an older version: no training range recorded
+    assert plausibility.classification_checks([0.9, 0.2, 0.5, 0.5]) == []
+    empty = plausibility.segmentation_checks({**ordinary, "WT": 0.0, "TC": 0.0, "ET": 0.0}, 1400.0, {"WT": [7.0, 320.0]})
+    assert [c["check"] for c in empty] == ["volume_WT_vs_training"] and "7.0-320.0 mL" in empty[0]["detail"]
+    half = plausibility.segmentation_checks({**ordinary, "WT": 701.0}, 1400.0, None)
+    assert half[0]["check"] == "tumour_volume_vs_brain" and half[0]["value"] == pytest.approx(0.501, abs=1e-3)

@@ -86,15 +86,87 @@ def test_cox_loss_prefers_risk_that_orders_deaths():
     assert losses.cox_partial_likelihood(torch.tensor([1.0, 2.0]), days[:2], torch.zeros(2)).item() == 0.0
 
 
-def test_temperature_scaling_tempers_overconfident_logits():
+def _breslow_by_hand(risk, days, events) -> float:
+    """The Breslow partial likelihood written as its definition, one distinct event time at a time."""
+    total = 0.0
+    for t in np.unique(days[events == 1]):
+        dying = (days == t) & (events == 1)
+        total += risk[dying].sum() - dying.sum() * np.log(np.exp(risk[days >= t]).sum())
+    return -total / events.sum()
+
+
+def test_cox_loss_with_ties_matches_lifelines_efron_and_breslow_by_hand_whatever_the_order():
+    import pandas as pd
+    from lifelines import CoxPHFitter
+
+    rng = np.random.default_rng(4)
+    n = 40
+    x = rng.normal(size=n)
+    days = rng.choice([100.0, 200.0, 300.0, 400.0, 500.0], size=n)  # heavy ties
+    events = (rng.random(n) < 0.7).astype(float)
+    fitted = CoxPHFitter().fit(pd.DataFrame({"x": x, "T": days, "E": events}), "T", "E")  # lifelines: Efron ties
+    risk = fitted.params_["x"] * x
+    efron = losses.cox_partial_likelihood(torch.tensor(risk), torch.tensor(days), torch.tensor(events))
+    assert efron.item() == pytest.approx(-fitted.log_likelihood_ / events.sum(), rel=1e-6)
+    breslow = losses.cox_partial_likelihood(torch.tensor(risk), torch.tensor(days), torch.tensor(events), ties="breslow")
+    assert breslow.item() == pytest.approx(_breslow_by_hand(risk, days, events), rel=1e-9)
+    assert breslow.item() != pytest.approx(efron.item(), rel=1e-3)  # the ties matter here
+    for seed in range(5):
+        p = np.random.default_rng(seed).permutation(n)
+        for ties, reference in (("efron", efron), ("breslow", breslow)):
+            permuted = losses.cox_partial_likelihood(torch.tensor(risk[p]), torch.tensor(days[p]), torch.tensor(events[p]), ties=ties)
+            assert permuted.item() == pytest.approx(reference.item(), rel=1e-9)
+    # Without ties the two are the same likelihood; the gradient flows; a large risk does not overflow.
+    distinct = torch.tensor(np.arange(1.0, n + 1)), torch.tensor(events)
+    r = torch.tensor(x * 50, requires_grad=True)
+    a = losses.cox_partial_likelihood(r, *distinct)
+    assert a.item() == pytest.approx(losses.cox_partial_likelihood(r, *distinct, ties="breslow").item(), rel=1e-9)
+    a.backward()
+    assert torch.isfinite(a) and torch.isfinite(r.grad).all() and r.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="ties"):
+        losses.cox_partial_likelihood(r, *distinct, ties="exact")
+
+
+def test_temperature_scaling_tempers_overconfident_logits_within_its_bounds():
+    from training.calibration import BOUNDS, MIN_CASES, fit_temperatures, uncalibrated
+
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
-    # Right 70% of the time but with |logit| = 6 (overconfident).
+    # Right 70% of the time but with |logit| = 2 (overconfident: the calibrated |logit| is logit(0.7) = 0.85).
     correct = rng.random(400) < 0.7
-    logits = np.where(correct == (y == 1), 6.0, -6.0)
-    temps = fit_temperature(torch.tensor(np.stack([logits] * 4, 1)).float(), torch.tensor(np.stack([y] * 4, 1)))
-    assert all(t > 3 for t in temps)
+    logits = torch.tensor(np.where(correct == (y == 1), 2.0, -2.0)[:, None]).float()
+    (fit,) = fit_temperatures(logits, torch.tensor(y[:, None]))
+    assert fit.fitted and 2.0 < fit.temperature < 2.8 and fit.nll_after < fit.nll_before
+    # Nine separable cases: the unbounded optimum is T -> 0; too few cases to fit, so T stays 1, said.
+    few = torch.tensor([[-3.0], [-2], [-1], [-0.5], [0.5], [1], [2], [3], [4]])
+    (small,) = fit_temperatures(few, torch.tensor([[0], [0], [0], [0], [1], [1], [1], [1], [1]]))
+    assert small.temperature == 1.0 and not small.fitted and "too few" in small.why
+    # Enough separable cases: sharpening stops at the bound instead of running to zero.
+    many = torch.tensor(np.r_[-np.linspace(0.5, 3, 30), np.linspace(0.5, 3, 30)][:, None]).float()
+    (sep,) = fit_temperatures(many, torch.tensor(np.r_[np.zeros(30), np.ones(30)][:, None]).long())
+    assert sep.temperature == pytest.approx(BOUNDS[0], rel=1e-3) and "at the bound" in sep.why
     assert fit_temperature(torch.zeros(3, 4), torch.full((3, 4), -1)) == [1.0] * 4  # nothing to fit on
+    assert MIN_CASES >= 20
+    p = torch.sigmoid(logits[:, 0] / fit.temperature).numpy()
+    assert np.allclose(uncalibrated(p, fit.temperature), torch.sigmoid(logits[:, 0]).numpy(), atol=1e-6)
+
+
+def test_calibration_lowers_ece_and_brier_on_held_out_cases():
+    from imaging.metrics import brier, ece
+    from training.calibration import fit_temperatures
+
+    rng = np.random.default_rng(3)
+
+    def cohort(n):  # a true logit, seen through an overconfident model (x3)
+        true = rng.normal(0, 1.5, n)
+        return 3 * true, (rng.random(n) < 1 / (1 + np.exp(-true))).astype(int)
+
+    z_val, y_val = cohort(300)
+    z_test, y_test = cohort(2000)
+    (fit,) = fit_temperatures(torch.tensor(z_val[:, None]), torch.tensor(y_val[:, None]))
+    before, after = 1 / (1 + np.exp(-z_test)), 1 / (1 + np.exp(-z_test / fit.temperature))
+    assert ece(y_test, after) < 0.05 < ece(y_test, before)
+    assert brier(y_test, after) < brier(y_test, before)
 
 
 def _case(i: int, grade: int, idh: int) -> CaseArrays:
@@ -141,3 +213,73 @@ def test_breslow_baseline_and_survival_curve():
     assert curve.probability == pytest.approx(np.exp(-hazard))
     assert curve.median_days == 20.0  # S(20) = exp(-0.83) = 0.43 <= 0.5
     assert survival_curve(-5.0, times, hazard).median_days is None
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
+    from training.early_stopping import EarlyStopping
+
+    stop = EarlyStopping(patience=2)
+    improved = [stop.update(e, v) for e, v in enumerate([1.0, 0.8, 0.9, 0.85])]
+    assert improved == [True, True, False, False] and stop.best_epoch == 1 and stop.should_stop
+    assert stop.reason(4, 10).startswith("epoch 1, the lowest validation metric (0.8000); stopped after epoch 3")
+    resumed = EarlyStopping.from_state(EarlyStopping(patience=2, best_value=0.8, best_epoch=1, stale=1).state(), 2)
+    assert not resumed.should_stop and resumed.update(2, 0.7) and resumed.best_epoch == 2 and resumed.stale == 0
+    never = EarlyStopping(patience=None)
+    for e in range(50):
+        never.update(e, 1.0)
+    assert not never.should_stop and never.best_epoch == 0 and "all 50 epochs ran" in never.reason(50, 50)
+    blind = EarlyStopping(patience=3)  # no validation case: the latest epoch is kept, nothing stops
+    assert blind.update(0, float("nan")) and blind.update(1, float("nan")) and blind.best_epoch == 1
+    assert not blind.should_stop and "no validation case" in blind.reason(2, 2)
+
+
+def test_exported_classifier_gives_the_same_uncertainty_for_the_same_study(tmp_path):
+    from training import tasks
+    from training.export import export_onnx
+    from training.evaluate import session
+
+    torch.manual_seed(0)
+    net = MultiTaskClassifier().eval()
+    rng = np.random.default_rng(1)
+    case = CaseArrays("c", rng.standard_normal((4, 32, 32, 32)).astype(np.float32), np.ones(4, np.float32), None,
+                      np.array([1, 0, -1, -1]), 50.0, 100.0, 1, "s", 2.0)  # fmt: skip
+    exported = export_onnx(tasks.get("classification"), net, {}, case, tmp_path / "model.onnx")
+    assert exported.parity_ok  # MC outputs included: torch and onnxruntime agree draw for draw
+    sess = session(str(exported.path))
+    feeds = {"image": case.image[None], "presence": case.presence[None]}
+    first, second = sess.run(None, feeds), sess.run(None, feeds)
+    assert np.array_equal(first[2], second[2]) and np.array_equal(first[1], second[1])
+    assert (first[2] > 0).all()  # the samples differ from each other: a real spread, not a constant
+    other = sess.run(None, {"image": (case.image * 0.5 + 1)[None], "presence": case.presence[None]})
+    assert not np.array_equal(other[2], first[2])  # a different study, a different uncertainty
+    # The masks thin the encoder's features as well as the hidden layer.
+    graph = tasks.get("classification").export_module(net, {})
+    assert (graph.feature_keep == 0).any() and (graph.hidden_keep == 0).any()
+
+
+def test_clinical_baseline_is_a_cox_model_on_age_grade_and_idh_from_the_training_split():
+    from imaging import metrics
+    from training.tasks import clinical_risk, fit_clinical_baseline
+
+    rng = np.random.default_rng(2)
+
+    def cohort(n):
+        cases = []
+        for i in range(n):
+            age, grade, idh = rng.uniform(30, 80), int(rng.integers(0, 2)), int(rng.integers(0, 2))
+            hazard = np.exp(0.05 * (age - 55) + 0.8 * grade - 0.7 * idh)
+            days = float(rng.exponential(1000 / hazard))
+            cls = np.array([grade, idh if rng.random() > 0.3 else -1, -1, -1])  # IDH unknown in 30 %
+            cases.append(CaseArrays(f"c{i}", np.zeros((4, 2, 2, 2), np.float32), np.ones(4, np.float32), None, cls,
+                                    age, days, int(rng.random() < 0.8), "s", 2.0))  # fmt: skip
+        return cases
+
+    train, test = cohort(120), cohort(200)
+    baseline = fit_clinical_baseline(train)
+    assert baseline["columns"] == ["age", "grade", "idh"]
+    age_coef, grade_coef, idh_coef = baseline["coef"]
+    assert age_coef > 0 and grade_coef > 0 and idh_coef < 0  # the signs of the cohort's hazards
+    risk = clinical_risk(baseline, test)
+    days, events = np.array([c.os_days for c in test]), np.array([c.os_event for c in test])
+    assert metrics.c_index(days, risk, events) > metrics.c_index(days, np.array([c.age for c in test]), events)
+    assert fit_clinical_baseline(train[:3]) is None  # too few cases to fit on: no baseline, said by its absence
