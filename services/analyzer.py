@@ -18,7 +18,7 @@ from serving.backends import InferenceBackend, OnnxRuntimeBackend
 from services.schemas import Findings
 from services.task_logic import TASKS, ServingError, feeds, postprocess
 
-OOD_THRESHOLD = 0.15  # mean MC-dropout std above which a study is flagged as unlike the training data
+OOD_THRESHOLD = 0.15  # mean MC-dropout std above which a study is flagged (versions without a measured OOD score)
 
 __all__ = ["TASKS", "ServingError", "Analysis", "StudyAnalyzer", "assemble"]
 
@@ -34,6 +34,11 @@ def assemble(study: Study, preprocessing_version: str, results: dict[str, dict],
     """Per-task results (task_logic.postprocess output) -> the published findings and the mask."""
     loc = results["localization"]["section"]
     mc_std = results["classification"]["mc_std_mean"]
+    ood = results["classification"].get("ood")
+    if ood is not None:  # the measured detector (training.ood): Mahalanobis distance vs its validation threshold
+        ood_score, ood_flag, method, threshold = ood["score"], ood["flag"], "mahalanobis", ood["threshold"]
+    else:
+        ood_score, ood_flag, method, threshold = round(mc_std, 4), mc_std > OOD_THRESHOLD, "mc_dropout", OOD_THRESHOLD
     findings = Findings(
         case_id=study.case_id,
         model_versions=versions,
@@ -41,8 +46,9 @@ def assemble(study: Study, preprocessing_version: str, results: dict[str, dict],
         segmentation=results["segmentation"]["section"],
         classification=results["classification"]["section"],
         survival=results["survival"]["section"],
-        quality={"missing_modalities": study.missing, "ood_score": round(mc_std, 4),
-                 "ood_flag": bool(mc_std > OOD_THRESHOLD or not loc["found"]),
+        quality={"missing_modalities": study.missing, "ood_score": ood_score,
+                 "ood_flag": bool(ood_flag or not loc["found"]), "ood_method": method, "ood_threshold": threshold,
+                 "mc_std_mean": round(mc_std, 4),
                  "preprocessing": prepared.record if prepared is not None else None,
                  "flags": list(prepared.flags) if prepared is not None else [],
                  "implausible": [c for task in TASKS for c in results.get(task, {}).get("implausible", [])]},  # fmt: skip

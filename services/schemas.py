@@ -51,6 +51,9 @@ class QualityFindings(BaseModel):
     missing_modalities: list[str]
     ood_score: float
     ood_flag: bool
+    ood_method: str = Field("mc_dropout", description="mahalanobis (the measured detector, training.ood) | mc_dropout (older versions)")
+    ood_threshold: float | None = Field(None, description="the score above which ood_flag is set (chosen on validation data)")
+    mc_std_mean: float | None = Field(None, description="mean MC-dropout std of the marker probabilities")
     # What preprocessing did to the study (imaging.preprocess): path (fast|raw), every step with why it
     # ran and its figures and versions, and each quality-control check.
     preprocessing: dict | None = None

@@ -61,6 +61,7 @@ def postprocess(task: str, outputs: dict[str, np.ndarray], prepared: PreparedStu
                 "implausible": plausibility.segmentation_checks(volumes, brain_ml, extras.get("training_volumes_ml"))}  # fmt: skip
     if task == "classification":
         return {"section": _classification(outputs), "mc_std_mean": float(np.mean(outputs["mc_std"][0])),
+                "ood": _ood(outputs, extras),
                 "implausible": plausibility.classification_checks(outputs["probabilities"][0])}  # fmt: skip
     if task == "survival":
         return {"section": _survival(float(outputs["risk"][0, 0]), extras)}
@@ -103,6 +104,16 @@ def _classification(out: dict) -> dict:
                         "probabilities": {negative: round(1 - p, 4), positive: round(p, 4)},
                         "uncertainty": round(float(stds[i]), 4)}  # fmt: skip
     return result
+
+
+def _ood(outputs: dict, extras: dict) -> dict | None:
+    """The classifier's Mahalanobis OOD score against its validation threshold (training.ood), for a
+    version that has both; None for an older one (the MC-dropout score stands in)."""
+    threshold = (extras.get("ood") or {}).get("threshold")
+    if "ood_score" not in outputs or threshold is None:
+        return None
+    score = float(outputs["ood_score"][0, 0])
+    return {"score": round(score, 4), "threshold": round(float(threshold), 4), "flag": score > threshold}
 
 
 def _survival(risk: float, extras: dict) -> dict:

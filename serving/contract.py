@@ -21,6 +21,10 @@ CONTRACT: dict[str, dict[str, dict[str, list[int]]]] = {
 }
 
 
+# Outputs a version may have (checked when present): the classifier's OOD score came with training.ood.
+OPTIONAL_OUTPUTS: dict[str, dict[str, list[int]]] = {"classification": {"ood_score": [1]}}
+
+
 def signature_problems(task: str, signature: dict) -> list[str]:
     """Differences between a version's ONNX signature and the serving contract (empty when compatible).
 
@@ -32,7 +36,8 @@ def signature_problems(task: str, signature: dict) -> list[str]:
     problems = []
     for kind in ("inputs", "outputs"):
         have = {t["name"]: t for t in signature.get(kind, [])}
-        for name, dims in CONTRACT[task][kind].items():
+        optional = OPTIONAL_OUTPUTS.get(task, {}) if kind == "outputs" else {}
+        for name, dims in {**CONTRACT[task][kind], **{k: v for k, v in optional.items() if k in have}}.items():
             tensor = have.get(name)
             if tensor is None:
                 problems.append(f"{kind[:-1]} {name!r} missing")

@@ -67,16 +67,47 @@ def evaluate_localization(sess, cases: list[CaseArrays], extras: dict) -> dict:
     }  # fmt: skip
 
 
+def _run_classifier(sess, image: np.ndarray, presence: np.ndarray) -> dict[str, np.ndarray]:
+    """Named outputs for one case (a version exported before `ood_score` existed has three)."""
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, {"image": image[None], "presence": presence[None]})))
+
+
 def _classify(sess, cases: list[CaseArrays], drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     probs, stds = [], []
     for c in cases:
-        image, presence = c.image[None].copy(), c.presence[None].copy()
+        image, presence = c.image.copy(), c.presence.copy()
         if drop is not None:
-            image[:, drop], presence[:, drop] = 0.0, 0.0
-        p, _, s = sess.run(None, {"image": image, "presence": presence})
-        probs.append(p[0])
-        stds.append(s[0])
+            image[drop], presence[drop] = 0.0, 0.0
+        out = _run_classifier(sess, image, presence)
+        probs.append(out["probabilities"][0])
+        stds.append(out["mc_std"][0])
     return np.array(probs), np.array(stds)
+
+
+def _ood_metrics(sess, cases: list[CaseArrays], extras: dict) -> dict:
+    """The OOD score measured: AUROC between the test cases and out-of-distribution versions of them
+    (training.ood.variants), overall and per kind, and the share flagged at the validation threshold."""
+    from training import ood
+
+    if "ood_score" not in {o.name for o in sess.get_outputs()} or not cases:
+        return {}
+    rng = np.random.default_rng(0)
+    inside = np.array([float(_run_classifier(sess, c.image, c.presence)["ood_score"][0, 0]) for c in cases])
+    outside: dict[str, list[float]] = {}
+    for c in cases:
+        for kind, (image, presence) in ood.variants(c.image, c.presence, rng).items():
+            outside.setdefault(kind, []).append(float(_run_classifier(sess, image, presence)["ood_score"][0, 0]))
+    every = np.concatenate([np.array(v) for v in outside.values()])
+    out = {"ood_auroc": metrics.auc(np.r_[np.zeros(len(inside)), np.ones(len(every))], np.r_[inside, every]),
+           "ood_n_in_distribution": len(inside), "ood_n_out_of_distribution": len(every)}  # fmt: skip
+    for kind, scores in outside.items():
+        out[f"ood_auroc_{kind}"] = metrics.auc(np.r_[np.zeros(len(inside)), np.ones(len(scores))], np.r_[inside, scores])
+    threshold = (extras.get("ood") or {}).get("threshold")
+    if threshold is not None:
+        out["ood_flagged_in_distribution"] = float(np.mean(inside > threshold))
+        out["ood_flagged_out_of_distribution"] = float(np.mean(every > threshold))
+    return out
 
 
 def _cls_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str = "", temperature: list[float] | None = None) -> dict:
@@ -130,6 +161,7 @@ def evaluate_classification(sess, cases: list[CaseArrays], extras: dict) -> dict
     result = _cls_metrics(probs, labels, temperature=extras.get("temperature", [1.0] * len(CLS_TASKS)))
     result["mean_mc_std"] = float(stds.mean()) if len(stds) else float("nan")
     result |= _marker_baselines(probs, labels)
+    result |= _ood_metrics(sess, cases, extras)
     for m, modality in enumerate(MODALITIES):
         # Robustness: the same cases with one modality missing (where it was present).
         with_it = [c for c in cases if c.presence[m] > 0]

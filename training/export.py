@@ -62,5 +62,7 @@ def export_onnx(task: TaskDef, model: torch.nn.Module, extras: dict, example: Ca
     got = session.run(None, {name: t.numpy() for name, t in zip(task.input_names, inputs)})
     diff = 0.0
     for e, g in zip(expected, got):  # every output, MC-dropout's too (its masks are fixed in the graph)
-        diff = max(diff, float(np.max(np.abs(e.numpy() - g))))
+        # Absolute for outputs within [-1, 1] (probabilities), relative beyond (a risk, a distance).
+        scale = max(1.0, float(np.max(np.abs(e.numpy()))))
+        diff = max(diff, float(np.max(np.abs(e.numpy() - g))) / scale)
     return ExportResult(out, OPSET, diff, _io_spec(proto.graph.input), _io_spec(proto.graph.output))

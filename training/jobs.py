@@ -175,6 +175,7 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dic
         plots = _plots(cfg.task, str(exported.path), test_cases, evaluation, extras, tmp)
         info = {"params": {"epochs": cfg.epochs, "workers": cfg.workers, "seed": cfg.seed}, "opset": exported.opset, **kept,
                 "calibration": extras.get("calibration"),
+                "ood": {k: v for k, v in (extras.get("ood") or {}).items() if k not in ("mean", "whiten")} or None,
                 "parity_max_abs_diff": exported.parity_max_abs_diff, "git_commit": git_commit()}  # fmt: skip
         datainfo = {"dataset_hash": data.dataset_hash, "preprocessing": data.preprocessing, "n_cases": len(cases),
                     "seed": cfg.seed, **{f"n_{k}": len(v) for k, v in split.items()}}  # fmt: skip

@@ -88,6 +88,12 @@ def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> s
     if isinstance(calibration, dict):
         calibration = "; ".join(f"{marker} T = {c['temperature']:.3f} ({c['why']})" for marker, c in calibration.items())
     calibration_line = f"- Calibration (temperature scaling on the validation split): {calibration}\n" if calibration else ""
+    ood = version_info.get("ood")
+    ood_line = (f"- OOD score: Mahalanobis distance of the input's statistics (brain share; per sequence spread, "
+                f"skewness, kurtosis; correlations between sequences) from the {ood['n_train']} training cases "
+                f"(Ledoit-Wolf covariance; training.ood); flagged above {ood['threshold']:.3f} (the {ood['rule']}). Measured below as "
+                f"`ood_auroc*` against out-of-distribution versions of the test cases (not a brain, sequences in the wrong "
+                f"channels, corrupted, intensity-shifted).\n") if ood else ""  # fmt: skip
     metric_lines = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(evaluation.items())
     )
@@ -100,7 +106,7 @@ def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> s
 - Preprocessing: {data['preprocessing']} (the same `imaging.preprocess` code path serving uses)
 - Code: git {version_info.get('git_commit')}
 - Training: {version_info.get('epochs_run', '?')} epochs ran; kept {version_info.get('kept_because', 'the last epoch')}
-{calibration_line}
+{calibration_line}{ood_line}
 ## Data
 - Dataset hash {data['dataset_hash']} ({data['n_cases']} cases); split by case, stratified by grade x IDH,
   seed {data['seed']}: train {data['n_train']}, validation {data['n_val']}, test {data['n_test']}.

@@ -15,6 +15,8 @@ from torch import nn
 from training import losses
 from training.augment import modality_dropout, tumour_crop
 from training.data import CLS_TASKS, CaseArrays
+from training.networks import N_MODALITIES
+from training.ood import statistics as ood_statistics
 
 MC_SAMPLES = 16
 MC_SEED = 20240617  # the MC-dropout masks of every exported classifier (deterministic uncertainty)
@@ -170,7 +172,7 @@ class Localization(TaskDef):
 class Classification(TaskDef):
     name = "classification"
     default_epochs = 30
-    output_names = ["probabilities", "mc_mean", "mc_std"]
+    output_names = ["probabilities", "mc_mean", "mc_std", "ood_score"]
 
     def usable(self, case):
         return bool((case.cls >= 0).any())
@@ -202,15 +204,26 @@ class Classification(TaskDef):
             for batch in self.batches(cases, split["val"], np.random.default_rng(0), train=False):
                 logits.append(model(batch["image"], batch["presence"]))
                 targets.append(batch["cls"])
+        ood = self._fit_ood(model, cases, split)
         if not logits:
-            return {"temperature": [1.0] * 4, "calibration": "no validation case: left uncalibrated"}
+            return {"temperature": [1.0] * 4, "calibration": "no validation case: left uncalibrated", "ood": ood}
         fits = fit_temperatures(torch.cat(logits), torch.cat(targets))
         temps = [f.temperature for f in fits]
         model.temperature.copy_(torch.tensor(temps))
-        return {"temperature": temps, "calibration": {marker: f.record() for marker, f in zip(CLS_TASKS, fits)}}
+        return {"temperature": temps, "calibration": {marker: f.record() for marker, f in zip(CLS_TASKS, fits)}, "ood": ood}
+
+    def _fit_ood(self, model, cases, split) -> dict | None:
+        """The OOD score's Gaussian on the training split's input statistics, its threshold on validation."""
+        from training import ood
+
+        def stats(ids):
+            usable = [cases[i] for i in ids if self.usable(cases[i])]
+            return ood.case_statistics([c.image for c in usable], [c.presence for c in usable])
+
+        return ood.fit(stats(split["train"]), stats(split["val"]))
 
     def export_module(self, model, extras):
-        return _ClassificationGraph(model, MC_SAMPLES)
+        return _ClassificationGraph(model, MC_SAMPLES, ood=extras.get("ood"))
 
 
 class _ClassificationGraph(nn.Module):
@@ -222,9 +235,16 @@ class _ClassificationGraph(nn.Module):
     sample is a fixed thinned sub-network, as MC-dropout's ensemble reading has it.
     """
 
-    def __init__(self, net, samples, seed: int = MC_SEED):
+    def __init__(self, net, samples, seed: int = MC_SEED, ood: dict | None = None):
         super().__init__()
         self.net, self.samples = net, samples
+        width = 1 + 3 * N_MODALITIES + N_MODALITIES * (N_MODALITIES - 1) // 2  # training.ood.statistics
+        # Without a fitted OOD Gaussian the score is the plain norm of the statistics (mean 0, identity);
+        # serving then has no threshold for it and reports the MC-dropout score instead.
+        mean = torch.tensor(ood["mean"], dtype=torch.float32) if ood else torch.zeros(width)
+        whiten = torch.tensor(ood["whiten"], dtype=torch.float32) if ood else torch.eye(width)
+        self.register_buffer("ood_mean", mean)
+        self.register_buffer("ood_whiten", whiten)
         generator = torch.Generator().manual_seed(seed)
 
         def masks(width: int, p: float) -> torch.Tensor:
@@ -239,7 +259,11 @@ class _ClassificationGraph(nn.Module):
         deterministic = torch.sigmoid(self.net.heads(self.net.hidden(encoded)) / temperature)
         hidden = self.net.hidden(encoded.unsqueeze(0) * self.feature_keep)  # (S, B, H)
         mc = torch.sigmoid(self.net.heads(hidden * self.hidden_keep) / temperature)
-        return deterministic, mc.mean(0), mc.std(0)
+        values, defined = ood_statistics(image, presence)
+        values = defined * values + (1 - defined) * self.ood_mean  # a missing sequence is not foreign
+        whitened = (values - self.ood_mean) @ self.ood_whiten
+        ood_score = torch.sqrt((whitened * whitened).sum(dim=1, keepdim=True))  # Mahalanobis (training.ood)
+        return deterministic, mc.mean(0), mc.std(0), ood_score
 
 
 # -- survival ----------------------------------------------------------------------------------------

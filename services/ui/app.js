@@ -113,7 +113,8 @@ async function showResults(body) {
   if (q.missing_modalities.length) notes.push(`Missing modalities: ${q.missing_modalities.join(", ")} — results rely on the others.`);
   if (q.flags && q.flags.length) notes.push(`QUALITY CONTROL FAILED: ${q.flags.join(", ")} — analysed because quality_mode=flag; check the preprocessing picture before reading the results.`);
   for (const c of q.implausible || []) notes.push(`IMPLAUSIBLE (${c.check}): ${c.detail} — not to be read as a finding.`);
-  if (q.ood_flag) notes.push(`OUT OF DISTRIBUTION (score ${fmt(q.ood_score, 2)}): this study differs from the training data; treat every result with caution.`);
+  const oodWhy = q.ood_threshold == null ? "" : ` > ${fmt(q.ood_threshold, 2)}, ${q.ood_method}`;
+  if (q.ood_flag) notes.push(`OUT OF DISTRIBUTION (score ${fmt(q.ood_score, 2)}${oodWhy}): this study differs from the training data; treat every result with caution.`);
   $("quality").replaceChildren(...(notes.length ? notes : ["All four modalities present; the study is within the training distribution."]).map((n) => el("p", { text: n })));
   $("quality").className = notes.length ? "quality warn" : "quality ok";
 

@@ -38,6 +38,11 @@ def test_version_is_registered_with_lineage_tags(trained, live_stack, tiny_datas
     assert {"evaluation.json", "model/model.onnx", "model/MODEL_CARD.md", "model/signature.json"} <= artifacts
     assert client.list_artifacts(mv.run_id, "plots"), "no plot logged"
     assert run.data.params["dataset_hash"] == mv.tags["dataset_hash"]
+    assert int(mv.tags["kept_epoch"]) == 0 and mv.tags["epochs_run"] == "1"
+    metrics = json.loads(mv.tags["metrics"])
+    if task == "classification":  # the OOD detector is measured and calibration reported before/after
+        assert 0.0 <= metrics["ood_auroc"] <= 1.0 and metrics["ood_n_out_of_distribution"] == 4 * metrics["ood_n_in_distribution"]
+        assert "grade_brier" in metrics and "grade_brier_uncalibrated" in metrics
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -283,3 +283,82 @@ def test_clinical_baseline_is_a_cox_model_on_age_grade_and_idh_from_the_training
     days, events = np.array([c.os_days for c in test]), np.array([c.os_event for c in test])
     assert metrics.c_index(days, risk, events) > metrics.c_index(days, np.array([c.age for c in test]), events)
     assert fit_clinical_baseline(train[:3]) is None  # too few cases to fit on: no baseline, said by its absence
+
+
+def _ood_cases(n: int, rng) -> list[CaseArrays]:
+    """Brain-like cases: a z-scored ellipsoid of correlated sequences in a zero background."""
+    grid = np.mgrid[:32, :32, :32].astype(np.float32)
+    cases = []
+    for i in range(n):
+        radius = rng.uniform(9, 12)
+        brain = ((grid - 16) ** 2).sum(axis=0) < radius**2
+        base = rng.standard_normal((32, 32, 32)).astype(np.float32)
+        image = np.stack([base + rng.normal(0, 0.5 + 0.1 * c, base.shape) for c in range(4)]).astype(np.float32)
+        image = (image - image[:, brain].mean(axis=1)[:, None, None, None]) / image[:, brain].std(axis=1)[:, None, None, None]
+        presence = np.ones(4, np.float32)
+        if i % 5 == 4:  # some studies lack a sequence: not foreign for that
+            presence[1] = 0
+        image = (image * brain * presence[:, None, None, None]).astype(np.float32)
+        cases.append(CaseArrays(f"c{i}", image, presence, None, np.array([1, 0, -1, -1]), 50.0, 100.0, 1, "s", 2.0))
+    return cases
+
+
+def test_ood_score_is_a_mahalanobis_distance_in_the_exported_graph_and_separates_foreign_inputs(tmp_path):
+    from training import ood, tasks
+    from training.evaluate import _ood_metrics, session
+    from training.export import export_onnx
+
+    rng = np.random.default_rng(0)
+    cases = _ood_cases(40, rng)
+    stats = lambda cs: ood.case_statistics([c.image for c in cs], [c.presence for c in cs])  # noqa: E731
+    fitted = ood.fit(stats(cases[:24]), stats(cases[24:36]))
+    val_scores = ood.distance(*stats(cases[24:36]), fitted["mean"], fitted["whiten"])
+    assert fitted["threshold"] > val_scores.max() and "99.9% quantile of a scaled chi-square" in fitted["rule"]
+    assert "fitted to 12 validation cases" in fitted["rule"]
+    assert "maximum of 2 validation" in ood.fit(stats(cases[:24]), stats(cases[24:26]))["rule"]
+    assert ood.fit(stats(cases[:1]), stats(cases[24:27])) is None
+    # A missing sequence takes the training mean: the study with T1ce missing is not far for that.
+    missing = ood.distance(*stats([cases[39]]), fitted["mean"], fitted["whiten"])[0]
+    assert missing < 3 * np.median(val_scores), (missing, val_scores)
+
+    torch.manual_seed(0)
+    net = MultiTaskClassifier().eval()
+    extras = {"ood": fitted}
+    exported = export_onnx(tasks.get("classification"), net, extras, cases[0], tmp_path / "m.onnx")
+    assert exported.parity_ok and [o["name"] for o in exported.outputs][-1] == "ood_score"
+    sess = session(str(exported.path))
+    for case in (cases[36], cases[39]):  # the graph computes training.ood's distance, missing sequences included
+        got = sess.run(None, {"image": case.image[None], "presence": case.presence[None]})[3][0, 0]
+        assert got == pytest.approx(ood.distance(*stats([case]), fitted["mean"], fitted["whiten"])[0], rel=1e-3)
+    measured = _ood_metrics(sess, cases[36:40], extras)
+    assert set(measured) >= {"ood_auroc", "ood_auroc_not_brain", "ood_auroc_wrong_sequence", "ood_auroc_corrupt",
+                             "ood_auroc_intensity_shift", "ood_flagged_in_distribution", "ood_flagged_out_of_distribution"}  # fmt: skip
+    assert measured["ood_n_out_of_distribution"] == 16 and measured["ood_auroc"] >= 0.9, measured
+    kinds = ood.variants(cases[0].image, cases[0].presence, rng)
+    assert kinds["wrong_sequence"][0][0].tolist() == cases[0].image[3].tolist()
+    assert not kinds["corrupt"][0][:, :, :16].any()  # half the volume lost
+
+
+def test_survival_evaluation_reports_the_c_index_interval_beside_age_only_and_clinical_baselines(tmp_path):
+    from training import tasks
+    from training.evaluate import evaluate
+    from training.export import export_onnx
+    from training.networks import CoxSurvivalNet
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for i in range(30):
+        age, grade = float(rng.uniform(30, 80)), int(rng.integers(0, 2))
+        days = float(rng.exponential(1000 / np.exp(0.04 * (age - 55) + 0.7 * grade)))
+        cases.append(CaseArrays(f"c{i}", rng.standard_normal((4, 32, 32, 32)).astype(np.float32), np.ones(4, np.float32),
+                                None, np.array([grade, -1, -1, -1]), age, days, int(rng.random() < 0.8), "s", 2.0))  # fmt: skip
+    task = tasks.get("survival")
+    torch.manual_seed(0)
+    net = CoxSurvivalNet().eval()
+    extras = {"clinical_baseline": tasks.fit_clinical_baseline(cases[:20]), "risk_threshold": 0.0}
+    exported = export_onnx(task, net, extras, cases[0], tmp_path / "s.onnx")
+    m = evaluate("survival", str(exported.path), cases[20:], extras)["metrics"]
+    assert m["n_cases"] == 10 and m["c_index_ci_low"] <= m["c_index"] <= m["c_index_ci_high"]
+    assert m["c_index_over_clinical"] == pytest.approx(m["c_index"] - m["c_index_clinical_only"])
+    assert m["c_index_over_clinical_ci_low"] <= m["c_index_over_clinical"] <= m["c_index_over_clinical_ci_high"]
+    assert 0 <= m["c_index_age_only"] <= 1 and m["c_index_clinical_only"] > 0.5  # age and grade carry this cohort's hazard
