@@ -112,6 +112,14 @@ def _demo_case(eval_dir):
     return sorted(p for p in eval_dir.iterdir() if p.is_dir())[0]
 
 
+def use_stack_accounts(settings: Settings) -> None:
+    """This process talks to MLflow as the training account from here on. The CLI sets it at start, but on
+    a fresh home the accounts only exist once `stack up` has created them (the demo's own first step)."""
+    from oncoserve.credentials import use_mlflow_account
+
+    use_mlflow_account(settings.mlflow_accounts_file, "training")
+
+
 def run(settings: Settings, console: Console, down: bool = False, cases: int = 60, seed: int = 7, epochs: int | None = None) -> dict:
     from pipelines import serving
     from pipelines.pipeline import PipelineRunner, default_summary_path, write_summary
@@ -125,6 +133,7 @@ def run(settings: Settings, console: Console, down: bool = False, cases: int = 6
         parts = stack.up(on_event=lambda n, m: spinner.console.log(f"{n}: {m}"))
     for p in parts:
         console.print(f"  {p.name:<8} {'healthy' if p.healthy else 'DOWN':<8} {p.url:<24} log {p.log}")
+    use_stack_accounts(settings)
     results: dict = {"stack_up_s": round(time.monotonic() - started, 1)}
     try:
         who = demo_identity(settings, console)

@@ -65,6 +65,23 @@ def test_up_brings_every_component_to_health(stack, stack_settings):
         assert Path(p.log).parent == stack_settings.logs_dir and Path(p.log).exists()
 
 
+def test_the_demo_uses_the_accounts_its_own_stack_up_created(stack, stack_settings, monkeypatch):
+    """`oncoserve demo` starts before the stack exists (a fresh home has no accounts yet): once its stack is
+    up it must talk to MLflow as the training account, not anonymously (it did, and every train step got 401)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.demo import use_stack_accounts
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    client = MlflowClient(stack_settings.mlflow_url)
+    with pytest.raises(MlflowException, match="401|not authenticated"):
+        client.search_registered_models(max_results=1)
+    use_stack_accounts(stack_settings)
+    assert client.search_registered_models(max_results=1) is not None
+
+
 def test_second_up_starts_nothing_new(stack):
     before = {n: r.pid for n, r in stack.records().items()}
     stack.up()
