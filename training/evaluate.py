@@ -73,8 +73,9 @@ def _run_classifier(sess, image: np.ndarray, presence: np.ndarray) -> dict[str, 
     return dict(zip(names, sess.run(None, {"image": image[None], "presence": presence[None]})))
 
 
-def _classify(sess, cases: list[CaseArrays], drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    probs, stds = [], []
+def _classify(sess, cases: list[CaseArrays], drop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Probabilities, MC std and (where the version has it) the OOD score of each case."""
+    probs, stds, oods = [], [], []
     for c in cases:
         image, presence = c.image.copy(), c.presence.copy()
         if drop is not None:
@@ -82,18 +83,19 @@ def _classify(sess, cases: list[CaseArrays], drop: int | None = None) -> tuple[n
         out = _run_classifier(sess, image, presence)
         probs.append(out["probabilities"][0])
         stds.append(out["mc_std"][0])
-    return np.array(probs), np.array(stds)
+        if "ood_score" in out:
+            oods.append(float(out["ood_score"][0, 0]))
+    return np.array(probs), np.array(stds), (np.array(oods) if oods else None)
 
 
-def _ood_metrics(sess, cases: list[CaseArrays], extras: dict) -> dict:
-    """The OOD score measured: AUROC between the test cases and out-of-distribution versions of them
-    (training.ood.variants), overall and per kind, and the share flagged at the validation threshold."""
+def _ood_metrics(sess, cases: list[CaseArrays], inside: np.ndarray | None, extras: dict) -> dict:
+    """The OOD score measured: AUROC between the test cases (their scores `inside`) and out-of-distribution
+    versions of them (training.ood.variants), overall and per kind, and the share flagged at the threshold."""
     from training import ood
 
-    if "ood_score" not in {o.name for o in sess.get_outputs()} or not cases:
+    if inside is None or not cases:
         return {}
     rng = np.random.default_rng(0)
-    inside = np.array([float(_run_classifier(sess, c.image, c.presence)["ood_score"][0, 0]) for c in cases])
     outside: dict[str, list[float]] = {}
     for c in cases:
         for kind, (image, presence) in ood.variants(c.image, c.presence, rng).items():
@@ -157,16 +159,16 @@ def _marker_baselines(probs: np.ndarray, labels: np.ndarray) -> dict:
 def evaluate_classification(sess, cases: list[CaseArrays], extras: dict) -> dict:
     cases = [c for c in cases if (c.cls >= 0).any()]
     labels = np.array([c.cls for c in cases]) if cases else np.zeros((0, 4))
-    probs, stds = _classify(sess, cases)
+    probs, stds, oods = _classify(sess, cases)
     result = _cls_metrics(probs, labels, temperature=extras.get("temperature", [1.0] * len(CLS_TASKS)))
     result["mean_mc_std"] = float(stds.mean()) if len(stds) else float("nan")
     result |= _marker_baselines(probs, labels)
-    result |= _ood_metrics(sess, cases, extras)
+    result |= _ood_metrics(sess, cases, oods, extras)
     for m, modality in enumerate(MODALITIES):
         # Robustness: the same cases with one modality missing (where it was present).
         with_it = [c for c in cases if c.presence[m] > 0]
         if with_it:
-            p, _ = _classify(sess, with_it, drop=m)
+            p, _, _ = _classify(sess, with_it, drop=m)
             result |= _cls_metrics(p, np.array([c.cls for c in with_it]), prefix=f"without_{modality}/")
     rows = [{"case_id": c.case_id, "site": c.site, **{f"p_{t}": float(p[i]) for i, t in enumerate(CLS_TASKS)},
              **{f"label_{t}": int(c.cls[i]) for i, t in enumerate(CLS_TASKS)}} for c, p in zip(cases, probs)]  # fmt: skip

@@ -204,7 +204,7 @@ class Classification(TaskDef):
             for batch in self.batches(cases, split["val"], np.random.default_rng(0), train=False):
                 logits.append(model(batch["image"], batch["presence"]))
                 targets.append(batch["cls"])
-        ood = self._fit_ood(model, cases, split)
+        ood = self._fit_ood(cases, split)
         if not logits:
             return {"temperature": [1.0] * 4, "calibration": "no validation case: left uncalibrated", "ood": ood}
         fits = fit_temperatures(torch.cat(logits), torch.cat(targets))
@@ -212,7 +212,7 @@ class Classification(TaskDef):
         model.temperature.copy_(torch.tensor(temps))
         return {"temperature": temps, "calibration": {marker: f.record() for marker, f in zip(CLS_TASKS, fits)}, "ood": ood}
 
-    def _fit_ood(self, model, cases, split) -> dict | None:
+    def _fit_ood(self, cases, split) -> dict | None:
         """The OOD score's Gaussian on the training split's input statistics, its threshold on validation."""
         from training import ood
 
@@ -238,7 +238,7 @@ class _ClassificationGraph(nn.Module):
     def __init__(self, net, samples, seed: int = MC_SEED, ood: dict | None = None):
         super().__init__()
         self.net, self.samples = net, samples
-        width = 1 + 3 * N_MODALITIES + N_MODALITIES * (N_MODALITIES - 1) // 2  # training.ood.statistics
+        width = ood_statistics(torch.zeros(1, N_MODALITIES, 2, 2, 2), torch.ones(1, N_MODALITIES))[0].shape[1]
         # Without a fitted OOD Gaussian the score is the plain norm of the statistics (mean 0, identity);
         # serving then has no threshold for it and reports the MC-dropout score instead.
         mean = torch.tensor(ood["mean"], dtype=torch.float32) if ood else torch.zeros(width)

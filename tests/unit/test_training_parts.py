@@ -305,7 +305,7 @@ def _ood_cases(n: int, rng) -> list[CaseArrays]:
 
 def test_ood_score_is_a_mahalanobis_distance_in_the_exported_graph_and_separates_foreign_inputs(tmp_path):
     from training import ood, tasks
-    from training.evaluate import _ood_metrics, session
+    from training.evaluate import _classify, _ood_metrics, session
     from training.export import export_onnx
 
     rng = np.random.default_rng(0)
@@ -330,7 +330,7 @@ def test_ood_score_is_a_mahalanobis_distance_in_the_exported_graph_and_separates
     for case in (cases[36], cases[39]):  # the graph computes training.ood's distance, missing sequences included
         got = sess.run(None, {"image": case.image[None], "presence": case.presence[None]})[3][0, 0]
         assert got == pytest.approx(ood.distance(*stats([case]), fitted["mean"], fitted["whiten"])[0], rel=1e-3)
-    measured = _ood_metrics(sess, cases[36:40], extras)
+    measured = _ood_metrics(sess, cases[36:40], _classify(sess, cases[36:40])[2], extras)
     assert set(measured) >= {"ood_auroc", "ood_auroc_not_brain", "ood_auroc_wrong_sequence", "ood_auroc_corrupt",
                              "ood_auroc_intensity_shift", "ood_flagged_in_distribution", "ood_flagged_out_of_distribution"}  # fmt: skip
     assert measured["ood_n_out_of_distribution"] == 16 and measured["ood_auroc"] >= 0.9, measured
