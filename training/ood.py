@@ -12,8 +12,8 @@ Fitted after training on the training split; its threshold is chosen on the vali
 quantile of a scaled chi-square fitted (by its moments) to the validation cases' squared distances. A
 validation split has ~10 cases, too few for an empirical tail, and in-distribution distances are heavy-
 tailed (tumour burden moves the FLAIR skewness): measured on 60 phantoms over 6 splits, this rule flagged
-1 of 54 held-out in-distribution cases and every one of 216 out-of-distribution variants, where the
-validation maximum flagged 9 of 54. The exported classifier
+1 of 54 held-out in-distribution cases and every one of 216 out-of-distribution variants; over 4 of those
+splits the validation maximum, and a 99 % quantile of the same fit, each flagged 6 of 36. The exported classifier
 computes the score in its graph (output `ood_score`, `statistics` below is that code). Evaluation
 measures it: AUROC between the test cases and out-of-distribution versions of them (`variants`).
 """
