@@ -182,9 +182,13 @@ NOTES = {
           "the model grid with SimpleITK vs the scipy path it replaced; labels back to the native grid.",
     "PP-served": "/v1/segmentation:predict end to end (one-epoch models, 2 threads per replica) for that twin and that "
                  "raw study, alternately, 5 rounds each after a warm-up; the raw path's extra time is its preprocessing.",
+    "SW": "segmentation per 2 mm study as serving runs it (imaging.sliding_window, onnxruntime 2 threads): windows "
+          "of the trained 64^3 patch at overlaps 0, 0.25 (the default), 0.5, with and without mirroring TTA (8 passes), "
+          "and the whole grid as one window (bench/segmentation_windows.py).",
     "P1": "one segmentation request through the platform (HTTP, Ray Serve, the replica's onnxruntime) vs the "
           "same work as function calls in one process, measured alternately; with the pre/post-processing share.",
-    "P1-peers": "raw inference on the same compiled ONNX and input tensor (1x4x96x112x96 float32, 16.5 MB) through "
+    "P1-peers": "raw inference on the same compiled ONNX and input tensor (one window of the study, the patch "
+                "network's input: 1x4x64x64x64 float32, 4.2 MB; before patch training it was the whole grid) through "
                 "the platform's OIP v2 (HTTP binary, gRPC), a KServe ModelServer (gRPC; its HTTP path answers in "
                 "JSON), BentoML (.npy files; its JSON for arrays took over 300 s) and `mlflow models serve` (JSON), "
                 "each over onnxruntime called in-process; the platform, KServe gRPC, BentoML and in-process onnxruntime "
@@ -242,7 +246,14 @@ SECTIONS = {
     "train": ("Ray Train 2 workers vs 1 (P7)", lambda: bench_ray_train_scaling()),
     "preprocess": ("preprocessing v2: fast path vs raw scanner study, per step (PP)", lambda: _preprocessing()),
     "preprocess-served": ("served segmentation request, fast path vs raw path (PP-served)", lambda: _served_paths()),
+    "windows": ("segmentation latency by sliding-window size, overlap and TTA (SW)", lambda: _windows()),
 }
+
+
+def _windows() -> list[dict]:
+    from bench.segmentation_windows import bench_windows
+
+    return bench_windows()
 
 
 def _preprocessing() -> list[dict]:

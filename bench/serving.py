@@ -94,18 +94,18 @@ def _files(case: Path) -> dict:
             for p in sorted(case.glob("*.nii.gz")) if not p.name.endswith("_seg.nii.gz")}  # fmt: skip
 
 
-def segmentation_steps(backend, raw: dict[str, bytes]):
-    """The work of /v1/segmentation:predict as plain function calls: decode, preprocess, infer,
-    postprocess, encode the mask (NIfTI, gzip, base64)."""
+def segmentation_steps(backend, raw: dict[str, bytes], extras: dict):
+    """The work of /v1/segmentation:predict as plain function calls: decode, preprocess, infer (the
+    version's sliding window), postprocess, encode the mask (NIfTI, gzip, base64)."""
     from imaging.preprocess import preprocess
     from services.study_input import from_nifti
-    from services.task_logic import feeds, postprocess
+    from services.task_logic import feeds, infer, postprocess
 
     def whole():
         import nibabel as nib
 
         p = preprocess(from_nifti(raw, "bench", None).study)
-        result = postprocess("segmentation", backend.infer(feeds("segmentation", p, None)), p, {})
+        result = postprocess("segmentation", infer("segmentation", backend.infer, feeds("segmentation", p, None), extras), p, extras)
         mask = result["mask"]
         base64.b64encode(gzip.compress(nib.Nifti1Image(mask.data.astype("uint8"), mask.affine).to_bytes(), mtime=0))
 
@@ -113,18 +113,22 @@ def segmentation_steps(backend, raw: dict[str, bytes]):
 
 
 def _in_process_segmentation(settings, registry, store, files: dict):
-    """The same work as /v1/segmentation:predict in one process, and the backend call alone."""
+    """The same work as /v1/segmentation:predict in one process, and the model's compute alone (its
+    sliding window over the study)."""
+    import json
+
     from imaging.preprocess import preprocess
     from serving.backends import OnnxRuntimeBackend
     from services.study_input import from_nifti
-    from services.task_logic import feeds
+    from services.task_logic import feeds, infer
 
     version = registry.alias("segmentation", "champion")
     backend = OnnxRuntimeBackend.from_version(registry, store, settings.bucket_models, settings.triton_repo_prefix,
                                               "segmentation", version, threads=2)  # fmt: skip
+    extras = json.loads(registry.artifact_text("segmentation", version, "extras.json") or "{}")
     raw = {m: f[1] for m, f in files.items()}
     inputs = feeds("segmentation", preprocess(from_nifti(raw, "bench", None).study), None)
-    return segmentation_steps(backend, raw), lambda: backend.infer(inputs)
+    return segmentation_steps(backend, raw, extras), lambda: infer("segmentation", backend.infer, inputs, extras)
 
 
 async def _throughput(url: str, body: bytes, headers: dict, concurrency: int, total: int) -> float:
@@ -161,13 +165,21 @@ def _compiled_segmentation(settings, registry, store, dst: Path) -> Path:
     return load_compiled_onnx(registry, store, settings.bucket_models, settings.triton_repo_prefix, "segmentation", version, dst)
 
 
+def _model_input(onnx_path: Path, image: np.ndarray) -> np.ndarray:
+    """The study cut to the model's own input (a patch network takes one window of it)."""
+    import onnx
+
+    dims = [d.dim_value for d in onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim[2:]]
+    return np.ascontiguousarray(image[(..., *(slice(0, d) for d in dims))])
+
+
 def _peers(settings, registry, store, prepared, home: Path) -> list[dict]:
     """P1-peers: the same ONNX and tensor through the platform's OIP v2 and through peer servers."""
     from bench.peers import bench_peers
 
     work = home / "peers"
     onnx_path = _compiled_segmentation(settings, registry, store, work / "model.onnx")
-    return bench_peers(onnx_path, prepared.image[None], settings.serve_url, f"{settings.host}:{settings.serve_grpc_port}", work)
+    return bench_peers(onnx_path, _model_input(onnx_path, prepared.image[None]), settings.serve_url, f"{settings.host}:{settings.serve_grpc_port}", work)
 
 
 def _volume_sizes(settings, registry, store, case: Path, home: Path, url: str) -> list[dict]:
@@ -175,6 +187,8 @@ def _volume_sizes(settings, registry, store, case: Path, home: Path, url: str) -
     from bench.volume_size import SIZES, measure_in_process, write_resized
 
     onnx_path = _compiled_segmentation(settings, registry, store, home / "sizes" / "model.onnx")
+    version = registry.alias("segmentation", "champion")
+    onnx_path.with_name("extras.json").write_text(registry.artifact_text("segmentation", version, "extras.json") or "{}")
     figures = []
     for n in SIZES:
         resized = write_resized(case, home / "sizes" / str(n) / case.name, n)

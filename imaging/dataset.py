@@ -90,14 +90,19 @@ def read_case(root: str | Path, case_id: str, clinical: dict | None = None, max_
         path = folder / f"{case_id}_{modality}.nii.gz"
         if path.exists():
             images[modality] = nifti.load(path, max_voxels=max_voxels)
-    seg = None
-    seg_path = folder / f"{case_id}_seg.nii.gz"
-    if seg_path.exists():
-        raw = nifti.load(seg_path, max_voxels=max_voxels, dtype=None)
-        seg = Volume(normalise_labels(raw.data, seg_path.name), raw.affine)
+    seg = read_segmentation(root, case_id, max_voxels)
     rows = read_clinical(root) if clinical is None else clinical
     labels, extra = labels_from_row(rows.get(case_id))
     return Study(case_id=case_id, images=images, segmentation=seg, labels=labels, **extra)
+
+
+def read_segmentation(root: str | Path, case_id: str, max_voxels: int = nifti.DEFAULT_MAX_VOXELS) -> Volume | None:
+    """A case's ground truth as it is on disk (its own grid), labels normalised; None when it has none."""
+    path = Path(root) / check_case_id(case_id) / f"{case_id}_seg.nii.gz"
+    if not path.exists():
+        return None
+    raw = nifti.load(path, max_voxels=max_voxels, dtype=None)
+    return Volume(normalise_labels(raw.data, path.name), raw.affine)
 
 
 def iter_dataset(root: str | Path) -> Iterator[Study]:

@@ -1,6 +1,6 @@
 """Model outputs -> findings, shared by training's evaluation and serving (one code path).
 
-- Segmentation: class probabilities -> BraTS labels; stray voxel clusters removed, multifocal tumour kept.
+- Segmentation: class (or region) probabilities -> BraTS labels; stray voxel clusters removed, multifocal tumour kept.
 - Localization: a tumour heatmap -> bounding box and centre.
 - Survival: a Cox risk score and the Breslow baseline -> a survival curve, median and risk group.
 """
@@ -19,8 +19,25 @@ MIN_COMPONENT_ML = 0.1
 
 
 def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
-    """(4, X, Y, Z) class probabilities (background, NCR, ED, ET) -> uint8 BraTS labels."""
+    """Model probabilities -> uint8 BraTS labels: (4, X, Y, Z) class probabilities (background, NCR, ED,
+    ET; softmax) by argmax, or (3, X, Y, Z) region probabilities (WT, TC, ET; sigmoid) by regions_to_labels."""
+    if probs.shape[0] == len(REGION_CHANNELS):
+        return regions_to_labels(probs)
     return CLASS_TO_LABEL[np.argmax(probs, axis=0)]
+
+
+REGION_CHANNELS = ("WT", "TC", "ET")
+
+
+def regions_to_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Nested region probabilities -> labels, the BraTS hierarchy enforced: ED where the whole tumour is,
+    NCR where the tumour core is too, ET where enhancing tumour is inside that core."""
+    wt = probs[0] > threshold
+    tc = wt & (probs[1] > threshold)
+    et = tc & (probs[2] > threshold)
+    labels = np.zeros(probs.shape[1:], np.uint8)
+    labels[wt], labels[tc], labels[et] = 2, 1, 4
+    return labels
 
 
 def remove_stray_voxels(labels: np.ndarray, voxel_ml: float, min_ml: float = MIN_COMPONENT_ML) -> np.ndarray:

@@ -16,7 +16,7 @@ from imaging.preprocess import PreparedStudy, PreprocessConfig, preprocess
 from imaging.study import Study, Volume
 from serving.backends import InferenceBackend, OnnxRuntimeBackend
 from services.schemas import Findings
-from services.task_logic import TASKS, ServingError, feeds, postprocess
+from services.task_logic import TASKS, ServingError, feeds, infer, postprocess
 
 OOD_THRESHOLD = 0.15  # mean MC-dropout std above which a study is flagged (versions without a measured OOD score)
 
@@ -59,11 +59,12 @@ def assemble(study: Study, preprocessing_version: str, results: dict[str, dict],
 
 class StudyAnalyzer:
     def __init__(self, backends: dict[str, InferenceBackend], extras: dict[str, dict],
-                 config: PreprocessConfig = PreprocessConfig()):  # fmt: skip
+                 config: PreprocessConfig = PreprocessConfig(), window: dict | None = None):  # fmt: skip
         missing = [t for t in TASKS if t not in backends]
         if missing:
             raise ServingError(f"no backend for {', '.join(missing)}")
         self.backends, self.extras, self.config = backends, extras, config
+        self.window = window or {}  # segmentation's sliding-window options (overlap, mirror, batch)
 
     @classmethod
     def from_registry(cls, registry, store, bucket: str, prefix: str, alias: str = "champion", threads: int = 1) -> "StudyAnalyzer":
@@ -81,7 +82,8 @@ class StudyAnalyzer:
         return {task: backend.version for task, backend in self.backends.items()}
 
     def run_task(self, task: str, prepared, age: float | None) -> dict:
-        outputs = self.backends[task].infer(feeds(task, prepared, age))
+        extras = self.extras.get(task, {})
+        outputs = infer(task, self.backends[task].infer, feeds(task, prepared, age), extras, self.window)
         return postprocess(task, outputs, prepared, self.extras.get(task, {}))
 
     def analyze(self, study: Study) -> Analysis:

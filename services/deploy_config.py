@@ -59,6 +59,14 @@ class Backend(_Strict):
         return self
 
 
+class SlidingWindow(_Strict):
+    """How a segmentation patch network is run over a study (imaging.sliding_window)."""
+
+    overlap: float | None = Field(None, ge=0, lt=1, description="window overlap (default: the version's own, 0.25)")
+    mirror: bool = Field(False, description="mirroring test-time augmentation: 8 passes, their disagreement reported")
+    batch: int = Field(2, ge=1, le=64, description="windows per model call")
+
+
 class Generator(_Strict):
     kind: Literal["template", "openai", "llamacpp"] = "template"
     url: str | None = Field(None, description="OpenAI-compatible base URL (kind: openai)")
@@ -79,6 +87,7 @@ class Deployment(_Strict):
     autoscaling: Autoscaling = Autoscaling()
     batching: Batching | None = Field(None, description="model deployments only (default: Batching())")
     backend: Backend | None = Field(None, description="model deployments only (default: Backend())")
+    sliding_window: SlidingWindow | None = Field(None, description="segmentation only (default: SlidingWindow())")
     generator: Generator | None = Field(None, description="reporting only (default: the template composer)")
     retrieval: bool | None = Field(None, description="reporting only: embedding retrieval over the knowledge base")
 
@@ -110,6 +119,10 @@ class DeploymentConfig(_Strict):
         for name in ("gateway", *MODEL_TASKS):
             if self.deployments[name].generator or self.deployments[name].retrieval is not None:
                 raise ValueError(f"{name}: generator and retrieval apply to the reporting deployment only")
+        for name in DEPLOYMENTS:
+            if name != "segmentation" and self.deployments[name].sliding_window is not None:
+                raise ValueError(f"{name}: sliding_window applies to the segmentation deployment only")
+        self.deployments["segmentation"].sliding_window = self.deployments["segmentation"].sliding_window or SlidingWindow()
         for task in MODEL_TASKS:
             spec = self.deployments[task]
             spec.batching, spec.backend = spec.batching or Batching(), spec.backend or Backend()

@@ -17,9 +17,16 @@ class LocalizationFindings(BaseModel):
     hemisphere: str | None = Field(None, description="left | right | midline: tumour centre vs the brain's centre (RAS)")
 
 
+class SegmentationUncertainty(BaseModel):
+    tta_disagreement: float = Field(..., description="1 - mean Dice (whole tumour) of each mirrored pass to their consensus")
+    passes: int
+
+
 class SegmentationFindings(BaseModel):
     volumes_ml: dict[str, float] = Field(..., description="NCR, ED, ET, WT, TC")
     mask: str = Field(..., description="Name of the mask output (NIfTI, labels 1 NCR, 2 ED, 4 ET, input grid)")
+    uncertainty: SegmentationUncertainty | None = Field(
+        None, description="mirroring test-time augmentation's disagreement (only when it ran)")
 
 
 class MarkerFindings(BaseModel):

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from imaging.postprocess import (
-    heatmap_to_box,
-    probabilities_to_labels,
-    remove_stray_voxels,
-    survival_curve,
-    volumes_ml,
-)
-from imaging.preprocess import PreparedStudy, PreprocessConfig, box_to_source, labels_to_source, points_to_source
+from imaging import sliding_window
+from imaging.native_grid import labels_on_grid
+from imaging.postprocess import heatmap_to_box, remove_stray_voxels, survival_curve, volumes_ml
+from imaging.preprocess import PreparedStudy, PreprocessConfig, box_to_source, points_to_source
+from imaging.study import Volume
 from imaging.study import CLASS_LABELS
 from services import plausibility
 
@@ -48,6 +45,23 @@ def feeds(task: str, prepared: PreparedStudy, age: float | None) -> dict[str, np
     raise ServingError(f"unknown task {task!r}")
 
 
+def infer(task: str, run, inputs: dict[str, np.ndarray], extras: dict, window: dict | None = None) -> dict[str, np.ndarray]:
+    """The model's outputs for one study's inputs. `run` is the model call (named inputs -> named outputs).
+
+    A segmentation version trained on patches (its extras name the window) runs as a sliding window over
+    the model grid, with the serving options `window` (overlap, mirror, batch) on top of the version's own;
+    its outputs then carry `tta_disagreement` when mirroring ran. Every other model is one call.
+    """
+    spec = sliding_window.WindowSpec.of_version(extras, **(window or {})) if task == "segmentation" else None
+    if spec is None:
+        return run(inputs)
+    result = sliding_window.predict(lambda windows: run({"image": windows})["probabilities"], inputs["image"][0], spec)
+    out = {"probabilities": result.probabilities[None]}
+    if result.disagreement is not None:
+        out["tta_disagreement"] = np.array([[result.disagreement]], np.float32)
+    return out
+
+
 def postprocess(task: str, outputs: dict[str, np.ndarray], prepared: PreparedStudy, extras: dict) -> dict:
     """One study's outputs -> {"section": findings section, and "mask" / "mc_std_mean" where they apply}."""
     if task == "localization":
@@ -57,7 +71,10 @@ def postprocess(task: str, outputs: dict[str, np.ndarray], prepared: PreparedStu
         voxel_ml = float(abs(np.linalg.det(mask.affine[:3, :3]))) / 1000.0
         volumes = volumes_ml(mask.data, voxel_ml)
         brain_ml = float(prepared.brain_mask.sum()) * float(abs(np.linalg.det(prepared.grid.affine[:3, :3]))) / 1000.0
-        return {"section": {"volumes_ml": volumes, "mask": "segmentation.nii.gz"}, "mask": mask,
+        section = {"volumes_ml": volumes, "mask": "segmentation.nii.gz"}
+        if "tta_disagreement" in outputs:  # mirroring TTA: 1 - mean Dice of the 8 passes to their consensus
+            section["uncertainty"] = {"tta_disagreement": round(float(outputs["tta_disagreement"][0, 0]), 4), "passes": len(sliding_window.MIRROR_AXES)}
+        return {"section": section, "mask": mask,
                 "implausible": plausibility.segmentation_checks(volumes, brain_ml, extras.get("training_volumes_ml"))}  # fmt: skip
     if task == "classification":
         return {"section": _classification(outputs), "mc_std_mean": float(np.mean(outputs["mc_std"][0])),
@@ -68,10 +85,11 @@ def postprocess(task: str, outputs: dict[str, np.ndarray], prepared: PreparedStu
     raise ServingError(f"unknown task {task!r}")
 
 
-def _segmentation(probs: np.ndarray, prepared: PreparedStudy):
-    spacing = float(prepared.grid.affine[0, 0])
-    labels = remove_stray_voxels(probabilities_to_labels(probs), spacing**3 / 1000.0)
-    return labels_to_source(labels, prepared)
+def _segmentation(probs: np.ndarray, prepared: PreparedStudy) -> Volume:
+    """Probabilities resampled onto the study's own grid, labelled there, stray clusters dropped there."""
+    labels = labels_on_grid(probs, prepared.grid, prepared.source)
+    voxel_ml = float(abs(np.linalg.det(prepared.source.affine[:3, :3]))) / 1000.0
+    return Volume(remove_stray_voxels(labels, voxel_ml), prepared.source.affine)
 
 
 def _localization(heatmap: np.ndarray, prepared: PreparedStudy) -> dict:

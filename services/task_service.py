@@ -6,7 +6,9 @@ Every task deployment has the same lifecycle, in this order:
                but only when the platform's signed promotion record names that version
                (services.trusted_champion: an alias moved any other way is refused and counted)
   preprocess   the model inputs from the study the gateway prepared once (services.task_logic.feeds)
-  infer        through the backend, several requests per model call (`serve.batch`)
+  infer        through the backend, several requests per model call (`serve.batch`); a segmentation
+               patch network as a sliding window over the study (imaging.sliding_window), its windows
+               batched per model call
   postprocess  outputs -> this task's findings section, back on the input's grid
 Each stage is timed into `oncoserve_stage_seconds{task, stage, version}`.
 
@@ -31,7 +33,8 @@ from ray import serve
 
 from serving.backends import BackendUnavailable, InferenceBackend, build_backend
 from services import metrics
-from services.task_logic import TASKS, ServingError, feeds, postprocess
+from imaging import sliding_window
+from services.task_logic import TASKS, ServingError, feeds, infer, postprocess
 
 log = logging.getLogger("ray.serve")
 
@@ -60,6 +63,7 @@ class TaskService:
         if task not in TASKS:
             raise ServingError(f"unknown task {task!r}")
         self.task, self.spec = task, spec
+        self._window = spec.get("sliding_window") or {}  # segmentation: overlap, mirror, batch
         from oncoserve.credentials import use_mlflow_account
 
         settings = Settings(**settings_fields)
@@ -158,7 +162,14 @@ class TaskService:
         try:
             t0 = time.perf_counter()
             inputs = feeds(self.task, prepared, age)
-            version, outputs = await self._infer_batch(inputs)
+            model = self.model
+            if self._windowed(model):
+                # A patch network: its windows are the batch (one study's windows per model call).
+                version = model.version
+                outputs = await asyncio.to_thread(infer, self.task, model.backend.infer, inputs, model.extras, self._window)
+                metrics.STAGE_SECONDS.labels(self.task, "infer", version).observe(time.perf_counter() - t0)
+            else:
+                version, outputs = await self._infer_batch(inputs)
             t1 = time.perf_counter()
             extras = self.model.extras if self.model.version == version else self._extras_of(version)
             result = await asyncio.to_thread(postprocess, self.task, outputs, prepared, extras)
@@ -168,6 +179,9 @@ class TaskService:
         metrics.STAGE_SECONDS.labels(self.task, "postprocess", version).observe(t2 - t1)
         metrics.STAGE_SECONDS.labels(self.task, "total", version).observe(t2 - t0)
         return {**result, "version": version}
+
+    def _windowed(self, model: LoadedModel) -> bool:
+        return self.task == "segmentation" and sliding_window.WindowSpec.of_version(model.extras) is not None
 
     async def infer_raw(self, inputs: dict[str, np.ndarray]) -> dict:
         """Raw model inference (Open Inference Protocol v2): tensors in, tensors out."""

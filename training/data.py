@@ -32,6 +32,10 @@ class CaseArrays:
     os_event: int  # -1 unknown
     site: str
     spacing_mm: float
+    # Where the case came from, for figures on its own (native) grid: the model grid's affine and the
+    # dataset folder its untouched ground truth is read from (imaging.dataset.read_segmentation).
+    grid_affine: np.ndarray | None = None
+    data_root: Path | None = None
 
 
 @dataclass
@@ -65,7 +69,7 @@ def load_dataset(root: str | Path, cache_dir: str | Path, config: PreprocessConf
     ids = case_ids(root)
     for n, case_id in enumerate(ids):
         path = cache / f"{case_id}.npz"
-        if not path.exists():
+        if not _complete(path):
             study = read_case(root, case_id, clinical)
             prepared = preprocess(study, config)
             seg = prepared.segmentation
@@ -75,6 +79,7 @@ def load_dataset(root: str | Path, cache_dir: str | Path, config: PreprocessConf
                 "os_days": study.labels.os_days if study.labels.os_days is not None else float("nan"),
                 "os_event": study.labels.os_event if study.labels.os_event is not None else MISSING,
                 "site": study.site or "",
+                "grid_affine": prepared.grid.affine.tolist(),
             }
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, image=prepared.image.astype(np.float16), presence=prepared.presence,
@@ -95,11 +100,21 @@ def load_dataset(root: str | Path, cache_dir: str | Path, config: PreprocessConf
                     os_event=int(meta["os_event"]),
                     site=meta["site"],
                     spacing_mm=config.spacing_mm,
+                    grid_affine=np.array(meta["grid_affine"]),
+                    data_root=root,
                 )
             )
         if progress:
             progress(n + 1, len(ids))
     return ds
+
+
+def _complete(path: Path) -> bool:
+    """A cached case written by this code (an older cache lacks the model grid's affine: redo it)."""
+    if not path.exists():
+        return False
+    with np.load(path) as z:
+        return "grid_affine" in json.loads(str(z["meta"]))
 
 
 def split_cases(ds: Dataset, seed: int, fractions=(0.7, 0.15, 0.15)) -> dict[str, list[str]]:

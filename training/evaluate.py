@@ -1,6 +1,9 @@
 """Score an exported (ONNX) model on preprocessed cases with onnxruntime: the artifact serving will load.
 
-Metrics are computed on the 2 mm model grid with the shared imaging metrics and post-processing.
+Segmentation runs as serving runs it (the version's sliding window, imaging.sliding_window) and is scored
+on each case's own grid against its untouched ground truth (the headline `dice_*` / `hd95_*`, comparable
+to BraTS figures), and on the 2 mm model grid against the resampled truth (`model_grid/*`). The other
+tasks are scored on the model grid with the shared imaging metrics and post-processing.
 """
 
 from __future__ import annotations
@@ -8,9 +11,12 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from imaging import metrics
+from imaging import metrics, sliding_window
+from imaging.dataset import read_segmentation
 from imaging.labels import CLASS_TO_LABEL
+from imaging.native_grid import labels_on_grid
 from imaging.postprocess import heatmap_to_box, probabilities_to_labels, remove_stray_voxels
+from imaging.preprocess import Grid
 from imaging.study import MODALITIES
 from training.data import CLS_TASKS, CaseArrays
 
@@ -26,16 +32,43 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def segment(sess, image: np.ndarray, extras: dict) -> sliding_window.WindowedPrediction:
+    """Probabilities over a whole (C, X, Y, Z) model-grid image, as serving computes them: the version's
+    sliding window (no TTA), or one call for a version exported as a whole-volume network."""
+    spec = sliding_window.WindowSpec.of_version(extras)
+    if spec is None:
+        return sliding_window.WindowedPrediction(sess.run(None, {"image": image[None]})[0][0], 1, 1)
+    return sliding_window.predict(lambda windows: sess.run(None, {"image": windows})[0], image, spec)
+
+
+def _native_scores(probs: np.ndarray, case: CaseArrays) -> dict | None:
+    """Dice/HD95 on the case's own grid against its ground truth as stored (None when not available)."""
+    if case.data_root is None or case.grid_affine is None:
+        return None
+    truth = read_segmentation(case.data_root, case.case_id)
+    if truth is None:
+        return None
+    target = Grid(truth.shape, truth.affine)
+    spacing = tuple(float(s) for s in np.linalg.norm(truth.affine[:3, :3], axis=0))
+    voxel_ml = float(abs(np.linalg.det(truth.affine[:3, :3]))) / 1000.0
+    pred = remove_stray_voxels(labels_on_grid(probs, Grid(case.image.shape[1:], case.grid_affine), target), voxel_ml)
+    return metrics.segmentation_scores(pred, truth.data, spacing)
+
+
 def evaluate_segmentation(sess, cases: list[CaseArrays], extras: dict) -> dict:
     rows = []
     for c in cases:
         if c.seg_classes is None:
             continue
-        probs = sess.run(None, {"image": c.image[None]})[0][0]
+        probs = segment(sess, c.image, extras).probabilities
         voxel_ml = c.spacing_mm**3 / 1000
         pred = remove_stray_voxels(probabilities_to_labels(probs), voxel_ml)
         truth = CLASS_TO_LABEL[c.seg_classes]
-        rows.append({"case_id": c.case_id, "site": c.site, **metrics.segmentation_scores(pred, truth, (c.spacing_mm,) * 3)})
+        grid_scores = metrics.segmentation_scores(pred, truth, (c.spacing_mm,) * 3)
+        native = _native_scores(probs, c)
+        row = {"case_id": c.case_id, "site": c.site, **{f"model_grid/{k}": v for k, v in grid_scores.items()}}
+        # The headline figures are the native grid's; a case without its stored truth keeps the model grid's.
+        rows.append(row | (native if native is not None else grid_scores) | {"native_grid": float(native is not None)})
     keys = [k for k in rows[0] if k not in ("case_id", "site")] if rows else []
     return {"metrics": {k: _mean(r[k] for r in rows) for k in keys} | {"n_cases": len(rows)}, "per_case": rows}
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from imaging.preprocess import PREPROCESSING_VERSION
 from oncoserve.lineage import git_commit
-from training import networks, tasks
+from training import tasks
 from training.data import load_dataset, split_cases
 from training.early_stopping import EarlyStopping
 from training.errors import TrainingError
@@ -58,6 +58,7 @@ class JobConfig:
     lr: float | None = None  # default: the task's own learning rate
     patience: int | None = None  # default: the task's own (epochs without improvement before stopping)
     tags: dict[str, str] = field(default_factory=dict)  # set on the MLflow run and the registered version
+    task_options: dict = field(default_factory=dict)  # segmentation: regions, augment, overlap (tasks.get)
 
 
 def _flat_metrics(metrics: dict) -> dict[str, float]:
@@ -78,7 +79,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    task = tasks.get(cfg.task)
+    task = tasks.get(cfg.task, cfg.task_options)
     if cfg.gpu and not torch.cuda.is_available():
         raise TrainingError("--gpu asked for, but no CUDA device is visible on this machine")
     epochs = cfg.epochs or task.default_epochs
@@ -93,6 +94,8 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         run = client.get_run(cfg.resume_run)
         split = json.loads(Path(client.download_artifacts(cfg.resume_run, "split.json", tempfile.mkdtemp())).read_text())
         resume_from = run.data.tags.get("ray_checkpoint")
+        if run.data.params.get("task_options"):  # a resumed run keeps the options it was started with
+            task = tasks.get(cfg.task, json.loads(run.data.params["task_options"]))
         run_id = cfg.resume_run
         log(f"resuming run {run_id} from checkpoint {resume_from}")
     else:
@@ -106,7 +109,8 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         params = {"task": cfg.task, "epochs": epochs, "workers": cfg.workers, "seed": cfg.seed, "lr": task.lr,
                   "batch_size": task.batch_size, "lr_override": cfg.lr, "preprocessing_version": data.preprocessing,
                   "dataset_hash": data.dataset_hash, "n_train": len(split["train"]), "n_val": len(split["val"]),
-                  "n_test": len(split["test"]), "gpu": cfg.gpu, "patience": patience}  # fmt: skip
+                  "n_test": len(split["test"]), "gpu": cfg.gpu, "patience": patience,
+                  "task_options": json.dumps(task.options(), sort_keys=True)}  # fmt: skip
         for k, v in params.items():
             client.log_param(run_id, k, v)
         client.log_dict(run_id, split, "split.json")
@@ -117,7 +121,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         train_loop_config={
             "task": cfg.task, "data_dir": str(cfg.data_dir), "cache_dir": str(cfg.home / "cache"),
             "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
-            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "resume_from": resume_from, "lr": cfg.lr, "patience": patience, "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
+            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "resume_from": resume_from, "lr": cfg.lr, "patience": patience, "task_options": task.options(), "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
         run_config=RunConfig(
@@ -143,7 +147,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
     with checkpoint.as_directory() as path:
         client.set_tag(run_id, "ray_checkpoint", str(path))
         state = torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    model = networks.build(cfg.task)
+    model = task.network()
     model.load_state_dict(state.get("best_model") or state["model"])  # the kept epoch's weights
     model.eval()
     stopping = EarlyStopping.from_state(state.get("early_stopping"), patience)
@@ -173,8 +177,8 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dic
         (model_dir / "extras.json").write_text(json.dumps(extras))
         (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=1, default=float))
         plots = _plots(cfg.task, str(exported.path), test_cases, evaluation, extras, tmp)
-        info = {"params": {"epochs": cfg.epochs, "workers": cfg.workers, "seed": cfg.seed}, "opset": exported.opset, **kept,
-                "calibration": extras.get("calibration"),
+        info = {"params": {"epochs": cfg.epochs, "workers": cfg.workers, "seed": cfg.seed, **task.options()}, "opset": exported.opset, **kept,
+                "calibration": extras.get("calibration"), "inference": extras.get("inference"),
                 "ood": {k: v for k, v in (extras.get("ood") or {}).items() if k not in ("mean", "whiten")} or None,
                 "parity_max_abs_diff": exported.parity_max_abs_diff, "git_commit": git_commit()}  # fmt: skip
         datainfo = {"dataset_hash": data.dataset_hash, "preprocessing": data.preprocessing, "n_cases": len(cases),
@@ -211,7 +215,7 @@ def _plots(task_name, onnx_path, test_cases, evaluation, extras, tmp: Path) -> l
         if case is not None:
             sess = session(onnx_path)
             if task_name == "segmentation":
-                plots.append(overlay_plot(case, segmentation_prediction(sess, case), tmp / "overlay.png"))
+                plots.append(overlay_plot(case, segmentation_prediction(sess, case, extras), tmp / "overlay.png"))
             else:
                 heat = sess.run(None, {"image": case.image[None]})[0][0, 0]
                 plots.append(overlay_plot(case, np.zeros(case.image.shape[1:], np.uint8), tmp / "overlay.png", heat))

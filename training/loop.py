@@ -36,20 +36,20 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from mlflow import MlflowClient
 
-    from training import networks, tasks
+    from training import tasks
     from training.data import load_dataset
     from training.early_stopping import EarlyStopping
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    task = tasks.get(config["task"])
+    task = tasks.get(config["task"], config.get("task_options"))
     torch.manual_seed(config["seed"] + rank)
     data = load_dataset(config["data_dir"], config["cache_dir"])
     cases = data.by_id()
     split = config["split"]
 
-    model = networks.build(config["task"])
+    model = task.network()
     lr = config.get("lr") if config.get("lr") is not None else task.lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     restored = None

@@ -66,6 +66,31 @@ def segmentation_loss() -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
+class RegionLoss(nn.Module):
+    """Region-based training (nnU-Net's for BraTS): sigmoid Dice + BCE on the nested regions WT, TC, ET.
+
+    MONAI's DiceCELoss would apply softmax cross-entropy across the three channels, which treats
+    nested regions as exclusive classes; the BCE here is per region."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(sigmoid=True)
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        return self.dice(logits, regions) + self.bce(logits, regions)
+
+
+def classes_to_regions(classes: torch.Tensor) -> torch.Tensor:
+    """(B, 1, ...) class indices (0 background, 1 NCR, 2 ED, 3 ET) -> (B, 3, ...) float WT, TC, ET."""
+    wt = classes > 0
+    tc = (classes == 1) | (classes == 3)
+    et = classes == 3
+    return torch.cat([wt, tc, et], dim=1).float()
+
+
 def localization_loss() -> nn.Module:
     from monai.losses import DiceCELoss
 

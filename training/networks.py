@@ -1,5 +1,6 @@
 """Networks per task (MONAI building blocks). Every network takes the same preprocessed input: the
-(B, 4, 96, 112, 96) 2 mm model-grid tensor, so the gateway preprocesses a study once for all tasks.
+(B, 4, 96, 112, 96) 2 mm model-grid tensor, so the gateway preprocesses a study once for all tasks;
+segmentation takes patches of it (a sliding window, imaging.sliding_window).
 Whole-volume tasks (localization, classification, survival) pool it to 4 mm inside the network.
 """
 
@@ -14,9 +15,10 @@ N_MODALITIES = 4
 N_CLS_TASKS = 4
 
 
-def segmentation_net() -> nn.Module:
-    """3D U-Net, 4 modalities in, 4 classes out (background, NCR, ED, ET)."""
-    return UNet(spatial_dims=3, in_channels=N_MODALITIES, out_channels=4, channels=(16, 32, 64, 128),
+def segmentation_net(out_channels: int = 4) -> nn.Module:
+    """3D U-Net, 4 modalities in; 4 classes out (background, NCR, ED, ET) or 3 regions (WT, TC, ET).
+    Fully convolutional with stride 8 overall: it runs on any patch whose sides are multiples of 8."""
+    return UNet(spatial_dims=3, in_channels=N_MODALITIES, out_channels=out_channels, channels=(16, 32, 64, 128),
                 strides=(2, 2, 2), num_res_units=1, norm="instance")  # fmt: skip
 
 

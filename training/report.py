@@ -79,8 +79,10 @@ def overlay_plot(case: CaseArrays, prediction: np.ndarray, out: Path, heatmap: n
     return out
 
 
-def segmentation_prediction(sess, case: CaseArrays) -> np.ndarray:
-    return probabilities_to_labels(sess.run(None, {"image": case.image[None]})[0][0])
+def segmentation_prediction(sess, case: CaseArrays, extras: dict) -> np.ndarray:
+    from training.evaluate import segment
+
+    return probabilities_to_labels(segment(sess, case.image, extras).probabilities)
 
 
 def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> str:
@@ -94,6 +96,12 @@ def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> s
                 f"(Ledoit-Wolf covariance; training.ood); flagged above {ood['threshold']:.3f} (the {ood['rule']}). Measured below as "
                 f"`ood_auroc*` against out-of-distribution versions of the test cases (not a brain, sequences in the wrong "
                 f"channels, corrupted, intensity-shifted).\n") if ood else ""  # fmt: skip
+    window = version_info.get("inference")
+    window_line = (f"- Inference: a patch network ({'x'.join(map(str, window['roi']))} voxels at {window['spacing_mm']} mm, "
+                   f"{window['output']} outputs, augmentation {window['augmentation']}) run as a sliding window over the model "
+                   f"grid (overlap {window['overlap']}, {window['blend']} blending; imaging.sliding_window, as serving runs it). "
+                   f"`dice_*` / `hd95_*` are on each test case's own grid against its ground truth as stored (probabilities "
+                   f"resampled there, then labelled); `model_grid/*` on the 2 mm grid.\n") if window else ""  # fmt: skip
     metric_lines = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(evaluation.items())
     )
@@ -106,7 +114,7 @@ def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> s
 - Preprocessing: {data['preprocessing']} (the same `imaging.preprocess` code path serving uses)
 - Code: git {version_info.get('git_commit')}
 - Training: {version_info.get('epochs_run', '?')} epochs ran; kept {version_info.get('kept_because', 'the last epoch')}
-{calibration_line}{ood_line}
+{calibration_line}{ood_line}{window_line}
 ## Data
 - Dataset hash {data['dataset_hash']} ({data['n_cases']} cases); split by case, stratified by grade x IDH,
   seed {data['seed']}: train {data['n_train']}, validation {data['n_val']}, test {data['n_test']}.

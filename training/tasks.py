@@ -79,9 +79,23 @@ class TaskDef:
         """Post-fit steps on the trained model (calibration, baselines); returns serving extras."""
         return {}
 
+    def network(self) -> nn.Module:
+        from training.networks import build
+
+        return build(self.name)
+
+    def options(self) -> dict:
+        """The task's training options (recorded with the run; the Ray workers rebuild the task from them)."""
+        return {}
+
 
 # -- segmentation ------------------------------------------------------------------------------------
 class Segmentation(TaskDef):
+    """A patch network (nnU-Net style): trained on `crop`^3 tumour-centred patches with spatial and
+    intensity augmentation, exported at that patch size, and run as a sliding window over the whole
+    model grid by serving and evaluation alike (imaging.sliding_window). `regions=True` trains sigmoid
+    outputs for the nested regions WT, TC, ET instead of softmax classes (BraTS' own evaluation units)."""
+
     name = "segmentation"
     batch_size = 2
     default_epochs = 25
@@ -90,8 +104,22 @@ class Segmentation(TaskDef):
     input_names = ["image"]
     output_names = ["probabilities"]
 
-    def __init__(self) -> None:
-        self.criterion = losses.segmentation_loss()
+    def __init__(self, regions: bool = False, augment: str = "standard", overlap: float = 0.25) -> None:
+        from training.augment import AUGMENTATIONS, PatchAugmentation
+
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
+        self.regions, self.augment, self.overlap = regions, augment, overlap
+        self.criterion = losses.RegionLoss() if regions else losses.segmentation_loss()
+        self._augmentation = PatchAugmentation() if augment == "standard" else None
+
+    def network(self) -> nn.Module:
+        from training.networks import segmentation_net
+
+        return segmentation_net(out_channels=3 if self.regions else 4)
+
+    def options(self) -> dict:
+        return {"regions": self.regions, "augment": self.augment, "overlap": self.overlap}
 
     def usable(self, case):
         return case.seg_classes is not None
@@ -101,29 +129,40 @@ class Segmentation(TaskDef):
         for c in cases * (self.crops_per_case if train else 1):
             image = modality_dropout(c.image, c.presence, rng, p=0.2)[0] if train else c.image
             img, seg = tumour_crop(image, c.seg_classes, self.crop, rng if train else np.random.default_rng(0))
+            if train and self._augmentation is not None:
+                img, seg = self._augmentation(img, seg, rng)
             images.append(img)
             segs.append(seg[None])
         return {"image": _stack(images), "seg": torch.from_numpy(np.stack(segs)).long()}
 
     def loss(self, model, batch):
-        return self.criterion(model(batch["image"]), batch["seg"])
+        target = losses.classes_to_regions(batch["seg"]) if self.regions else batch["seg"]
+        return self.criterion(model(batch["image"]), target)
 
     def finalize(self, model, cases, split):
-        """The region volumes (mL) the version trained on: serving flags a study far outside them."""
+        """How the version is run (its window) and the region volumes (mL) it trained on: serving flags a
+        study far outside them."""
         from imaging.labels import CLASS_TO_LABEL
         from imaging.postprocess import volumes_ml
 
+        spacing = next(iter(cases.values())).spacing_mm
+        extras = {"inference": {"roi": [self.crop] * 3, "overlap": self.overlap, "blend": "gaussian",
+                                "output": "regions" if self.regions else "classes", "spacing_mm": spacing,
+                                "augmentation": self.augment}}  # fmt: skip
         rows = [volumes_ml(CLASS_TO_LABEL[c.seg_classes], c.spacing_mm**3 / 1000.0)
                 for i in split["train"] if self.usable(c := cases[i])]  # fmt: skip
-        if not rows:
-            return {}
-        return {"training_volumes_ml": {r: [min(x[r] for x in rows), max(x[r] for x in rows)] for r in ("WT", "TC", "ET")}}
+        if rows:
+            extras["training_volumes_ml"] = {r: [min(x[r] for x in rows), max(x[r] for x in rows)] for r in ("WT", "TC", "ET")}
+        return extras
 
     def export_module(self, model, extras):
-        return _ActivatedGraph(model, "softmax")
+        return _ActivatedGraph(model, "sigmoid" if self.regions else "softmax")
 
     def export_inputs(self, case):
-        return (torch.from_numpy(case.image[None]).float(),)
+        """The patch the network runs on (the sliding window's), around the case's tumour."""
+        seg = case.seg_classes if case.seg_classes is not None else np.zeros(case.image.shape[1:], np.int64)
+        patch, _ = tumour_crop(case.image, seg, self.crop, np.random.default_rng(0))
+        return (torch.from_numpy(np.ascontiguousarray(patch[None])).float(),)
 
 
 class _ActivatedGraph(nn.Module):
@@ -359,7 +398,11 @@ TASKS: dict[str, type[TaskDef]] = {
 }
 
 
-def get(task: str) -> TaskDef:
+def get(task: str, options: dict | None = None) -> TaskDef:
+    """The task, with its training options (only segmentation has any: regions, augment, overlap)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; trainable tasks: {', '.join(TASKS)}")
-    return TASKS[task]()
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if options and task != "segmentation":
+        raise ValueError(f"{task} takes no training options ({', '.join(sorted(options))} apply to segmentation)")
+    return TASKS[task](**options)

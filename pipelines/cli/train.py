@@ -26,6 +26,12 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for the split and training."),
     patience: int = typer.Option(None, "--patience", min=1,
                                  help="Stop after this many epochs without a better validation metric (default: the task's own, 10)."),
+    regions: bool = typer.Option(None, "--regions/--classes",
+                                 help="segmentation: train sigmoid WT/TC/ET regions instead of softmax classes (default: classes)."),
+    augment: str = typer.Option(None, "--augment", help="segmentation: standard (rotation, scaling, elastic, gamma, "
+                                "noise, blur, low resolution, mirroring) or none (default: standard)."),
+    overlap: float = typer.Option(None, "--overlap", min=0.0, max=0.95,
+                                  help="segmentation: the version's sliding-window overlap (default: 0.25)."),
 ) -> None:
     """Train TASK with Ray Train, track it in MLflow and register the version."""
     from training.jobs import JobConfig, run_job
@@ -38,7 +44,8 @@ def train(
                       "training and registering a version")  # fmt: skip
     cfg = JobConfig(task=task, data_dir=data.resolve(), tracking_uri=settings.mlflow_url, ray_address=settings.ray_address,
                     home=settings.home, epochs=epochs, workers=workers, gpu=gpu, resume_run=resume, seed=seed, patience=patience,
-                    actor=who.name, audit_file=settings.audit_file)  # fmt: skip
+                    actor=who.name, audit_file=settings.audit_file,
+                    task_options={"regions": regions, "augment": augment, "overlap": overlap})  # fmt: skip
     columns = (TextColumn(f"training {task}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with user_errors(TrainingError, StudyError, ValueError, FileNotFoundError), Progress(*columns, console=console) as progress:
         bar = progress.add_task("epochs", total=epochs or 1)

@@ -40,6 +40,11 @@ def test_version_is_registered_with_lineage_tags(trained, live_stack, tiny_datas
     assert run.data.params["dataset_hash"] == mv.tags["dataset_hash"]
     assert int(mv.tags["kept_epoch"]) == 0 and mv.tags["epochs_run"] == "1"
     metrics = json.loads(mv.tags["metrics"])
+    if task == "segmentation":  # a patch network scored as served (sliding window), on each case's own grid
+        assert json.loads(mv.tags["signature"])["inputs"][0]["shape"][2:] == [64, 64, 64]
+        assert metrics["native_grid"] == 1.0 and 0.0 <= metrics["dice_WT"] <= 1.0 and "model_grid.dice_WT" in metrics
+        extras = json.loads((download_model(client, task, trained[task]) / "extras.json").read_text())
+        assert extras["inference"]["roi"] == [64, 64, 64] and extras["inference"]["augmentation"] == "standard"
     if task == "classification":  # the OOD detector is measured and calibration reported before/after
         assert 0.0 <= metrics["ood_auroc"] <= 1.0 and metrics["ood_n_out_of_distribution"] == 4 * metrics["ood_n_in_distribution"]
         assert "grade_brier" in metrics and "grade_brier_uncalibrated" in metrics
@@ -54,6 +59,9 @@ def test_registered_onnx_runs_in_onnxruntime(trained, live_stack, tiny_dataset, 
     case_id = sorted(p.name for p in tiny_dataset.iterdir() if p.is_dir())[0]
     prepared = preprocess(read_case(tiny_dataset, case_id))
     feeds = {"image": prepared.image[None], "presence": prepared.presence[None], "age": np.array([[55.0]], np.float32)}
+    # Segmentation is a patch network (run as a sliding window by serving): feed it one patch of the study.
+    patch = signature["inputs"][0]["shape"][2:]
+    feeds["image"] = np.ascontiguousarray(feeds["image"][(..., *(slice(0, int(p)) for p in patch))])
     inputs = {i["name"]: feeds[i["name"]] for i in signature["inputs"]}
     outputs = session.run(None, inputs)
     assert [o.name for o in session.get_outputs()] == [o["name"] for o in signature["outputs"]]

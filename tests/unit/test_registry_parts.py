@@ -65,10 +65,27 @@ def test_signature_must_match_the_serving_contract():
     fixed_batch = json.loads(json.dumps(SEG_SIGNATURE))
     fixed_batch["inputs"][0]["shape"][0] = 1
     assert "image: batch axis is not dynamic" in signature_problems("segmentation", fixed_batch)
+    assert "input 'presence' missing" in signature_problems("classification", SEG_SIGNATURE)
     small = json.loads(json.dumps(SEG_SIGNATURE))
     small["inputs"][0]["shape"] = ["batch", 4, 64, 64, 64]
-    assert any("expected [4, 96, 112, 96]" in p for p in signature_problems("segmentation", small))
-    assert "input 'presence' missing" in signature_problems("classification", SEG_SIGNATURE)
+    assert any("expected [4, 96, 112, 96]" in p for p in signature_problems("localization", small))
+
+
+def _patch_signature(patch, out_channels=4, in_channels=4):
+    return {"inputs": [{"name": "image", "datatype": "FLOAT", "shape": ["batch", in_channels, *patch]}],
+            "outputs": [{"name": "probabilities", "datatype": "FLOAT", "shape": ["batch", out_channels, *patch]}]}
+
+
+def test_a_segmentation_patch_network_meets_the_contract_within_the_grid():
+    assert signature_problems("segmentation", _patch_signature([64, 64, 64])) == []
+    assert signature_problems("segmentation", _patch_signature([64, 64, 64], out_channels=3)) == []  # regions
+    assert any("larger than the model grid" in p for p in signature_problems("segmentation", _patch_signature([128, 64, 64])))
+    assert any("not a multiple of 8" in p for p in signature_problems("segmentation", _patch_signature([60, 64, 64])))
+    assert any("probabilities: shape" in p for p in signature_problems("segmentation", _patch_signature([64, 64, 64], out_channels=2)))
+    assert any("expected [4, px, py, pz]" in p for p in signature_problems("segmentation", _patch_signature([64, 64, 64], in_channels=3)))
+    mismatched = _patch_signature([64, 64, 64])
+    mismatched["outputs"][0]["shape"] = ["batch", 4, 32, 64, 64]
+    assert signature_problems("segmentation", mismatched)
 
 
 def test_metric_and_regression_gate_arithmetic():

@@ -23,6 +23,8 @@ def test_packaged_deployment_config_is_valid_and_complete():
     options = config.deployments["segmentation"].serve_options()
     assert options["autoscaling_config"]["max_replicas"] >= options["autoscaling_config"]["min_replicas"]
     assert options["ray_actor_options"]["num_cpus"] > 0
+    window = config.deployments["segmentation"].sliding_window
+    assert window is not None and window.mirror is False and window.overlap is None  # the version's own overlap
 
 
 @pytest.mark.parametrize(
@@ -34,6 +36,8 @@ def test_packaged_deployment_config_is_valid_and_complete():
         ({"classification": {"replicas": 2}}, "Extra inputs"),
         ({"reporting": {"generator": {"kind": "openai"}}}, "needs url and model"),
         ({"segmentation": {"generator": {"kind": "template"}}}, "reporting deployment only"),
+        ({"classification": {"sliding_window": {"mirror": True}}}, "segmentation deployment only"),
+        ({"segmentation": {"sliding_window": {"overlap": 1.0}}}, "overlap"),
     ],
 )
 def test_invalid_deployment_configs_name_the_field(tmp_path, patch, message):
