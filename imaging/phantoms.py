@@ -3,15 +3,21 @@
 Anatomy: nilearn's MNI152 2009 T1, grey/white-matter templates and brain mask (shipped with the
 package, no download). Contrasts T1/T1ce/T2/FLAIR are synthesised from tissue classes.
 
-Labels are coupled to imaging the way the glioma literature describes:
+Labels are coupled to imaging the way the glioma literature describes, each marker with a signal of
+its own (not one label written in through another):
 - HGG: necrotic core with ring enhancement; LGG: little or no enhancement.
-- IDH-wildtype: larger enhancing fraction, deep (non-lobar) location, poorly defined margins;
-  IDH-mutant favours the frontal lobes.
-- 1p/19q codeletion only in IDH-mutant tumours, favouring frontal, cortical involvement.
+- IDH-wildtype: larger enhancing fraction, deep (non-lobar) location, margins drawn wider on average
+  (the two ranges overlap); IDH-mutant favours the frontal lobes and, when 1p/19q is intact
+  (astrocytoma), shows the T2-FLAIR mismatch sign: a T2-bright core that is dark on FLAIR.
+- 1p/19q codeletion only in IDH-mutant tumours, favouring frontal, cortical involvement, with
+  calcifications (small foci dark on T2 and T1ce) in the tumour.
 - MGMT methylation: a weak imaging signal only (slightly brighter oedema on FLAIR).
-- Overall survival: a Weibull model of age, grade, IDH, MGMT and tumour volume, with censoring.
-Site effects (intensity scale/offset, bias field, noise, slice thickness), label missingness, missing
-modalities and optional out-of-distribution cases are all drawn from the seed: same seed, same bytes.
+- Overall survival: a Weibull model of age, grade, IDH, MGMT and image-borne terms (tumour volume,
+  multifocality) that age does not carry, with censoring.
+Site effects that survive a z-score (per-sequence gamma, blur, correlated noise texture, slice
+thickness, besides intensity scale/offset and bias field), label missingness as in real cohorts
+(1p/19q tested mostly when IDH-mutant, MGMT mostly in high grade), missing modalities and optional
+out-of-distribution cases are all drawn from the seed: same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ CONTRAST = {
     "t2": dict(csf=1.00, gm=0.62, wm=0.42, ncr=0.95, et=0.70, ed=0.86),
     "flair": dict(csf=0.12, gm=0.58, wm=0.46, ncr=0.55, et=0.78, ed=0.95),
 }
+GENERATOR_VERSION = 2  # 2: marker signals of their own, site effects beyond scale, cohort-like missingness
 FRONTAL_Y_MM = 5.0  # MNI y above which a centre counts as frontal (anterior to the central region)
 
 
@@ -102,7 +109,7 @@ def _grid_cached(resolution_mm: float) -> np.ndarray:
 
 def _draw_labels(rng: np.random.Generator) -> dict:
     hgg = rng.random() < 0.6
-    mutant = rng.random() < (0.15 if hgg else 0.75)
+    mutant = rng.random() < (0.2 if hgg else 0.7)
     codeleted = mutant and rng.random() < (0.35 if hgg else 0.5)
     methylated = rng.random() < (0.8 if mutant else 0.45)
     age = float(np.clip(rng.normal(60 if hgg else 42, 12), 18, 88))
@@ -164,21 +171,31 @@ def _lesion(rng, anat: Anatomy, centre_vox: np.ndarray, lab: dict, radius_mm: fl
 
 
 def _site_params(seed: int, site: int) -> dict:
+    """A scanner site. Scale and offset vanish under the z-score; gamma (contrast), blur and a
+    correlated noise texture do not, so a model meets them as a real site shift."""
     rng = np.random.default_rng([seed, 7919, site])
     reference = site == 0
     return {
         "scale": {m: 1.0 if reference else float(rng.uniform(0.7, 1.4)) for m in MODALITIES},
         "offset": {m: 0.0 if reference else float(rng.uniform(-0.08, 0.08)) for m in MODALITIES},
+        "gamma": {m: 1.0 if reference else float(rng.uniform(0.75, 1.35)) for m in MODALITIES},
+        "blur_vox": 0.0 if reference else float(rng.choice([0.0, 0.6, 1.0])),
+        "texture": 0.0 if reference else float(rng.uniform(0.0, 0.04)),
         "noise": 0.02 if reference else float(rng.uniform(0.015, 0.05)),
         "bias": 0.05 if reference else float(rng.uniform(0.05, 0.25)),
         "slice_mm": 0.0 if reference else float(rng.choice([0.0, 3.0, 4.0])),
     }
 
 
+MISMATCH_FLAIR = 0.55  # FLAIR of an astrocytoma's core relative to its T2-bright look (T2-FLAIR mismatch)
+CALCIFICATION = 0.2  # intensity of a calcified focus on T2 and T1ce (oligodendroglioma)
+
+
 def _synthesise(rng, anat: Anatomy, seg: np.ndarray, lab: dict, site: dict) -> dict[str, np.ndarray]:
     wild = lab.get("idh") == "wildtype"
-    # Poorly defined margins (IDH-wildtype): a wider transition between tumour and brain.
-    margin = 1.6 if wild else 0.7
+    mutant, codeleted = lab.get("idh") == "mutant", lab.get("codeletion_1p19q") == "codeleted"
+    # Poorly defined margins (IDH-wildtype, on average): a wider transition between tumour and brain.
+    margin = float(rng.uniform(1.0, 1.9) if wild else rng.uniform(0.5, 1.3))
     members = {
         name: ndimage.gaussian_filter((seg == value).astype(np.float32), margin)
         for name, value in (("ncr", NCR), ("et", ET), ("ed", ED))
@@ -186,13 +203,26 @@ def _synthesise(rng, anat: Anatomy, seg: np.ndarray, lab: dict, site: dict) -> d
     tumour = np.clip(members["ncr"] + members["et"] + members["ed"], 0, 1)
     texture = 1 + 0.04 * _smooth_noise(rng, anat.shape, cells=12)
     bias = 1 + site["bias"] * _smooth_noise(rng, anat.shape, cells=3)
+    calcified = np.zeros(anat.shape, np.float32)
+    if mutant and codeleted:  # small foci inside the tumour
+        spots = (seg > 0) & (ndimage.gaussian_filter(rng.standard_normal(anat.shape).astype(np.float32), 0.8) > 0.45)
+        calcified = spots.astype(np.float32)
+    site_texture = ndimage.gaussian_filter(rng.standard_normal(anat.shape).astype(np.float32), 1.5) * 4.0
     out = {}
     for modality in MODALITIES:
         c = CONTRAST[modality]
         healthy = c["csf"] * anat.csf + c["gm"] * anat.gm + c["wm"] * anat.wm
         ed = c["ed"] + (0.03 if (modality == "flair" and lab.get("mgmt") == "methylated") else 0.0)
-        lesion = c["ncr"] * members["ncr"] + c["et"] * members["et"] + ed * members["ed"]
+        ncr = c["ncr"] * (MISMATCH_FLAIR if (modality == "flair" and mutant and not codeleted) else 1.0)
+        lesion = ncr * members["ncr"] + c["et"] * members["et"] + ed * members["ed"]
         img = (healthy * (1 - tumour) + lesion) * texture
+        if modality in ("t2", "t1ce"):
+            img = img * (1 - calcified) + CALCIFICATION * calcified
+        # The site: contrast (gamma), resolution (blur), noise texture, then scale/offset and bias.
+        img = np.clip(img, 0, None) ** site["gamma"][modality]
+        if site["blur_vox"] > 0:
+            img = ndimage.gaussian_filter(img, site["blur_vox"])
+        img = img * (1 + site["texture"] * site_texture)
         img = img * bias * site["scale"][modality] + site["offset"][modality]
         img = img + rng.normal(0, site["noise"], anat.shape).astype(np.float32)
         out[modality] = np.clip(img, 0, None) * anat.mask
@@ -212,13 +242,16 @@ def _thick_slices(volumes: dict[str, np.ndarray], seg: np.ndarray, affine: np.nd
     return out, seg_out, new_affine
 
 
-def _survival(rng, lab: dict, volume_ml: float) -> tuple[float, int]:
+def _survival(rng, lab: dict, volume_ml: float, multifocal: bool) -> tuple[float, int]:
+    """Weibull survival. The image-borne terms (volume, multifocality) carry hazard that neither age nor
+    the clinical labels do, so an image model has something to add over a clinical baseline."""
     lp = (
-        0.35 * (lab["age"] - 50) / 10
-        + 1.1 * (lab["grade"] == "HGG")
-        + 0.9 * (lab["idh"] == "wildtype")
+        0.25 * (lab["age"] - 50) / 10
+        + 1.0 * (lab["grade"] == "HGG")
+        + 0.8 * (lab["idh"] == "wildtype")
         - 0.5 * (lab["mgmt"] == "methylated")
-        + 0.25 * np.log(max(volume_ml, 1.0) / 30)
+        + 0.6 * np.log(max(volume_ml, 1.0) / 30)
+        + 0.6 * multifocal
     )
     shape_k, scale_days = 1.4, 2600.0
     t = scale_days * (-np.log(rng.random()) / np.exp(lp)) ** (1 / shape_k)
@@ -230,17 +263,21 @@ def _to_int16(volumes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {m: np.clip(np.round(v * 1000), 0, 32767).astype(np.int16) for m, v in volumes.items()}
 
 
-def make_case(seed: int, index: int, sites: int = 1, resolution_mm: float = 2.0, ood: str | None = None) -> tuple[Study, dict]:
-    """One phantom case and its generation record (centre, lobe, multifocality, OOD kind)."""
+def make_case(seed: int, index: int, sites: int = 1, resolution_mm: float = 2.0, ood: str | None = None,
+              first_site: int = 0) -> tuple[Study, dict]:  # fmt: skip
+    """One phantom case and its generation record (centre, lobe, multifocality, OOD kind). Sites are
+    numbered from `first_site` (0 is the reference scanner; a dataset of sites others never had starts
+    past theirs)."""
     rng = np.random.default_rng([seed, index])
     anat = load_anatomy(resolution_mm)
     grid = _grid_cached(resolution_mm)
     case_id = f"PH-{seed:04d}-{index:04d}"
-    site_index = index % max(sites, 1)
+    site_index = first_site + index % max(sites, 1)
     site = _site_params(seed, site_index)
     lab = _draw_labels(rng)
     voxel_ml = float(abs(np.linalg.det(anat.affine[:3, :3]))) / 1000.0
     record: dict = {"case_id": case_id, "site": f"site-{site_index + 1}", "ood": ood}
+    multifocal = False
 
     if ood in ("healthy", None):
         seg = np.zeros(anat.shape, dtype=np.uint8)
@@ -272,16 +309,17 @@ def make_case(seed: int, index: int, sites: int = 1, resolution_mm: float = 2.0,
     volumes, seg, affine = _thick_slices(volumes, seg, anat.affine, site["slice_mm"])
     record["slice_mm"] = round(float(np.linalg.norm(affine[:3, 2])), 2)
 
-    # Real cohorts miss molecular labels often and modalities sometimes.
+    # Real cohorts miss molecular labels often, and not at random: 1p/19q is tested mostly once a tumour
+    # is IDH-mutant, MGMT mostly in high grade (where it guides treatment). Modalities go missing sometimes.
     known = {
         "grade": rng.random() > 0.05,
-        "idh": rng.random() > 0.25,
-        "codeletion_1p19q": rng.random() > 0.45,
-        "mgmt": rng.random() > 0.4,
+        "idh": rng.random() > 0.2,
+        "codeletion_1p19q": rng.random() < (0.85 if lab["idh"] == "mutant" else 0.2),
+        "mgmt": rng.random() < (0.8 if lab["grade"] == "HGG" else 0.4),
     }
     if ood is None and rng.random() < 0.12:
         volumes.pop(MODALITIES[int(rng.integers(0, 4))])
-    os_days, os_event = _survival(rng, lab, float((seg > 0).sum()) * voxel_ml)
+    os_days, os_event = _survival(rng, lab, float((seg > 0).sum()) * voxel_ml, multifocal)
     labels = Labels(
         **{task: (lab[task] if known[task] else None) for task in known},
         os_days=os_days, os_event=os_event,
@@ -303,8 +341,10 @@ def synthesise(
     resolution_mm: float = 2.0,
     ood_fraction: float = 0.0,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    first_site: int = 0,
 ) -> Path:
-    """Write a phantom dataset in the BraTS layout; built in a temp dir and moved into place whole."""
+    """Write a phantom dataset in the BraTS layout; built in a temp dir and moved into place whole.
+    `first_site`: the number of the first site's scanner parameters (see make_case)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: already exists and is not empty")
@@ -315,12 +355,12 @@ def synthesise(
     ood_kinds = {int(i): str(rng.choice(["healthy", "noise", "corrupt"])) for i in rng.choice(n, n_ood, replace=False)}
 
     def build(i: int, staging: Path) -> tuple[Study, dict]:
-        study, record = make_case(seed, i, sites, resolution_mm, ood_kinds.get(i))
+        study, record = make_case(seed, i, sites, resolution_mm, ood_kinds.get(i), first_site)
         write_case(staging, study)
         return study, record
 
-    meta = {"generator": "oncoserve.phantoms", "seed": seed, "n": n, "sites": sites,
-            "resolution_mm": resolution_mm, "ood_fraction": ood_fraction}  # fmt: skip
+    meta = {"generator": "oncoserve.phantoms", "generator_version": GENERATOR_VERSION, "seed": seed, "n": n, "sites": sites,
+            "resolution_mm": resolution_mm, "ood_fraction": ood_fraction, "first_site": first_site}  # fmt: skip
     return write_dataset(out, n, build, meta, progress)
 
 

@@ -20,11 +20,13 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from imaging.phantoms import GENERATOR_VERSION
 from oncoserve.object_store import object_store
 from oncoserve.settings import Settings
 from pipelines.stack import EmbeddedStack, StackError
 
 EVAL_SITE = "site-b"
+EVAL_SITE_PARAMETERS = 2  # phantom scanner parameters of a third site (training uses sites 0 and 1)
 
 
 def _store_manifest(settings: Settings, data_dir, console: Console) -> str:
@@ -41,7 +43,7 @@ def _store_manifest(settings: Settings, data_dir, console: Console) -> str:
     return doc["dataset_hash"]
 
 
-def _synthesise(data_dir, n: int, seed: int, sites: int, console: Console) -> None:
+def _synthesise(data_dir, n: int, seed: int, sites: int, console: Console, first_site: int = 0) -> None:
     from imaging.phantoms import synthesise
 
     if data_dir.exists():
@@ -50,7 +52,8 @@ def _synthesise(data_dir, n: int, seed: int, sites: int, console: Console) -> No
     columns = (TextColumn(f"synthesising {data_dir.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("cases", total=n)
-        synthesise(data_dir, n, seed, sites=sites, progress=lambda done, total: progress.update(bar, completed=done))
+        synthesise(data_dir, n, seed, sites=sites, first_site=first_site,
+                   progress=lambda done, total: progress.update(bar, completed=done))  # fmt: skip
 
 
 def demo_identity(settings: Settings, console: Console):
@@ -137,10 +140,12 @@ def run(settings: Settings, console: Console, down: bool = False, cases: int = 6
     results: dict = {"stack_up_s": round(time.monotonic() - started, 1)}
     try:
         who = demo_identity(settings, console)
-        data_dir = settings.home / "demo-data" / f"phantoms-n{cases}-seed{seed}"
-        eval_dir = settings.home / "demo-data" / f"{EVAL_SITE}-n12-seed{seed + 100}"
+        generation = f"g{GENERATOR_VERSION}"  # a home keeps its data; a new generator writes new folders
+        data_dir = settings.home / "demo-data" / f"phantoms-n{cases}-seed{seed}-{generation}"
+        eval_dir = settings.home / "demo-data" / f"{EVAL_SITE}-n12-seed{seed + 100}-{generation}"
         _synthesise(data_dir, cases, seed, 2, console)
-        _synthesise(eval_dir, 12, seed + 100, 1, console)
+        # New patients from a scanner no training case came from (the training sites are 0 and 1).
+        _synthesise(eval_dir, 12, seed + 100, 1, console, first_site=EVAL_SITE_PARAMETERS)
         results["dataset_hash"] = _store_manifest(settings, data_dir, console)
 
         config = load_config()

@@ -72,6 +72,78 @@ def test_labels_go_missing_like_real_cohorts(cohort):
     assert all(c["study"].labels.os_days > 0 and c["study"].labels.os_event in (0, 1) for c in cohort)
 
 
+def _region_mean(c, modality: str, label: int) -> float:
+    image = c["study"].images.get(modality)
+    seg = c["study"].segmentation.data
+    return float(image.data[seg == label].mean()) if image is not None and (seg == label).any() else float("nan")
+
+
+def test_idh_mutant_astrocytoma_shows_the_t2_flair_mismatch_whatever_its_grade(cohort):
+    """IDH has an imaging signal of its own: the core is dark on FLAIR relative to T2 when IDH-mutant and
+    1p/19q intact, in high- and low-grade tumours alike (so grade is not the only route to IDH)."""
+    def ratio(c):
+        return _region_mean(c, "flair", NCR) / _region_mean(c, "t2", NCR)
+
+    astro = [ratio(c) for c in cohort if c["idh"] == "mutant" and c["codeletion_1p19q"] == "intact"]
+    others = [ratio(c) for c in cohort if c["idh"] == "wildtype"]
+    astro, others = [r for r in astro if np.isfinite(r)], [r for r in others if np.isfinite(r)]
+    assert len(astro) >= 3 and len(others) >= 3
+    assert np.median(astro) < 0.8 * np.median(others)
+
+
+def test_codeleted_tumours_carry_calcifications(cohort):
+    """Small foci dark on T2 inside codeleted tumours, seen at the reference scanner's resolution (thick
+    slices at other sites blur them away, as they do in practice). Labels do not depend on the site, so
+    each case is re-made at the reference site."""
+    def dark_share(index):  # tumour voxels far darker on T2 than the tumour's own median
+        study, _ = make_case(seed=5, index=index, sites=1)
+        if "t2" not in study.images:
+            return float("nan")
+        values = study.images["t2"].data[study.segmentation.data > 0].astype(float)
+        return float(np.mean(values < 0.5 * np.median(values)))
+
+    indices = {c["record"]["case_id"]: i for i, c in enumerate(cohort)}
+    codel = [dark_share(indices[c["record"]["case_id"]]) for c in cohort if c["codeletion_1p19q"] == "codeleted"]
+    intact = [dark_share(indices[c["record"]["case_id"]]) for c in cohort
+              if c["idh"] == "mutant" and c["codeletion_1p19q"] == "intact"][:4]  # fmt: skip
+    codel, intact = [v for v in codel if np.isfinite(v)], [v for v in intact if np.isfinite(v)]
+    assert codel and intact and np.mean(codel) > 0.01 and np.mean(codel) > 5 * np.mean(intact)
+
+
+def test_site_effects_survive_a_z_score():
+    """The same patient at the reference scanner and at another site (one with the same slice spacing, so
+    the grids match): after z-scoring inside the brain, as preprocessing does, the images still differ
+    the way real scanners do, which a scale and an offset alone would not."""
+    from imaging.phantoms import _site_params
+
+    site = next(s for s in range(1, 50) if _site_params(5, s)["slice_mm"] == 0.0)
+    reference, _ = make_case(seed=5, index=3, sites=1, first_site=0)
+    other, _ = make_case(seed=5, index=3, sites=1, first_site=site)
+    np.testing.assert_array_equal(reference.segmentation.data, other.segmentation.data)  # the same patient
+
+    def zscored(study):
+        data = study.images["t1ce"].data.astype(float)
+        brain = data > 0
+        return (data - data[brain].mean()) / data[brain].std(), brain
+
+    (za, brain_a), (zb, brain_b) = zscored(reference), zscored(other)
+    both = brain_a & brain_b
+    assert np.mean(np.abs(za[both] - zb[both])) > 0.1
+
+
+def test_molecular_labels_are_missing_as_in_real_cohorts(cohort):
+    """1p/19q is tested mostly once a tumour is IDH-mutant; MGMT mostly in high grade."""
+    def known_share(rows, label):
+        return np.mean([getattr(c["study"].labels, label) is not None for c in rows])
+
+    mutant = [c for c in cohort if c["idh"] == "mutant"]
+    wild = [c for c in cohort if c["idh"] == "wildtype"]
+    assert known_share(mutant, "codeletion_1p19q") > known_share(wild, "codeletion_1p19q") + 0.3
+    hgg = [c for c in cohort if c["grade"] == "HGG"]
+    lgg = [c for c in cohort if c["grade"] == "LGG"]
+    assert known_share(hgg, "mgmt") > known_share(lgg, "mgmt")
+
+
 def test_sites_differ_in_intensity_and_slice_thickness(cohort):
     by_site: dict[str, list] = {}
     for c in cohort:
