@@ -44,12 +44,37 @@ def load_gates(path: Path | None = None) -> dict:
     return config
 
 
-def _metric_gates(metrics: dict, spec: dict, source: str) -> list[GateResult]:
-    out = []
-    for name, floor in spec.get("floors", {}).items():
-        value = metrics.get(name)
-        ok = value is not None and np.isfinite(value) and value >= floor
-        out.append(GateResult(f"floor:{name}", bool(ok), value, f">= {floor}", source))
+EVIDENCE = ("point", "ci_low")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and bool(np.isfinite(value))
+
+
+def _floor_gate(metrics: dict, name: str, floor: float, evidence: str, min_cases: int, source: str) -> GateResult:
+    """A floor on the evidence the gates file asks for: the point estimate, or the lower bound of the
+    metric's bootstrap 95 % interval (`<name>_ci_low`, which the evaluation reports beside it). The
+    interval and the number of test cases are stated either way, and a floor on fewer than
+    `min_test_cases` cases is not met."""
+    point, low, high = metrics.get(name), metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    n = metrics.get("n_cases")
+    ci = f"95 % CI {low:.3f}-{high:.3f}" if _finite(low) and _finite(high) else "no interval reported"
+    detail = f"{source}; point {point:.4f}, {ci}, n = {n}" if _finite(point) else source
+    value = low if evidence == "ci_low" else point
+    ok = _finite(value) and value >= floor
+    if ok and min_cases and not (_finite(n) and n >= min_cases):
+        ok, detail = False, f"{detail}; fewer than the {min_cases} test cases a floor needs"
+    threshold = f">= {floor}" + (" (95 % CI lower bound)" if evidence == "ci_low" else "")
+    return GateResult(f"floor:{name}", bool(ok), value, threshold, detail)
+
+
+def _metric_gates(metrics: dict, spec: dict, source: str, defaults: dict | None = None) -> list[GateResult]:
+    defaults = defaults or {}
+    evidence = spec.get("floor_evidence", defaults.get("floor_evidence", "point"))
+    if evidence not in EVIDENCE:
+        raise ValueError(f"floor_evidence must be one of {', '.join(EVIDENCE)}, not {evidence!r}")
+    min_cases = int(spec.get("min_test_cases", defaults.get("min_test_cases", 0)))
+    out = [_floor_gate(metrics, name, floor, evidence, min_cases, source) for name, floor in spec.get("floors", {}).items()]
     for name, ceiling in spec.get("ceilings", {}).items():
         value = metrics.get(name)
         ok = value is not None and np.isfinite(value) and value <= ceiling
@@ -176,7 +201,7 @@ def run_gates(registry: Registry, info: VersionInfo, gates: dict, eval_data: Pat
         source = f"recomputed on {eval_data}"
     else:
         candidate_metrics, source = info.metrics, "registered held-out metrics"
-    results += _metric_gates(candidate_metrics, spec, source)
+    results += _metric_gates(candidate_metrics, spec, source, defaults)
     if champion is not None and champion != info.version and regression_data:
         from pipelines.compare import NoUnseenCases
 

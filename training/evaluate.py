@@ -70,7 +70,11 @@ def evaluate_segmentation(sess, cases: list[CaseArrays], extras: dict) -> dict:
         # The headline figures are the native grid's; a case without its stored truth keeps the model grid's.
         rows.append(row | (native if native is not None else grid_scores) | {"native_grid": float(native is not None)})
     keys = [k for k in rows[0] if k not in ("case_id", "site")] if rows else []
-    return {"metrics": {k: _mean(r[k] for r in rows) for k in keys} | {"n_cases": len(rows)}, "per_case": rows}
+    result = {k: _mean(r[k] for r in rows) for k in keys} | {"n_cases": len(rows)}
+    for region in ("WT", "TC", "ET"):  # the interval of the headline Dice (the mean over cases)
+        values = np.array([r[f"dice_{region}"] for r in rows], float)
+        result[f"dice_{region}_ci_low"], result[f"dice_{region}_ci_high"] = metrics.bootstrap_ci(np.mean, values)
+    return {"metrics": result, "per_case": rows}
 
 
 def evaluate_localization(sess, cases: list[CaseArrays], extras: dict) -> dict:

@@ -121,3 +121,22 @@ def test_triton_config_parses_and_carries_batching_and_gpu_options():
 def test_tensorrt_build_reports_skipped_without_writing_a_plan(tmp_path):
     result = build_plan(tmp_path / "model.onnx")
     assert result.status.startswith("skipped:") and result.data is None
+
+
+def test_a_floor_is_judged_on_the_evidence_the_gates_file_asks_for():
+    from pipelines.gates import _metric_gates
+
+    metrics = {"idh_auc": 0.82, "idh_auc_ci_low": 0.55, "idh_auc_ci_high": 0.98, "ood_auroc": 0.95, "n_cases": 9}
+    spec = {"floors": {"idh_auc": 0.70}}
+    point = _metric_gates(metrics, spec, "held-out", {"floor_evidence": "point"})[0]
+    assert point.passed and point.value == 0.82 and "95 % CI 0.550-0.980, n = 9" in point.detail
+    strict = _metric_gates(metrics, spec, "held-out", {"floor_evidence": "ci_low"})[0]
+    assert not strict.passed and strict.value == 0.55 and "lower bound" in strict.threshold
+    # A metric without an interval cannot show its lower bound: not met under ci_low.
+    assert not _metric_gates(metrics, {"floors": {"ood_auroc": 0.9}}, "s", {"floor_evidence": "ci_low"})[0].passed
+    few = _metric_gates(metrics, spec, "held-out", {"min_test_cases": 30})[0]
+    assert not few.passed and "fewer than the 30 test cases" in few.detail
+    # Per task, the task's own setting wins over the defaults.
+    assert _metric_gates(metrics, {**spec, "floor_evidence": "point"}, "s", {"floor_evidence": "ci_low"})[0].passed
+    with pytest.raises(ValueError, match="floor_evidence"):
+        _metric_gates(metrics, spec, "s", {"floor_evidence": "vibes"})
