@@ -1,6 +1,7 @@
 """The serving contract: what a model must accept and return for the platform to serve it.
 
-Every task model takes the preprocessed 2 mm model-grid tensor; the gateway preprocesses once for all.
+Every task model takes the preprocessed 2 mm model-grid tensor (segmentation, a patch network, takes
+windows of it); the gateway preprocesses once for all.
 Promotion refuses a version whose ONNX signature or preprocessing version breaks this contract.
 """
 

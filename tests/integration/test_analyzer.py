@@ -129,3 +129,18 @@ def test_a_task_without_champion_is_a_clear_error(live_stack):
     with pytest.raises(ServingError, match="no `nonexistent-alias` version"):
         StudyAnalyzer.from_registry(registry, object_store(live_stack), live_stack.bucket_models,
                                     live_stack.triton_repo_prefix, alias="nonexistent-alias")  # fmt: skip
+
+
+def test_mirroring_tta_reports_a_repeatable_segmentation_uncertainty(analyzer, tiny_dataset):
+    """The served patch network with mirroring test-time augmentation (the deployment's
+    `sliding_window.mirror`): 8 passes, their disagreement in the findings, the same for the same study;
+    without it no uncertainty is claimed."""
+    case = sorted(p.name for p in tiny_dataset.iterdir() if p.is_dir())[1]
+    study = read_case(tiny_dataset, case)
+    assert analyzer.analyze(study).findings.segmentation.uncertainty is None
+    with_tta = StudyAnalyzer(analyzer.backends, analyzer.extras, window={"mirror": True})
+    first, second = with_tta.analyze(study), with_tta.analyze(study)
+    uncertainty = first.findings.segmentation.uncertainty
+    assert uncertainty is not None and uncertainty.passes == 8 and 0.0 <= uncertainty.tta_disagreement <= 1.0
+    assert second.findings.segmentation.uncertainty == uncertainty
+    np.testing.assert_array_equal(first.mask.data, second.mask.data)
