@@ -45,7 +45,11 @@ CONTRAST = {
     "t2": dict(csf=1.00, gm=0.62, wm=0.42, ncr=0.95, et=0.70, ed=0.86),
     "flair": dict(csf=0.12, gm=0.58, wm=0.46, ncr=0.55, et=0.78, ed=0.95),
 }
-GENERATOR_VERSION = 2  # 2: marker signals of their own, site effects beyond scale, cohort-like missingness
+# 2: marker signals of their own, site effects beyond scale, cohort-like missingness, image-borne survival.
+# 1: the round-1 generator (its bytes are reproduced exactly: IDH written in as a fixed margin width, site
+# effects a z-score cancels, random label missingness) -- kept for datasets and figures made with it.
+GENERATOR_VERSION = 2
+GENERATOR_VERSIONS = (1, 2)
 FRONTAL_Y_MM = 5.0  # MNI y above which a centre counts as frontal (anterior to the central region)
 
 
@@ -107,9 +111,9 @@ def _grid_cached(resolution_mm: float) -> np.ndarray:
     return _mm_grid(load_anatomy(resolution_mm))
 
 
-def _draw_labels(rng: np.random.Generator) -> dict:
+def _draw_labels(rng: np.random.Generator, version: int = GENERATOR_VERSION) -> dict:
     hgg = rng.random() < 0.6
-    mutant = rng.random() < (0.2 if hgg else 0.7)
+    mutant = rng.random() < ((0.2 if hgg else 0.7) if version >= 2 else (0.15 if hgg else 0.75))
     codeleted = mutant and rng.random() < (0.35 if hgg else 0.5)
     methylated = rng.random() < (0.8 if mutant else 0.45)
     age = float(np.clip(rng.normal(60 if hgg else 42, 12), 18, 88))
@@ -170,11 +174,20 @@ def _lesion(rng, anat: Anatomy, centre_vox: np.ndarray, lab: dict, radius_mm: fl
     return seg
 
 
-def _site_params(seed: int, site: int) -> dict:
+def _site_params(seed: int, site: int, version: int = GENERATOR_VERSION) -> dict:
     """A scanner site. Scale and offset vanish under the z-score; gamma (contrast), blur and a
     correlated noise texture do not, so a model meets them as a real site shift."""
     rng = np.random.default_rng([seed, 7919, site])
     reference = site == 0
+    if version < 2:  # scale/offset (cancelled by the z-score), noise, bias field, slice thickness only
+        return {
+            "scale": {m: 1.0 if reference else float(rng.uniform(0.7, 1.4)) for m in MODALITIES},
+            "offset": {m: 0.0 if reference else float(rng.uniform(-0.08, 0.08)) for m in MODALITIES},
+            "gamma": {m: 1.0 for m in MODALITIES}, "blur_vox": 0.0, "texture": 0.0,
+            "noise": 0.02 if reference else float(rng.uniform(0.015, 0.05)),
+            "bias": 0.05 if reference else float(rng.uniform(0.05, 0.25)),
+            "slice_mm": 0.0 if reference else float(rng.choice([0.0, 3.0, 4.0])),
+        }  # fmt: skip
     return {
         "scale": {m: 1.0 if reference else float(rng.uniform(0.7, 1.4)) for m in MODALITIES},
         "offset": {m: 0.0 if reference else float(rng.uniform(-0.08, 0.08)) for m in MODALITIES},
@@ -191,11 +204,12 @@ MISMATCH_FLAIR = 0.55  # FLAIR of an astrocytoma's core relative to its T2-brigh
 CALCIFICATION = 0.2  # intensity of a calcified focus on T2 and T1ce (oligodendroglioma)
 
 
-def _synthesise(rng, anat: Anatomy, seg: np.ndarray, lab: dict, site: dict) -> dict[str, np.ndarray]:
+def _synthesise(rng, anat: Anatomy, seg: np.ndarray, lab: dict, site: dict, version: int = GENERATOR_VERSION) -> dict[str, np.ndarray]:
     wild = lab.get("idh") == "wildtype"
-    mutant, codeleted = lab.get("idh") == "mutant", lab.get("codeletion_1p19q") == "codeleted"
+    v2 = version >= 2
+    mutant, codeleted = v2 and lab.get("idh") == "mutant", lab.get("codeletion_1p19q") == "codeleted"
     # Poorly defined margins (IDH-wildtype, on average): a wider transition between tumour and brain.
-    margin = float(rng.uniform(1.0, 1.9) if wild else rng.uniform(0.5, 1.3))
+    margin = float(rng.uniform(1.0, 1.9) if wild else rng.uniform(0.5, 1.3)) if v2 else (1.6 if wild else 0.7)
     members = {
         name: ndimage.gaussian_filter((seg == value).astype(np.float32), margin)
         for name, value in (("ncr", NCR), ("et", ET), ("ed", ED))
@@ -207,7 +221,7 @@ def _synthesise(rng, anat: Anatomy, seg: np.ndarray, lab: dict, site: dict) -> d
     if mutant and codeleted:  # small foci inside the tumour
         spots = (seg > 0) & (ndimage.gaussian_filter(rng.standard_normal(anat.shape).astype(np.float32), 0.8) > 0.45)
         calcified = spots.astype(np.float32)
-    site_texture = ndimage.gaussian_filter(rng.standard_normal(anat.shape).astype(np.float32), 1.5) * 4.0
+    site_texture = ndimage.gaussian_filter(rng.standard_normal(anat.shape).astype(np.float32), 1.5) * 4.0 if v2 else 0.0
     out = {}
     for modality in MODALITIES:
         c = CONTRAST[modality]
@@ -242,10 +256,16 @@ def _thick_slices(volumes: dict[str, np.ndarray], seg: np.ndarray, affine: np.nd
     return out, seg_out, new_affine
 
 
-def _survival(rng, lab: dict, volume_ml: float, multifocal: bool) -> tuple[float, int]:
+def _survival(rng, lab: dict, volume_ml: float, multifocal: bool, version: int = GENERATOR_VERSION) -> tuple[float, int]:
     """Weibull survival. The image-borne terms (volume, multifocality) carry hazard that neither age nor
     the clinical labels do, so an image model has something to add over a clinical baseline."""
     lp = (
+        0.35 * (lab["age"] - 50) / 10
+        + 1.1 * (lab["grade"] == "HGG")
+        + 0.9 * (lab["idh"] == "wildtype")
+        - 0.5 * (lab["mgmt"] == "methylated")
+        + 0.25 * np.log(max(volume_ml, 1.0) / 30)
+    ) if version < 2 else (
         0.25 * (lab["age"] - 50) / 10
         + 1.0 * (lab["grade"] == "HGG")
         + 0.8 * (lab["idh"] == "wildtype")
@@ -264,7 +284,7 @@ def _to_int16(volumes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def make_case(seed: int, index: int, sites: int = 1, resolution_mm: float = 2.0, ood: str | None = None,
-              first_site: int = 0) -> tuple[Study, dict]:  # fmt: skip
+              first_site: int = 0, version: int = GENERATOR_VERSION) -> tuple[Study, dict]:  # fmt: skip
     """One phantom case and its generation record (centre, lobe, multifocality, OOD kind). Sites are
     numbered from `first_site` (0 is the reference scanner; a dataset of sites others never had starts
     past theirs)."""
@@ -273,8 +293,10 @@ def make_case(seed: int, index: int, sites: int = 1, resolution_mm: float = 2.0,
     grid = _grid_cached(resolution_mm)
     case_id = f"PH-{seed:04d}-{index:04d}"
     site_index = first_site + index % max(sites, 1)
-    site = _site_params(seed, site_index)
-    lab = _draw_labels(rng)
+    if version not in GENERATOR_VERSIONS:
+        raise ValueError(f"phantom generator version must be one of {GENERATOR_VERSIONS}, not {version}")
+    site = _site_params(seed, site_index, version)
+    lab = _draw_labels(rng, version)
     voxel_ml = float(abs(np.linalg.det(anat.affine[:3, :3]))) / 1000.0
     record: dict = {"case_id": case_id, "site": f"site-{site_index + 1}", "ood": ood}
     multifocal = False
@@ -296,13 +318,13 @@ def make_case(seed: int, index: int, sites: int = 1, resolution_mm: float = 2.0,
                 depth_mm=round(float(anat.depth_mm[tuple(centre.astype(int))]), 1),
                 multifocal=bool(multifocal),
             )
-        volumes = _synthesise(rng, anat, seg, lab, site)
+        volumes = _synthesise(rng, anat, seg, lab, site, version)
     else:
         seg = np.zeros(anat.shape, dtype=np.uint8)
         if ood == "noise":  # not a brain at all
             volumes = {m: np.abs(rng.normal(0.5, 0.3, anat.shape)).astype(np.float32) for m in MODALITIES}
         else:  # "corrupt": a brain with a gross artefact (heavy noise and a lost half-volume)
-            volumes = _synthesise(rng, anat, seg, lab, site)
+            volumes = _synthesise(rng, anat, seg, lab, site, version)
             for m in volumes:
                 volumes[m] = volumes[m] + rng.normal(0, 0.6, anat.shape).astype(np.float32) * anat.mask
                 volumes[m][:, : anat.shape[1] // 2, :] = 0
@@ -316,10 +338,13 @@ def make_case(seed: int, index: int, sites: int = 1, resolution_mm: float = 2.0,
         "idh": rng.random() > 0.2,
         "codeletion_1p19q": rng.random() < (0.85 if lab["idh"] == "mutant" else 0.2),
         "mgmt": rng.random() < (0.8 if lab["grade"] == "HGG" else 0.4),
-    }
+    } if version >= 2 else {
+        "grade": rng.random() > 0.05, "idh": rng.random() > 0.25,
+        "codeletion_1p19q": rng.random() > 0.45, "mgmt": rng.random() > 0.4,
+    }  # fmt: skip
     if ood is None and rng.random() < 0.12:
         volumes.pop(MODALITIES[int(rng.integers(0, 4))])
-    os_days, os_event = _survival(rng, lab, float((seg > 0).sum()) * voxel_ml, multifocal)
+    os_days, os_event = _survival(rng, lab, float((seg > 0).sum()) * voxel_ml, multifocal, version)
     labels = Labels(
         **{task: (lab[task] if known[task] else None) for task in known},
         os_days=os_days, os_event=os_event,
@@ -342,6 +367,7 @@ def synthesise(
     ood_fraction: float = 0.0,
     progress: Callable[[int, int], None] = lambda done, total: None,
     first_site: int = 0,
+    version: int = GENERATOR_VERSION,
 ) -> Path:
     """Write a phantom dataset in the BraTS layout; built in a temp dir and moved into place whole.
     `first_site`: the number of the first site's scanner parameters (see make_case)."""
@@ -355,11 +381,11 @@ def synthesise(
     ood_kinds = {int(i): str(rng.choice(["healthy", "noise", "corrupt"])) for i in rng.choice(n, n_ood, replace=False)}
 
     def build(i: int, staging: Path) -> tuple[Study, dict]:
-        study, record = make_case(seed, i, sites, resolution_mm, ood_kinds.get(i), first_site)
+        study, record = make_case(seed, i, sites, resolution_mm, ood_kinds.get(i), first_site, version)
         write_case(staging, study)
         return study, record
 
-    meta = {"generator": "oncoserve.phantoms", "generator_version": GENERATOR_VERSION, "seed": seed, "n": n, "sites": sites,
+    meta = {"generator": "oncoserve.phantoms", "generator_version": version, "seed": seed, "n": n, "sites": sites,
             "resolution_mm": resolution_mm, "ood_fraction": ood_fraction, "first_site": first_site}  # fmt: skip
     return write_dataset(out, n, build, meta, progress)
 

@@ -20,13 +20,17 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from imaging.phantoms import GENERATOR_VERSION
 from oncoserve.object_store import object_store
 from oncoserve.settings import Settings
 from pipelines.stack import EmbeddedStack, StackError
 
 EVAL_SITE = "site-b"
 EVAL_SITE_PARAMETERS = 2  # phantom scanner parameters of a third site (training uses sites 0 and 1)
+# The demo's cohort comes from phantom generator 1: on generator 2 (marker signals of their own) the
+# demo's classifier reached IDH AUC 0.39 (95 % CI 0.00-0.80) on its 9 test cases and its gate refused it,
+# so the demo could not complete. Moving the demo to 2 waits on a classifier (and a cohort) that learns
+# those signals (issue 20).
+DEMO_GENERATOR = 1
 
 
 def _store_manifest(settings: Settings, data_dir, console: Console) -> str:
@@ -44,6 +48,7 @@ def _store_manifest(settings: Settings, data_dir, console: Console) -> str:
 
 
 def _synthesise(data_dir, n: int, seed: int, sites: int, console: Console, first_site: int = 0) -> None:
+    """Phantoms of DEMO_GENERATOR (see there)."""
     from imaging.phantoms import synthesise
 
     if data_dir.exists():
@@ -52,7 +57,7 @@ def _synthesise(data_dir, n: int, seed: int, sites: int, console: Console, first
     columns = (TextColumn(f"synthesising {data_dir.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("cases", total=n)
-        synthesise(data_dir, n, seed, sites=sites, first_site=first_site,
+        synthesise(data_dir, n, seed, sites=sites, first_site=first_site, version=DEMO_GENERATOR,
                    progress=lambda done, total: progress.update(bar, completed=done))  # fmt: skip
 
 
@@ -140,7 +145,7 @@ def run(settings: Settings, console: Console, down: bool = False, cases: int = 6
     results: dict = {"stack_up_s": round(time.monotonic() - started, 1)}
     try:
         who = demo_identity(settings, console)
-        generation = f"g{GENERATOR_VERSION}"  # a home keeps its data; a new generator writes new folders
+        generation = f"g{DEMO_GENERATOR}"  # a home keeps its data; another generator writes new folders
         data_dir = settings.home / "demo-data" / f"phantoms-n{cases}-seed{seed}-{generation}"
         eval_dir = settings.home / "demo-data" / f"{EVAL_SITE}-n12-seed{seed + 100}-{generation}"
         _synthesise(data_dir, cases, seed, 2, console)

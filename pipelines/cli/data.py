@@ -48,6 +48,10 @@ def synth(
     ood_fraction: float = typer.Option(0.0, "--ood-fraction", min=0.0, max=0.9, help="Fraction of out-of-distribution cases."),
     raw: bool = typer.Option(False, "--raw", help="Raw scanner studies: skull, scalp, neck, head pose, per-series motion, "
                              "bias field, Rician noise, thick slices; the true brain mask and transforms are written too."),
+    first_site: int = typer.Option(0, "--first-site", min=0, help="Scanner parameters start at this site (0 = the reference "
+                                   "scanner); a dataset from sites no other dataset has starts past theirs."),
+    generator: int = typer.Option(2, "--generator-version", min=1, max=2, help="Phantom generator: 2 (marker signals of "
+                                  "their own, site effects a z-score keeps) or 1 (the round-1 generator, reproduced exactly)."),
 ) -> None:
     """Write a synthetic glioma dataset on the MNI152 brain in the BraTS layout."""
     if raw and (sites != 1 or ood_fraction):
@@ -60,7 +64,7 @@ def synth(
         if raw:
             synthesise_raw(out, n, seed, resolution, progress=report)
         else:
-            synthesise(out, n, seed, sites, resolution, ood_fraction, progress=report)
+            synthesise(out, n, seed, sites, resolution, ood_fraction, progress=report, first_site=first_site, version=generator)
     extra = ", <case>_brainmask.nii.gz" if raw else ""
     console.print(f"wrote {n} {'raw ' if raw else ''}cases to {out} (clinical.csv, phantoms.json{extra})")
 
