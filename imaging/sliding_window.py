@@ -98,6 +98,16 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
+def predict_version(run: Callable[[np.ndarray], np.ndarray], image: np.ndarray, extras: dict, **options) -> WindowedPrediction:
+    """How serving and evaluation run a segmentation version over a (C, X, Y, Z) image: its sliding
+    window (the serving `options` overlap, mirror, batch on top of the version's own), or one call for a
+    version exported as a whole-volume network."""
+    spec = WindowSpec.of_version(extras, **options)
+    if spec is None:
+        return WindowedPrediction(np.asarray(run(image[None]))[0], 1, 1)
+    return predict(run, image, spec)
+
+
 def predict(run: Callable[[np.ndarray], np.ndarray], image: np.ndarray, spec: WindowSpec) -> WindowedPrediction:
     """(C, X, Y, Z) model-grid image -> blended probabilities over the whole volume (see module doc)."""
     if image.ndim != 4:

@@ -13,8 +13,7 @@ from imaging import sliding_window
 from imaging.native_grid import labels_on_grid
 from imaging.postprocess import heatmap_to_box, remove_stray_voxels, survival_curve, volumes_ml
 from imaging.preprocess import PreparedStudy, PreprocessConfig, box_to_source, points_to_source
-from imaging.study import Volume
-from imaging.study import CLASS_LABELS
+from imaging.study import CLASS_LABELS, Volume
 from services import plausibility
 
 TASKS = ("localization", "segmentation", "classification", "survival")
@@ -52,10 +51,10 @@ def infer(task: str, run, inputs: dict[str, np.ndarray], extras: dict, window: d
     the model grid, with the serving options `window` (overlap, mirror, batch) on top of the version's own;
     its outputs then carry `tta_disagreement` when mirroring ran. Every other model is one call.
     """
-    spec = sliding_window.WindowSpec.of_version(extras, **(window or {})) if task == "segmentation" else None
-    if spec is None:
+    if task != "segmentation":
         return run(inputs)
-    result = sliding_window.predict(lambda windows: run({"image": windows})["probabilities"], inputs["image"][0], spec)
+    result = sliding_window.predict_version(lambda windows: run({"image": windows})["probabilities"],
+                                            inputs["image"][0], extras, **(window or {}))  # fmt: skip
     out = {"probabilities": result.probabilities[None]}
     if result.disagreement is not None:
         out["tta_disagreement"] = np.array([[result.disagreement]], np.float32)

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
+from imaging import sliding_window
 from serving.backends import BackendUnavailable, InferenceBackend, build_backend
 from services import metrics
-from imaging import sliding_window
 from services.task_logic import TASKS, ServingError, feeds, infer, postprocess
 
 log = logging.getLogger("ray.serve")

@@ -35,10 +35,7 @@ def _mean(values) -> float:
 def segment(sess, image: np.ndarray, extras: dict) -> sliding_window.WindowedPrediction:
     """Probabilities over a whole (C, X, Y, Z) model-grid image, as serving computes them: the version's
     sliding window (no TTA), or one call for a version exported as a whole-volume network."""
-    spec = sliding_window.WindowSpec.of_version(extras)
-    if spec is None:
-        return sliding_window.WindowedPrediction(sess.run(None, {"image": image[None]})[0][0], 1, 1)
-    return sliding_window.predict(lambda windows: sess.run(None, {"image": windows})[0], image, spec)
+    return sliding_window.predict_version(lambda windows: sess.run(None, {"image": windows})[0], image, extras)
 
 
 def _native_scores(probs: np.ndarray, case: CaseArrays) -> dict | None:

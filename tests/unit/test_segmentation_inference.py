@@ -193,3 +193,18 @@ def test_patch_augmentation_is_seeded_keeps_missing_channels_zero_and_labels_val
         assert set(np.unique(s1)) <= {0, 2, 3}
         changed += not np.array_equal(a1, image)
     assert changed >= 10  # mirroring alone (p = 0.5 per axis) changes almost every patch
+
+
+def test_a_version_without_a_window_runs_as_one_whole_volume_call():
+    calls = []
+
+    def run(batch):
+        calls.append(batch.shape)
+        return _softmax(batch)
+
+    image = np.random.default_rng(2).normal(size=(4, 24, 24, 24)).astype(np.float32)
+    result = sw.predict_version(run, image, {})
+    assert calls == [(1, 4, 24, 24, 24)] and result.windows == 1
+    np.testing.assert_allclose(result.probabilities, _softmax(image[None])[0])
+    windowed = sw.predict_version(run, image, {"inference": {"roi": [16, 16, 16]}}, overlap=0.5)
+    assert windowed.windows == 8 and all(shape[2:] == (16, 16, 16) for shape in calls[1:])
