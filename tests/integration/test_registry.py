@@ -103,7 +103,9 @@ def test_compile_writes_a_parseable_triton_repository(env):
     assert [i.name for i in config.input] == [i.name for i in graph.input]
     assert [o.name for o in config.output] == [o.name for o in graph.output]
     onnx_dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:]
-    assert list(config.input[0].dims) == onnx_dims == [4, 96, 112, 96]
+    # A patch network: Triton's input is the window the version was trained on (its extras), not the grid.
+    extras = json.loads((Registry(s.mlflow_url).download(TASK, a) / "extras.json").read_text())
+    assert list(config.input[0].dims) == onnx_dims == [4, *extras["inference"]["roi"]] == [4, 64, 64, 64]
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     digests = json.loads(Registry(s.mlflow_url).version(TASK, a).tags["compiled_sha256"])
