@@ -118,12 +118,12 @@ def _in_process_segmentation(settings, registry, store, files: dict):
     import json
 
     from imaging.preprocess import preprocess
-    from serving.backends import OnnxRuntimeBackend
+    from serving.backends import EmbeddedBackend
     from services.study_input import from_nifti
     from services.task_logic import feeds, infer
 
     version = registry.alias("segmentation", "champion")
-    backend = OnnxRuntimeBackend.from_version(registry, store, settings.bucket_models, settings.triton_repo_prefix,
+    backend = EmbeddedBackend.from_version(registry, store, settings.bucket_models, settings.triton_repo_prefix,
                                               "segmentation", version, threads=2)  # fmt: skip
     extras = json.loads(registry.artifact_text("segmentation", version, "extras.json") or "{}")
     raw = {m: f[1] for m, f in files.items()}

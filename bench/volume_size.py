@@ -37,12 +37,12 @@ def _probe(case: Path, onnx_path: Path, runs: int = 5) -> dict:
     import statistics
 
     from bench.serving import segmentation_steps
-    from serving.backends import OnnxRuntimeBackend
+    from serving.backends import EmbeddedBackend
 
     raw = {p.name.split("_")[-1].split(".")[0]: p.read_bytes() for p in sorted(case.glob("*.nii.gz"))}
     extras_path = Path(onnx_path).with_name("extras.json")  # the version's window (written beside the model)
     extras = json.loads(extras_path.read_text()) if extras_path.exists() else {}
-    whole = segmentation_steps(OnnxRuntimeBackend(onnx_path, "segmentation", "bench", threads=2), raw, extras)
+    whole = segmentation_steps(EmbeddedBackend(onnx_path, "segmentation", "bench", threads=2), raw, extras)
     whole()
     times = []
     for _ in range(runs):

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import re
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -225,6 +226,7 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
                                  preferred_batch_sizes=[b for b in (2, 4) if b <= body.max_batch])  # fmt: skip
         result, gates = promoter.compile(who, task, version, options, body.force, body.reason)
         return {"task": task, "version": version, "files": result.files, "tensorrt": result.tensorrt,
+                "runtime": asdict(result.runtime) if result.runtime else None,
                 "bucket": settings.bucket_models, "prefix": settings.triton_repo_prefix,
                 "gates": [g.to_json() for g in gates], "gates_sha256": promoter.gates_sha256}  # fmt: skip
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from imaging.preprocess import PreparedStudy, PreprocessConfig, preprocess
 from imaging.study import Study, Volume
-from serving.backends import InferenceBackend, OnnxRuntimeBackend
+from serving.backends import InferenceBackend, EmbeddedBackend
 from services.schemas import Findings
 from services.task_logic import TASKS, ServingError, feeds, infer, postprocess
 
@@ -73,7 +73,7 @@ class StudyAnalyzer:
             version = registry.alias(task, alias)
             if version is None:
                 raise ServingError(f"{task} has no `{alias}` version; promote one (oncoserve models promote)")
-            backends[task] = OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, threads=threads)
+            backends[task] = EmbeddedBackend.from_version(registry, store, bucket, prefix, task, version, threads=threads)
             extras[task] = json.loads(registry.artifact_text(task, version, "extras.json") or "{}")
         return cls(backends, extras)
 

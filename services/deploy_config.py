@@ -41,15 +41,19 @@ class Autoscaling(_Strict):
 
 
 class Batching(_Strict):
-    max_batch_size: int = Field(4, ge=1, le=64)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+    """Adaptive batching (services/batcher.py): a lone request runs at once; requests that arrive while a
+    model call runs go together into the next one."""
+
+    max_batch_size: int = Field(4, ge=1, le=64, description="requests per model call (keep <= the Triton config's max_batch_size)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5, description="longest wait to fill a batch once two or more are waiting")
 
 
 class Backend(_Strict):
-    kind: Literal["onnxruntime", "triton"] = "onnxruntime"
-    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per replica")
+    kind: Literal["auto", "onnxruntime", "openvino", "triton"] = Field(
+        "auto", description="auto: the CPU runtime `oncoserve compile` measured fastest for the version")
+    threads: int = Field(1, ge=1, description="runtime threads per replica (onnxruntime intra-op / OpenVINO)")
     triton_url: str | None = Field(None, description="host:port of Triton's gRPC endpoint (kind: triton)")
-    fallback_to_embedded: bool = Field(False, description="answer from onnxruntime when Triton is down")
+    fallback_to_embedded: bool = Field(False, description="answer from the embedded runtime when Triton is down")
     timeout_s: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")

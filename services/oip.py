@@ -11,9 +11,8 @@ import json
 
 import numpy as np
 
-V2_TO_NP = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
-            "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}  # fmt: skip
-NP_TO_V2 = {np.dtype(v): k for k, v in V2_TO_NP.items()}
+from serving.datatypes import NP_TO_V2, V2_TO_NP
+
 GRPC_CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "INT32": "int_contents",
                  "INT8": "int_contents", "UINT8": "uint_contents", "BOOL": "bool_contents"}  # fmt: skip
 HEADER_LENGTH = "Inference-Header-Content-Length"

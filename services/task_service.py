@@ -6,7 +6,8 @@ Every task deployment has the same lifecycle, in this order:
                but only when the platform's signed promotion record names that version
                (services.trusted_champion: an alias moved any other way is refused and counted)
   preprocess   the model inputs from the study the gateway prepared once (services.task_logic.feeds)
-  infer        through the backend, several requests per model call (`serve.batch`); a segmentation
+  infer        through the backend, requests already waiting share a model call (services.batcher: a
+               lone request never waits for a batch to fill); a segmentation
                patch network as a sliding window over the study (imaging.sliding_window), its windows
                batched per model call
   postprocess  outputs -> this task's findings section, back on the input's grid
@@ -33,7 +34,9 @@ from ray import serve
 
 from imaging import sliding_window
 from serving.backends import BackendUnavailable, InferenceBackend, build_backend
+from serving.runtimes import RUNTIMES
 from services import metrics
+from services.batcher import AdaptiveBatcher
 from services.task_logic import TASKS, ServingError, feeds, infer, postprocess
 
 log = logging.getLogger("ray.serve")
@@ -44,11 +47,6 @@ class LoadedModel:
     version: str
     backend: InferenceBackend
     extras: dict
-
-
-def _split_rows(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
-    bounds = np.cumsum([0, *sizes])
-    return [{k: v[bounds[i] : bounds[i + 1]] for k, v in outputs.items()} for i in range(len(sizes))]
 
 
 class TaskService:
@@ -84,8 +82,10 @@ class TaskService:
         self.model = self._load(str(record["version"]), record)
         metrics.serving_version(task, None, self.model.version)
         batching = spec.get("batching", {})
-        self._infer_batch.set_max_batch_size(batching.get("max_batch_size", 4))
-        self._infer_batch.set_batch_wait_timeout_s(batching.get("batch_wait_timeout_s", 0.01))
+        self._batcher = AdaptiveBatcher(self._run_batch, batching.get("max_batch_size", 4),
+                                        batching.get("batch_wait_timeout_s", 0.01),
+                                        on_batch=metrics.BATCH_SIZE.labels(task).observe,
+                                        shared_errors=(BackendUnavailable,))  # fmt: skip
         self._swap_lock = threading.Lock()
         self._input_names: dict[str, frozenset[str]] = {}
         self._watcher = AliasWatcher(self._registry, task, "champion", self._on_alias_moved, watch_interval_s,
@@ -98,7 +98,7 @@ class TaskService:
         """Load `version` with the digests its signed promotion record names (not the registry's tag)."""
         t0 = time.perf_counter()
         backend_spec = self.spec.get("backend", {})
-        backend = build_backend(backend_spec.get("kind", "onnxruntime"), self._registry, self._store, self._bucket,
+        backend = build_backend(backend_spec.get("kind", "auto"), self._registry, self._store, self._bucket,
                                 self._prefix, self.task, version, threads=backend_spec.get("threads", 1),
                                 triton_url=backend_spec.get("triton_url"),
                                 fallback_to_embedded=backend_spec.get("fallback_to_embedded", False),
@@ -131,29 +131,17 @@ class TaskService:
             log.info("%s: now serving version %s (was %s)", self.task, loaded.version, previous.version)
 
     # -- infer (batched) --------------------------------------------------------------------------
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _infer_batch(self, items: list[dict[str, np.ndarray]]) -> list[tuple[str, dict]]:
+    def _run_batch(self, stacked: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
+        """One model call (in a worker thread) for the batcher: the version it ran on, and the outputs."""
         model = self.model  # one version for the whole batch, even if a swap lands meanwhile
-        metrics.BATCH_SIZE.labels(self.task).observe(len(items))
-        # Requests can only share a model call when their tensors have the same shapes.
-        groups: dict[tuple, list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(item.items())), []).append(i)
-        results: list = [None] * len(items)
         t0 = time.perf_counter()
-        for members in groups.values():
-            # A lone request goes in as it is: concatenating one array would copy it.
-            first = items[members[0]]
-            stacked = first if len(members) == 1 else {k: np.concatenate([items[i][k] for i in members]) for k in first}
-            try:
-                out = await asyncio.to_thread(model.backend.infer, stacked)
-            except BackendUnavailable:
-                metrics.BACKEND_ERRORS.labels(self.task, model.backend.name).inc()
-                raise
-            for i, part in zip(members, _split_rows(out, [len(next(iter(items[i].values()))) for i in members])):
-                results[i] = (model.version, part)
+        try:
+            out = model.backend.infer(stacked)
+        except BackendUnavailable:
+            metrics.BACKEND_ERRORS.labels(self.task, model.backend.name).inc()
+            raise
         metrics.STAGE_SECONDS.labels(self.task, "infer", model.version).observe(time.perf_counter() - t0)
-        return results
+        return model.version, out
 
     # -- the methods the gateway calls ------------------------------------------------------------
     async def predict(self, prepared, age: float | None) -> dict:
@@ -169,7 +157,7 @@ class TaskService:
                 outputs = await asyncio.to_thread(infer, self.task, model.backend.infer, inputs, model.extras, self._window)
                 metrics.STAGE_SECONDS.labels(self.task, "infer", version).observe(time.perf_counter() - t0)
             else:
-                version, outputs = await self._infer_batch(inputs)
+                version, outputs = await self._batcher.submit(inputs)
             t1 = time.perf_counter()
             extras = self.model.extras if self.model.version == version else self._extras_of(version)
             result = await asyncio.to_thread(postprocess, self.task, outputs, prepared, extras)
@@ -193,7 +181,7 @@ class TaskService:
             raise ValueError(f"model {self.task} takes inputs {sorted(expected)}, got {sorted(inputs)}")
         metrics.QUEUE_DEPTH.labels(self.task).inc()
         try:
-            version, outputs = await self._infer_batch(inputs)
+            version, outputs = await self._batcher.submit(inputs)
         finally:
             metrics.QUEUE_DEPTH.labels(self.task).dec()
         return {"version": version, "outputs": outputs}
@@ -208,7 +196,7 @@ class TaskService:
 
     def check_health(self) -> None:
         """Serve's health probe: a replica whose backend cannot answer is replaced."""
-        if self.model.backend.name == "onnxruntime" and not self.model.backend.ready():
+        if self.model.backend.name in RUNTIMES and not self.model.backend.ready():
             raise ServingError(f"{self.task}: model not ready")
 
     def __del__(self):

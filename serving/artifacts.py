@@ -73,3 +73,18 @@ def load_compiled_onnx(registry: Registry, store, bucket: str, prefix: str, task
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(data)
     return dst
+
+
+def compiled_runtime(registry: Registry, store, bucket: str, prefix: str, task: str, version: str,
+                     expected: dict[str, str] | None = None) -> str:  # fmt: skip
+    """The CPU runtime `oncoserve compile` measured fastest for this version (verified runtime.json).
+
+    A version compiled before runtimes were measured has no runtime.json: onnxruntime, as it was served."""
+    expected = expected if expected is not None else expected_digests(registry, task, version)
+    key = f"{task}/{version}/runtime.json"
+    if key not in expected:
+        return "onnxruntime"
+    chosen = json.loads(fetch_verified(store, bucket, prefix, key, expected))["runtime"]
+    if not chosen:
+        raise TamperedArtifact(f"{key}: names no runtime")
+    return chosen

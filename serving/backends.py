@@ -1,6 +1,7 @@
 """Inference backends: one interface, several implementations, chosen by configuration.
 
-- OnnxRuntimeBackend: the model in this process (embedded default).
+- EmbeddedBackend: the model in this process on a CPU runtime (onnxruntime or OpenVINO; `auto` takes the
+  one `oncoserve compile` measured fastest for the version).
 - TritonBackend: a Triton (or any Open Inference Protocol v2) server over tritonclient gRPC,
   model names and versions from the compiled repository.
 - FallbackBackend: the primary, and the embedded backend when the primary is down (a config switch).
@@ -16,8 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
-ORT_TO_V2 = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64", "tensor(uint8)": "UINT8"}
-NP_TO_V2 = {np.dtype("float32"): "FP32", np.dtype("float16"): "FP16", np.dtype("int64"): "INT64", np.dtype("uint8"): "UINT8"}
+from serving.datatypes import NP_TO_V2
+from serving.runtimes import RUNTIMES, describe_onnx, open_session
 
 
 class BackendUnavailable(RuntimeError):
@@ -43,44 +44,44 @@ class InferenceBackend(Protocol):
     def metadata(self) -> dict: ...
 
 
-class OnnxRuntimeBackend:
-    name = "onnxruntime"
+class EmbeddedBackend:
+    """The model in this process, on a CPU runtime: onnxruntime or OpenVINO (serving/runtimes.py).
 
-    def __init__(self, model_path: Path, task: str, version: str, threads: int = 2):
-        import onnxruntime as ort
+    `from_version(..., runtime="auto")` serves with the runtime `oncoserve compile` measured fastest
+    for that version (its verified runtime.json); naming a runtime overrides the measurement."""
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    def __init__(self, model_path: Path, task: str, version: str, threads: int = 1, runtime: str = "onnxruntime"):
+        self.session = open_session(runtime, model_path, threads)
+        self.name = runtime
         self.task, self.version = task, str(version)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._metadata = describe_onnx(model_path)
 
     @classmethod
     def from_version(cls, registry, store, bucket: str, prefix: str, task: str, version: str,
-                     cache_dir: Path | None = None, threads: int = 2,
-                     expected: dict[str, str] | None = None) -> "OnnxRuntimeBackend":  # fmt: skip
+                     cache_dir: Path | None = None, threads: int = 1,
+                     expected: dict[str, str] | None = None, runtime: str = "auto") -> "EmbeddedBackend":  # fmt: skip
         """Load the compiled, sha256-verified model.onnx of a registry version (`expected`: signed digests)."""
-        from serving.artifacts import load_compiled_onnx
+        from serving.artifacts import compiled_runtime, load_compiled_onnx
 
         cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="oncoserve-models-"))
         path = load_compiled_onnx(registry, store, bucket, prefix, task, version, cache_dir / task / str(version) / "model.onnx",
                                   expected)
-        return cls(path, task, version, threads)
+        if runtime == "auto":
+            runtime = compiled_runtime(registry, store, bucket, prefix, task, version, expected)
+        return cls(path, task, version, threads, runtime)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+        return self.session.run(inputs)
 
     def ready(self) -> bool:
         return True
 
     def metadata(self) -> dict:
         """Tensor names, OIP v2 datatypes and shapes (-1 for dynamic axes)."""
+        return self._metadata
 
-        def describe(args) -> list[dict]:
-            return [{"name": a.name, "datatype": ORT_TO_V2[a.type],
-                     "shape": [d if isinstance(d, int) else -1 for d in a.shape]} for a in args]  # fmt: skip
 
-        return {"inputs": describe(self.session.get_inputs()), "outputs": describe(self.session.get_outputs())}
+OnnxRuntimeBackend = EmbeddedBackend  # the round-1 name, kept for scripts that import it
 
 
 class TritonBackend:
@@ -164,15 +165,18 @@ def build_backend(kind: str, registry, store, bucket: str, prefix: str, task: st
                   threads: int = 1, triton_url: str | None = None, fallback_to_embedded: bool = False,
                   timeout_s: float = 60.0, cache_dir: Path | None = None,
                   expected: dict[str, str] | None = None) -> InferenceBackend:  # fmt: skip
-    """The backend a deployment config asks for, serving one registry version of a task."""
-    if kind == "onnxruntime":
-        return OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads, expected)
+    """The backend a deployment config asks for, serving one registry version of a task.
+
+    kind: auto (embedded, the runtime measured at compile), onnxruntime, openvino (embedded, that runtime),
+    or triton (a Triton server; `fallback_to_embedded` adds the `auto` embedded backend behind it)."""
+    if kind == "auto" or kind in RUNTIMES:
+        return EmbeddedBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads, expected, kind)
     if kind != "triton":
-        raise ValueError(f"unknown inference backend {kind!r} (onnxruntime or triton)")
+        raise ValueError(f"unknown inference backend {kind!r} (auto, {', '.join(RUNTIMES)} or triton)")
     if not triton_url:
         raise ValueError("the triton backend needs a URL (host:port of Triton's gRPC endpoint)")
     triton = TritonBackend(triton_url, task, version, timeout_s)
     if not fallback_to_embedded:
         return triton
-    embedded = OnnxRuntimeBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads, expected)
+    embedded = EmbeddedBackend.from_version(registry, store, bucket, prefix, task, version, cache_dir, threads, expected)
     return FallbackBackend(triton, embedded)

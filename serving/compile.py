@@ -3,11 +3,17 @@
     s3://<models bucket>/<prefix>/<task>/config.pbtxt
     s3://<models bucket>/<prefix>/<task>/<n>/model.onnx        (n = the registry version)
     s3://<models bucket>/<prefix>/<task>/<n>/model.plan        (TensorRT, only where built on a GPU)
+    s3://<models bucket>/<prefix>/<task>/<n>/runtime.json      (the CPU runtime chosen by measurement)
     s3://<models bucket>/<prefix>/<task>/<n>/sha256.json
 
 config.pbtxt is built as tritonclient's ModelConfig protobuf and printed in text format, so it always
 parses. The sha256 of every artifact is recorded at compile time on the registry version (tag
 `compiled_sha256`) and verified before any backend loads it (serving/artifacts.py).
+
+Runtime selection: each CPU runtime (serving/runtimes.py) runs the version's exported reference input;
+one whose outputs differ from torch's by more than the tolerance is refused, the others are timed, and
+the fastest passing one goes in runtime.json (and the tags `compiled_runtime`, `compiled_runtime_table`)
+for the embedded backend's `auto` kind. No runtime passing parity is a compile error, not a silent pick.
 """
 
 from __future__ import annotations
@@ -20,10 +26,15 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from serving.datatypes import ONNX_TO_V2, triton_type
 from serving.registry import Registry
+from serving.runtimes import DEFAULT_TOLERANCE, REFERENCE_FILE, RUNTIMES, RuntimeChoice, choose_runtime
 from serving.tensorrt import build_plan
 
-ONNX_TO_TRITON = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "INT64": "TYPE_INT64", "UINT8": "TYPE_UINT8"}
+
+class CompileError(ValueError):
+    """The version cannot be compiled as asked (the API answers 400 with this message)."""
+
 
 
 @dataclass
@@ -35,6 +46,10 @@ class CompileOptions:
     gpu: bool = False
     tensorrt_accelerator: bool = False  # ORT's TensorRT execution accelerator on GPU instances
     versions_kept: int = 2
+    runtimes: tuple[str, ...] = RUNTIMES  # CPU runtimes to measure
+    runtime_threads: int = 1  # threads each candidate gets: what one serving replica uses
+    runtime_runs: int = 5  # timed runs per candidate (after one warm-up run that is also the parity run)
+    runtime_tolerance: float = DEFAULT_TOLERANCE
 
 
 @dataclass
@@ -45,6 +60,7 @@ class CompileResult:
     files: dict[str, str]  # key -> sha256
     tensorrt: str  # "built" or "skipped: <why>"
     config_text: str
+    runtime: RuntimeChoice | None = None
 
 
 def model_config(task: str, signature: dict, options: CompileOptions):
@@ -55,7 +71,7 @@ def model_config(task: str, signature: dict, options: CompileOptions):
         for tensor in signature[kind]:
             entry = target.add()
             entry.name = tensor["name"]
-            entry.data_type = mc.DataType.Value(ONNX_TO_TRITON[tensor["datatype"]])
+            entry.data_type = mc.DataType.Value(triton_type(ONNX_TO_V2[tensor["datatype"]]))
             entry.dims.extend(int(d) for d in tensor["shape"][1:])  # Triton's dims exclude the batch axis
     config.dynamic_batching.preferred_batch_size.extend(options.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
@@ -71,6 +87,19 @@ def model_config(task: str, signature: dict, options: CompileOptions):
     return config
 
 
+def select_runtime(model_dir: Path, options: CompileOptions) -> RuntimeChoice:
+    """The fastest CPU runtime whose outputs match the exported reference (see the module docstring)."""
+    reference = model_dir / REFERENCE_FILE
+    if not reference.exists():  # exported before references were written: nothing to check against
+        return RuntimeChoice("onnxruntime", options.runtime_tolerance, options.runtime_threads, [])
+    choice = choose_runtime(model_dir / "model.onnx", reference, options.runtimes, options.runtime_threads,
+                            options.runtime_runs, options.runtime_tolerance)  # fmt: skip
+    if choice.runtime is None:
+        reasons = "; ".join(f"{t.runtime}: {t.error}" for t in choice.trials)
+        raise CompileError(f"no CPU runtime reproduces the exported reference output ({reasons})")
+    return choice
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -83,7 +112,9 @@ def compile_version(registry: Registry, store, bucket: str, prefix: str, task: s
     config = model_config(task, info.signature, options)
     config_text = text_format.MessageToString(config)
     onnx_bytes = (model_dir / "model.onnx").read_bytes()
-    files = {f"{task}/{version}/model.onnx": onnx_bytes, f"{task}/config.pbtxt": config_text.encode()}
+    runtime = select_runtime(model_dir, options)
+    files = {f"{task}/{version}/model.onnx": onnx_bytes, f"{task}/config.pbtxt": config_text.encode(),
+             f"{task}/{version}/runtime.json": runtime.to_json().encode()}  # fmt: skip
     plan = build_plan(model_dir / "model.onnx") if options.gpu else None
     tensorrt = "skipped: not a GPU compile (use --gpu on a GPU node)" if plan is None else plan.status
     if plan is not None and plan.data is not None:
@@ -94,4 +125,6 @@ def compile_version(registry: Registry, store, bucket: str, prefix: str, task: s
         store.put_object(bucket, f"{prefix}/{key}", io.BytesIO(data), len(data))
     registry.set_tag(task, version, "compiled_sha256", json.dumps(digests))
     registry.set_tag(task, version, "compiled_repository", f"s3://{bucket}/{prefix}")
-    return CompileResult(task, version, prefix, digests, tensorrt, config_text)
+    registry.set_tag(task, version, "compiled_runtime", runtime.runtime)
+    registry.set_tag(task, version, "compiled_runtime_table", "\n".join(runtime.table()))
+    return CompileResult(task, version, prefix, digests, tensorrt, config_text, runtime)

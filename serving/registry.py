@@ -139,4 +139,11 @@ class Registry:
         return Path(path).read_text()
 
     def model_card(self, task: str, version: str) -> str:
-        return self.artifact_text(task, version, "MODEL_CARD.md") or "(no model card)"
+        """The card written at training, with the serving runtime `oncoserve compile` measured (once compiled)."""
+        card = self.artifact_text(task, version, "MODEL_CARD.md") or "(no model card)"
+        tags = self.version(task, version).tags
+        if tags.get("compiled_runtime_table"):
+            card += (f"\n\n## Serving runtime (measured by `oncoserve compile`)\n\n"
+                     f"Served on **{tags.get('compiled_runtime')}**: the fastest CPU runtime whose outputs match the "
+                     f"exported reference.\n\n{tags['compiled_runtime_table']}\n")  # fmt: skip
+        return card

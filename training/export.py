@@ -16,6 +16,9 @@ from training.tasks import TaskDef
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-3
+# Beside model.onnx: the parity input and torch's output for it (keys input.<name> / output.<name>);
+# `oncoserve compile` checks every candidate runtime against it (serving/runtimes.py reads this name).
+REFERENCE_FILE = "reference.npz"
 
 
 @dataclass
@@ -59,7 +62,10 @@ def export_onnx(task: TaskDef, model: torch.nn.Module, extras: dict, example: Ca
         expected = graph(*inputs)
     expected = expected if isinstance(expected, tuple) else (expected,)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(None, {name: t.numpy() for name, t in zip(task.input_names, inputs)})
+    feed = {name: t.numpy() for name, t in zip(task.input_names, inputs)}
+    got = session.run(None, feed)
+    np.savez_compressed(out.parent / REFERENCE_FILE, **{f"input.{k}": v for k, v in feed.items()},
+                        **{f"output.{n}": e.numpy() for n, e in zip(task.output_names, expected)})  # fmt: skip
     diff = 0.0
     for e, g in zip(expected, got):  # every output, MC-dropout's too (its masks are fixed in the graph)
         # Absolute for outputs within [-1, 1] (probabilities), relative beyond (a risk, a distance).

@@ -206,3 +206,11 @@ def compile_(
     for key, digest in result["files"].items():
         console.print(f"s3://{result['bucket']}/{result['prefix']}/{key}  sha256 {digest[:16]}")
     console.print(f"TensorRT plan: {result['tensorrt']}")
+    runtime = result.get("runtime")
+    if runtime:
+        from serving.runtimes import RuntimeChoice
+
+        choice = RuntimeChoice.from_json(json.dumps(runtime))
+        if choice.trials:
+            console.print(Markdown("\n".join(choice.table())))
+        console.print(f"serving runtime: {choice.runtime}")

@@ -1,4 +1,4 @@
-"""Inference backends: embedded onnxruntime and Triton-over-tritonclient against a real OIP v2 server.
+"""Inference backends: embedded (onnxruntime, OpenVINO) and Triton-over-tritonclient against a real OIP v2 server.
 
 The v2 server is a KServe ModelServer in its own process (kserve and tritonclient.grpc cannot share
 one) serving the same compiled ONNX files from a Triton-layout repository.
@@ -13,7 +13,7 @@ import pytest
 from imaging.dataset import read_case
 from imaging.preprocess import preprocess
 from oncoserve.object_store import object_store
-from serving.backends import BackendUnavailable, FallbackBackend, OnnxRuntimeBackend, TritonBackend
+from serving.backends import BackendUnavailable, FallbackBackend, EmbeddedBackend, TritonBackend
 from serving.compile import compile_version
 from serving.registry import Registry
 from tests.helpers import export_triton_repo, start_v2_server
@@ -46,8 +46,8 @@ def inputs(tiny_dataset):
     return {"image": prepared.image[None].astype(np.float32), "presence": prepared.presence[None].astype(np.float32)}
 
 
-def embedded(live_stack, trained, task) -> OnnxRuntimeBackend:
-    return OnnxRuntimeBackend.from_version(Registry(live_stack.mlflow_url), object_store(live_stack), live_stack.bucket_models,
+def embedded(live_stack, trained, task) -> EmbeddedBackend:
+    return EmbeddedBackend.from_version(Registry(live_stack.mlflow_url), object_store(live_stack), live_stack.bucket_models,
                                            live_stack.triton_repo_prefix, task, trained[task])  # fmt: skip
 
 
@@ -72,3 +72,21 @@ def test_backend_down_is_named_and_fallback_answers(live_stack, trained, v2_serv
     fallback = FallbackBackend(remote, embedded(live_stack, trained, "localization"))
     out = fallback.infer({"image": inputs["image"]})
     assert out["heatmap"].shape == (1, 1, 48, 56, 48) and fallback.fallbacks == 1
+
+
+def test_openvino_serves_the_compiled_versions_as_onnxruntime_does(live_stack, trained, compiled, inputs):
+    """The OpenVINO path reads the same verified model.onnx and answers within the compile tolerance."""
+    from serving.runtimes import DEFAULT_TOLERANCE, parity
+
+    registry, store = Registry(live_stack.mlflow_url), object_store(live_stack)
+    for task in TASKS:
+        args = (registry, store, live_stack.bucket_models, live_stack.triton_repo_prefix, task, trained[task])
+        ort_backend = EmbeddedBackend.from_version(*args, runtime="onnxruntime")
+        ov_backend = EmbeddedBackend.from_version(*args, runtime="openvino")
+        auto = EmbeddedBackend.from_version(*args)  # the runtime compile measured fastest for this version
+        chosen = registry.version(task, trained[task]).tags["compiled_runtime"]
+        assert ov_backend.name == "openvino" and auto.name == chosen in ("onnxruntime", "openvino")
+        feeds = {k: v for k, v in inputs.items() if task == "classification" or k == "image"}
+        ours, theirs = ort_backend.infer(feeds), ov_backend.infer(feeds)
+        assert set(theirs) == set(ours) and parity(theirs, ours) <= DEFAULT_TOLERANCE, task
+        assert ov_backend.metadata() == ort_backend.metadata()

@@ -25,6 +25,7 @@ from oncoserve.auth import Identity, TokenStore
 from oncoserve.object_store import object_store
 from serving.artifacts import TamperedArtifact, load_compiled_onnx
 from serving.registry import Registry
+from serving.runtimes import load_reference, open_session
 from tests.conftest import oncoserve
 
 pytestmark = pytest.mark.integration
@@ -62,7 +63,7 @@ def monkeypatch_module():
     mp.undo()
 
 
-def register_worse_copy(settings, version: str) -> str:
+def register_worse_copy(settings, version: str, keep_reference: bool = False) -> str:
     """B: A's graph with +50 added to the background logit before the softmax (every voxel background)."""
     registry = Registry(settings.mlflow_url)
     src = registry.download(TASK, version)
@@ -77,11 +78,23 @@ def register_worse_copy(settings, version: str) -> str:
                             helper.make_node("Add", [softmax.input[0], "background_shift"], ["shifted_logits"]))  # fmt: skip
     softmax.input[0] = "shifted_logits"
     onnx.save(model, str(work / "model.onnx"))
+    if keep_reference:  # the exported reference now belongs to another graph: compile must refuse it
+        return _register(settings, version, work)
+    # What export writes for this graph: the same reference input, this graph's own output for it.
+    inputs, _ = load_reference(work / "reference.npz")
+    outputs = open_session("onnxruntime", work / "model.onnx").run(inputs)
+    np.savez_compressed(work / "reference.npz", **{f"input.{k}": v for k, v in inputs.items()},
+                        **{f"output.{k}": v for k, v in outputs.items()})  # fmt: skip
+    return _register(settings, version, work)
+
+
+def _register(settings, version: str, work: Path) -> str:
+    registry = Registry(settings.mlflow_url)
     client = MlflowClient(settings.mlflow_url)
     info = registry.version(TASK, version)
     run = client.create_run(client.get_run(info.run_id).info.experiment_id, run_name="worse-copy")
     client.log_artifacts(run.info.run_id, str(work), "model")
-    tags = {k: v for k, v in info.tags.items() if k not in ("compiled_sha256", "compiled_repository")}
+    tags = {k: v for k, v in info.tags.items() if not k.startswith("compiled_")}
     mv = client.create_model_version(TASK, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags)
     return str(mv.version)
 
@@ -109,7 +122,26 @@ def test_compile_writes_a_parseable_triton_repository(env):
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     digests = json.loads(Registry(s.mlflow_url).version(TASK, a).tags["compiled_sha256"])
-    assert f"{TASK}/{a}/model.onnx" in digests
+    assert f"{TASK}/{a}/model.onnx" in digests and f"{TASK}/{a}/runtime.json" in digests
+    # Every CPU runtime was parity-checked and timed; the fastest passing one is recorded and printed.
+    runtime = json.loads(store.get_object(s.bucket_models, f"{prefix}/{TASK}/{a}/runtime.json").read())
+    trials = {t["runtime"]: t for t in runtime["trials"]}
+    assert set(trials) == {"onnxruntime", "openvino"} and all(t["passed"] for t in trials.values()), trials
+    assert all(t["max_abs_diff"] <= runtime["tolerance"] for t in trials.values())
+    assert runtime["runtime"] == min(trials.values(), key=lambda t: t["p50_ms"])["runtime"]
+    assert f"serving runtime: {runtime['runtime']}" in run.stdout and "parity" in run.stdout
+    card = Registry(s.mlflow_url).model_card(TASK, a)
+    assert "## Serving runtime" in card and f"Served on **{runtime['runtime']}**" in card
+
+
+def test_a_version_whose_graph_no_longer_reproduces_its_reference_is_not_compiled(env):
+    c = register_worse_copy(env["settings"], env["a"], keep_reference=True)
+    run = oncoserve("compile", TASK, "--version", c, token=env["tokens"]["data-scientist"])
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "no CPU runtime reproduces the exported reference output" in run.stderr and "parity" in run.stderr
+    assert "compiled_sha256" not in Registry(env["settings"].mlflow_url).version(TASK, c).tags
+    audited = [e for e in AuditLog(env["settings"].audit_file).entries() if e["action"] == "compile" and str(e.get("version")) == c]
+    assert [e["status"] for e in audited] == ["failed"] and "parity" in audited[0]["error"]
 
 
 def test_tampered_artifact_is_refused_at_load(env, tmp_path):

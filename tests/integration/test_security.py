@@ -145,14 +145,14 @@ class _Trap:
 
 def test_a_pickle_in_place_of_the_onnx_is_refused_and_never_run(tmp_path):
     from serving.artifacts import verify_file
-    from serving.backends import OnnxRuntimeBackend
+    from serving.backends import EmbeddedBackend
 
     marker = tmp_path / "pickle-ran"
     model = tmp_path / "model.onnx"
     model.write_bytes(pickle.dumps(_Trap(marker)))
     verify_file(model, hashlib.sha256(model.read_bytes()).hexdigest())  # even with a matching digest ...
     with pytest.raises(Exception) as refused:  # ... onnxruntime parses protobuf, never pickles
-        OnnxRuntimeBackend(model, "segmentation", "1")
+        EmbeddedBackend(model, "segmentation", "1")
     assert "protobuf" in str(refused.value).lower() or "load model" in str(refused.value).lower(), refused.value
     assert not marker.exists()
 

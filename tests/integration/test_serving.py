@@ -18,7 +18,7 @@ import pytest
 
 from imaging.dataset import read_case
 from imaging.preprocess import preprocess
-from serving.backends import OnnxRuntimeBackend
+from serving.backends import EmbeddedBackend
 from tests.conftest import MAX_REQUEST_MB, SERVE_TEST_CONFIG as TEST_CONFIG, oncoserve
 from tests.dicom_factory import PHI_STRINGS, series_datasets, write_zip
 from tests.helpers import wait_until
@@ -154,7 +154,7 @@ def test_gzip_body_and_s3_uri_inputs(served, tiny_dataset):
 
 def _local_backend(served, task, version, tmp_path):
     settings = served["settings"]
-    return OnnxRuntimeBackend.from_version(served["registry"], served["store"], settings.bucket_models,
+    return EmbeddedBackend.from_version(served["registry"], served["store"], settings.bucket_models,
                                            settings.triton_repo_prefix, task, version, tmp_path)  # fmt: skip
 
 

@@ -103,6 +103,7 @@ def test_gpu_values_request_gpus_on_the_gpu_pool(rendered):
 
 def test_chart_serve_config_equals_what_the_embedded_stack_deploys(rendered):
     chart = yaml.safe_load(one(rendered["default"][1], "RayService")["spec"]["serveConfigV2"])
+    assert "backend" not in chart["applications"][0]["args"]  # auto: each version's measured runtime
     ours = serve_config(deploy_config.load())
     assert chart["http_options"] == ours["http_options"] and chart["grpc_options"] == ours["grpc_options"]
     (c_app,), (o_app,) = chart["applications"], ours["applications"]
@@ -110,6 +111,15 @@ def test_chart_serve_config_equals_what_the_embedded_stack_deploys(rendered):
     assert {d["name"]: d for d in c_app["deployments"]} == {d["name"]: d for d in o_app["deployments"]}
     # ... and the args build a valid config for the cluster's app builder.
     assert deploy_config.DeploymentConfig.model_validate(c_app["args"]["config"]).document() == deploy_config.load().document()
+
+
+def test_a_forced_cpu_runtime_reaches_every_model_deployment(tmp_path):
+    """serve.modelBackend openvino/onnxruntime pins the embedded runtime; auto (default) leaves the measured one."""
+    result, docs = render({"serve": {"modelBackend": "openvino"}}, tmp_path)
+    assert "error" not in result, result
+    app = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"][0]
+    assert app["args"]["backend"] == {"kind": "openvino"}
+    assert deploy_config.Backend.model_validate(app["args"]["backend"]).kind == "openvino"
 
 
 def test_every_pod_is_non_root_read_only_with_resources(rendered):

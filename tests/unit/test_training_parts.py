@@ -255,6 +255,12 @@ def test_exported_classifier_gives_the_same_uncertainty_for_the_same_study(tmp_p
     # The masks thin the encoder's features as well as the hidden layer.
     graph = tasks.get("classification").export_module(net, {})
     assert (graph.feature_keep == 0).any() and (graph.hidden_keep == 0).any()
+    # Beside the graph: the parity input and torch's output, which `oncoserve compile` checks runtimes against.
+    with np.load(tmp_path / "reference.npz") as ref:
+        assert sorted(ref.files) == ["input.image", "input.presence", "output.mc_mean", "output.mc_std",
+                                     "output.ood_score", "output.probabilities"]  # fmt: skip
+        assert np.array_equal(ref["input.image"], feeds["image"])
+        np.testing.assert_allclose(ref["output.mc_std"], first[2], atol=1e-4)
 
 
 def test_clinical_baseline_is_a_cox_model_on_age_grade_and_idh_from_the_training_split():

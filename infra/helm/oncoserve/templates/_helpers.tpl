@@ -108,6 +108,8 @@ the platform's public key that replicas verify promotions with, and the token st
 {{- $args := dict "config" $cfg -}}
 {{- if eq .Values.serve.modelBackend "triton" -}}
 {{- $_ := set $args "backend" (dict "kind" "triton" "triton_url" (printf "%s-triton:8001" (include "oncoserve.fullname" .)) "fallback_to_embedded" .Values.serve.tritonFallbackToEmbedded) -}}
+{{- else if ne .Values.serve.modelBackend "auto" -}}
+{{- $_ := set $args "backend" (dict "kind" .Values.serve.modelBackend) -}}
 {{- end -}}
 http_options:
   host: 0.0.0.0

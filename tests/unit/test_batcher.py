@@ -1,0 +1,143 @@
+"""The adaptive batcher: a lone request is not delayed, waiting ones share a call, a bad one fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from services.batcher import AdaptiveBatcher, split_rows
+
+
+class _Model:
+    """Doubles its input; records every call's batch; `gate` holds a call until released."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.calls: list[int] = []
+        self.gate = gate
+        self.started = threading.Event()
+
+    def __call__(self, inputs):
+        self.calls.append(len(inputs["x"]))
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if np.isnan(inputs["x"]).any():
+            raise ValueError("NaN in the input")
+        return "v1", {"y": inputs["x"] * 2}
+
+
+def _x(value: float, rows: int = 1, width: int = 3) -> dict:
+    return {"x": np.full((rows, width), value, np.float32)}
+
+
+def test_a_lone_request_runs_at_once_even_with_a_long_batch_window():
+    model = _Model()
+    batcher = AdaptiveBatcher(model, max_batch_size=8, wait_s=30.0)
+
+    async def one():
+        return await asyncio.wait_for(batcher.submit(_x(1.0)), 5)  # a 30 s wait would time out here
+
+    label, out = asyncio.run(one())
+    assert label == "v1" and np.array_equal(out["y"], np.full((1, 3), 2.0)) and model.calls == [1]
+
+
+def test_requests_that_arrive_during_a_call_share_the_next_one():
+    gate = threading.Event()
+    model = _Model(gate)
+    sizes = []
+    batcher = AdaptiveBatcher(model, max_batch_size=4, wait_s=0.0, on_batch=sizes.append)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(_x(0.0)))
+        await asyncio.to_thread(model.started.wait, 5)  # the first call is running ...
+        rest = [asyncio.ensure_future(batcher.submit(_x(float(i)))) for i in range(1, 6)]  # ... five arrive
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(scenario())
+    assert model.calls == [1, 4, 1] and sizes == [1, 4, 1]  # up to max_batch_size per call
+    for i, (_, out) in enumerate(results):  # each gets its own rows back
+        assert np.array_equal(out["y"], np.full((1, 3), 2.0 * i))
+
+
+def test_one_bad_request_fails_alone_and_the_others_answer():
+    gate = threading.Event()
+    model = _Model(gate)
+    batcher = AdaptiveBatcher(model, max_batch_size=4, wait_s=0.0)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(_x(0.0)))
+        await asyncio.to_thread(model.started.wait, 5)
+        good = asyncio.ensure_future(batcher.submit(_x(1.0)))
+        bad = asyncio.ensure_future(batcher.submit(_x(float("nan"))))
+        also = asyncio.ensure_future(batcher.submit(_x(3.0)))
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(first, good, bad, also, return_exceptions=True)
+
+    first, good, bad, also = asyncio.run(scenario())
+    assert isinstance(bad, ValueError) and "NaN" in str(bad)
+    assert np.array_equal(good[1]["y"], np.full((1, 3), 2.0)) and np.array_equal(also[1]["y"], np.full((1, 3), 6.0))
+    assert model.calls == [1, 3, 1, 1, 1]  # the shared call failed; each was retried alone
+
+
+class _Down(RuntimeError):
+    pass
+
+
+def test_a_shared_error_fails_the_batch_without_retries():
+    gate = threading.Event()
+    calls = []
+
+    def down(inputs):
+        calls.append(len(inputs["x"]))
+        gate.wait(10)
+        raise _Down("backend down")
+
+    batcher = AdaptiveBatcher(down, max_batch_size=4, wait_s=0.0, shared_errors=(_Down,))
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(_x(0.0)))
+        while not calls:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(batcher.submit(_x(1.0))) for _ in range(3)]
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, _Down) for r in results) and calls == [1, 3]
+
+
+def test_requests_of_different_shapes_never_share_a_call():
+    gate = threading.Event()
+    model = _Model(gate)
+    batcher = AdaptiveBatcher(model, max_batch_size=4, wait_s=0.0)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(_x(0.0)))
+        await asyncio.to_thread(model.started.wait, 5)
+        others = [asyncio.ensure_future(batcher.submit(_x(1.0, width=w))) for w in (3, 5, 3)]
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(first, *others)
+
+    results = asyncio.run(scenario())
+    assert sorted(model.calls[1:]) == [1, 2]
+    assert [out["y"].shape for _, out in results] == [(1, 3), (1, 3), (1, 5), (1, 3)]
+
+
+def test_split_rows_returns_views_per_request():
+    out = {"y": np.arange(12.0).reshape(6, 2)}
+    parts = split_rows(out, [1, 3, 2])
+    assert [p["y"].shape[0] for p in parts] == [1, 3, 2]
+    assert all(np.shares_memory(p["y"], out["y"]) for p in parts)
+
+
+def test_a_batch_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        AdaptiveBatcher(lambda x: ("v", x), max_batch_size=0)
