@@ -47,8 +47,9 @@ def inputs(tiny_dataset):
 
 
 def embedded(live_stack, trained, task) -> EmbeddedBackend:
+    """onnxruntime in this process: what the v2 server runs, so outputs must agree to float rounding."""
     return EmbeddedBackend.from_version(Registry(live_stack.mlflow_url), object_store(live_stack), live_stack.bucket_models,
-                                           live_stack.triton_repo_prefix, task, trained[task])  # fmt: skip
+                                        live_stack.triton_repo_prefix, task, trained[task], runtime="onnxruntime")  # fmt: skip
 
 
 def test_triton_backend_matches_onnxruntime(live_stack, trained, v2_server, inputs):

@@ -155,7 +155,7 @@ def test_gzip_body_and_s3_uri_inputs(served, tiny_dataset):
 def _local_backend(served, task, version, tmp_path):
     settings = served["settings"]
     return EmbeddedBackend.from_version(served["registry"], served["store"], settings.bucket_models,
-                                           settings.triton_repo_prefix, task, version, tmp_path)  # fmt: skip
+                                        settings.triton_repo_prefix, task, version, tmp_path)  # fmt: skip
 
 
 def test_oip_v2_with_tritonclient_http_and_grpc(served, tiny_dataset, trained, tmp_path):
