@@ -14,6 +14,8 @@ Runtime selection: each CPU runtime (serving/runtimes.py) runs the version's exp
 one whose outputs differ from torch's by more than the tolerance is refused, the others are timed, and
 the fastest passing one goes in runtime.json (and the tags `compiled_runtime`, `compiled_runtime_table`)
 for the embedded backend's `auto` kind. No runtime passing parity is a compile error, not a silent pick.
+The runtime is measured once per version: a re-compile keeps the recorded runtime.json, so a promoted
+version's files (and the digests its signed promotion record names) never change.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
+from minio.error import S3Error
 
+from serving.artifacts import TamperedArtifact, fetch_verified
 from serving.datatypes import ONNX_TO_V2, triton_type
 from serving.registry import Registry
 from serving.runtimes import DEFAULT_TOLERANCE, REFERENCE_FILE, RUNTIMES, RuntimeChoice, choose_runtime
@@ -100,6 +104,22 @@ def select_runtime(model_dir: Path, options: CompileOptions) -> RuntimeChoice:
     return choice
 
 
+def _measured_before(store, bucket: str, prefix: str, key: str, recorded: str | None) -> bytes | None:
+    """A version's runtime.json from an earlier compile, if its bytes are the recorded ones.
+
+    A version's compiled files never change once written: serving loads them against the digests of the
+    signed promotion record, so a re-compile that re-measured (timings always differ a little) would
+    make the promoted champion unloadable. The runtime is measured once per version."""
+    if not recorded:
+        return None
+    try:
+        data = fetch_verified(store, bucket, prefix, key, json.loads(recorded))
+        choice = RuntimeChoice.from_json(data.decode())
+    except (TamperedArtifact, S3Error, ValueError, KeyError, TypeError):
+        return None  # never compiled with a runtime, or not what was recorded: measure again
+    return data if choice.runtime in RUNTIMES else None
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -112,9 +132,11 @@ def compile_version(registry: Registry, store, bucket: str, prefix: str, task: s
     config = model_config(task, info.signature, options)
     config_text = text_format.MessageToString(config)
     onnx_bytes = (model_dir / "model.onnx").read_bytes()
-    runtime = select_runtime(model_dir, options)
+    runtime_key = f"{task}/{version}/runtime.json"
+    kept = _measured_before(store, bucket, prefix, runtime_key, info.tags.get("compiled_sha256"))
+    runtime = RuntimeChoice.from_json(kept.decode()) if kept else select_runtime(model_dir, options)
     files = {f"{task}/{version}/model.onnx": onnx_bytes, f"{task}/config.pbtxt": config_text.encode(),
-             f"{task}/{version}/runtime.json": runtime.to_json().encode()}  # fmt: skip
+             runtime_key: kept or runtime.to_json().encode()}  # fmt: skip
     plan = build_plan(model_dir / "model.onnx") if options.gpu else None
     tensorrt = "skipped: not a GPU compile (use --gpu on a GPU node)" if plan is None else plan.status
     if plan is not None and plan.data is not None:

@@ -25,7 +25,7 @@ from oncoserve.auth import Identity, TokenStore
 from oncoserve.object_store import object_store
 from serving.artifacts import TamperedArtifact, load_compiled_onnx
 from serving.registry import Registry
-from serving.runtimes import load_reference, open_session
+from serving.runtimes import Trial, load_reference, open_session
 from tests.conftest import oncoserve
 
 pytestmark = pytest.mark.integration
@@ -132,6 +132,11 @@ def test_compile_writes_a_parseable_triton_repository(env):
     assert f"serving runtime: {runtime['runtime']}" in run.stdout and "parity" in run.stdout
     card = Registry(s.mlflow_url).model_card(TASK, a)
     assert "## Serving runtime" in card and f"Served on **{runtime['runtime']}**" in card
+    # A re-compile keeps every file byte for byte (a promoted version loads against the signed digests).
+    from serving.compile import compile_version
+
+    again = compile_version(Registry(s.mlflow_url), store, s.bucket_models, prefix, TASK, a)
+    assert again.files == digests and again.runtime.trials == [Trial(**t) for t in runtime["trials"]]
 
 
 def test_a_version_whose_graph_no_longer_reproduces_its_reference_is_not_compiled(env):
