@@ -115,7 +115,7 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
     in-process onnxruntime; `mlflow models serve` (seconds per call, JSON) is timed on its own after."""
     import onnxruntime as ort
 
-    from bench.serving import figure, interleaved_p50_ms, p50_ms
+    from bench.timing import figure, interleaved_p50_ms, p50_ms
 
     image = np.ascontiguousarray(image, dtype=np.float32)
     options = ort.SessionOptions()

@@ -13,7 +13,7 @@ import numpy as np
 
 
 def _steps(record: dict, prefix: str) -> list[dict]:
-    from bench.run import figure
+    from bench.timing import figure
 
     out, register = [], 0.0
     for step in record["steps"]:
@@ -31,7 +31,7 @@ def bench_preprocessing(seed: int = 5, index: int = 0) -> list[dict]:
     import nibabel as nib
     from nibabel.processing import resample_from_to
 
-    from bench.run import figure
+    from bench.timing import figure
     from imaging.phantoms import make_case
     from imaging.preprocess import labels_to_source, preprocess
     from imaging.raw_phantoms import make_raw_case
@@ -82,7 +82,7 @@ def bench_served_paths(seed: int = 5, index: int = 0, runs: int = 5) -> list[dic
     as a raw scanner study (raw path), timed alternately on one served stack, with the path each took."""
     import httpx
 
-    from bench.run import figure
+    from bench.timing import figure
     from bench.serving import interleaved_p50_ms, served_stack
     from imaging.phantoms import make_case
     from imaging.raw_phantoms import make_raw_case

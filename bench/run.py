@@ -20,13 +20,11 @@ from rich.console import Console
 from pipelines.stack import EmbeddedStack
 from pipelines.stack.ports import private_settings
 from pipelines.stack.process import session_alive
+from bench.timing import figure
+from serving.tasks import MODEL_TASKS
 
 OUT = Path(__file__).parent
 console = Console()
-
-
-def figure(name: str, value: float, unit: str, target: str | None = None, met: bool | None = None) -> dict:
-    return {"name": name, "value": round(value, 3), "unit": unit, "target": target, "met": met}
 
 
 def _rss_mb(stack: EmbeddedStack) -> dict[str, float]:
@@ -110,7 +108,7 @@ def bench_ort_vs_torch() -> list[dict]:
     figures = []
     work = Path(tempfile.mkdtemp(prefix="osb-ort-"))
     try:
-        for name in ("localization", "segmentation", "classification", "survival"):
+        for name in MODEL_TASKS:
             task, model = tasks.get(name), networks.build(name).eval()
             out = work / name / "model.onnx"
             export_onnx(task, model, {}, case, out)

@@ -24,7 +24,7 @@ def bench_windows() -> list[dict]:
     import onnxruntime as ort
     import torch
 
-    from bench.run import figure
+    from bench.timing import figure
     from imaging import sliding_window as sw
     from training import tasks
 

@@ -7,11 +7,8 @@ platform's overhead around the models, not the models' accuracy.
 from __future__ import annotations
 
 import asyncio
-import base64
-import gzip
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,9 +21,11 @@ import numpy as np
 
 from pipelines.stack import EmbeddedStack
 from pipelines.stack.ports import private_settings
+from bench.in_process import segmentation_steps
+from bench.timing import figure, interleaved_p50_ms, p50_ms
+from serving.tasks import MODEL_TASKS
 
-TASKS = ("localization", "segmentation", "classification", "survival")
-REPEATS = 15
+TASKS = MODEL_TASKS
 CONFIG = """
 application: oncoserve
 watch_interval_s: 5
@@ -39,36 +38,6 @@ deployments:
   survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
   reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
 """
-
-
-def figure(name, value, unit, target=None, met=None) -> dict:
-    met = None if met is None else bool(met)  # numpy comparisons give numpy bools, which json refuses
-    return {"name": name, "value": round(float(value), 3), "unit": unit, "target": target, "met": met}
-
-
-def p50_ms(fn, n: int = REPEATS) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
-
-
-def interleaved_p50_ms(calls: dict, runs: int, warmup_rounds: int = 1) -> dict[str, float]:
-    """p50 (ms) of each call, timed in rounds of one call each, so that drift on the shared 2-core machine
-    (other tenants, thermal) hits every side alike instead of whichever happened to run during it."""
-    for _ in range(warmup_rounds):  # connection pools, first-touch allocations, replica and session caches
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def _cli(settings, *args) -> str:
@@ -92,24 +61,6 @@ def _deploy(settings, work: Path, batch: int) -> None:
 def _files(case: Path) -> dict:
     return {p.name.split("_")[-1].split(".")[0]: (p.name, p.read_bytes(), "application/gzip")
             for p in sorted(case.glob("*.nii.gz")) if not p.name.endswith("_seg.nii.gz")}  # fmt: skip
-
-
-def segmentation_steps(backend, raw: dict[str, bytes], extras: dict):
-    """The work of /v1/segmentation:predict as plain function calls: decode, preprocess, infer (the
-    version's sliding window), postprocess, encode the mask (NIfTI, gzip, base64)."""
-    from imaging.preprocess import preprocess
-    from services.study_input import from_nifti
-    from services.task_logic import feeds, infer, postprocess
-
-    def whole():
-        import nibabel as nib
-
-        p = preprocess(from_nifti(raw, "bench", None).study)
-        result = postprocess("segmentation", infer("segmentation", backend.infer, feeds("segmentation", p, None), extras), p, extras)
-        mask = result["mask"]
-        base64.b64encode(gzip.compress(nib.Nifti1Image(mask.data.astype("uint8"), mask.affine).to_bytes(), mtime=0))
-
-    return whole
 
 
 def _in_process_segmentation(settings, registry, store, files: dict):

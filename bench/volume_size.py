@@ -36,7 +36,7 @@ def _probe(case: Path, onnx_path: Path, runs: int = 5) -> dict:
     """In this (fresh) process: p50 of the plain-function segmentation and the peak RSS."""
     import statistics
 
-    from bench.serving import segmentation_steps
+    from bench.in_process import segmentation_steps
     from serving.backends import EmbeddedBackend
 
     raw = {p.name.split("_")[-1].split(".")[0]: p.read_bytes() for p in sorted(case.glob("*.nii.gz"))}

@@ -18,7 +18,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TASKS = ("localization", "segmentation", "classification", "survival")
+from serving.tasks import MODEL_TASKS
+
+TASKS = MODEL_TASKS
 MAX_UTILISATION = 0.85
 QUANTILE = 0.95
 HOURS_PER_MONTH = 730

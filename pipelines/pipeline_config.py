@@ -17,7 +17,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TRAINABLE = ("localization", "segmentation", "classification", "survival")
+from serving.tasks import MODEL_TASKS
+
+TRAINABLE = MODEL_TASKS
 DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
 
 

@@ -26,6 +26,12 @@ def split_rows(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[st
     return [{k: v[bounds[i] : bounds[i + 1]] for k, v in outputs.items()} for i in range(len(sizes))]
 
 
+def batch_limit(configured: int, backend_limit: int | None) -> int:
+    """Requests per model call: the deployment's `max_batch_size`, never above what the backend accepts
+    (a Triton model config's max_batch_size, a graph with a fixed batch axis)."""
+    return configured if backend_limit is None else max(1, min(configured, backend_limit))
+
+
 @dataclass
 class _Pending:
     inputs: dict[str, np.ndarray]

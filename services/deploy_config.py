@@ -12,8 +12,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.tasks import MODEL_TASKS
+
 DEFAULT_FILE = Path(__file__).with_name("deployments.yaml")
-MODEL_TASKS = ("localization", "segmentation", "classification", "survival")
 DEPLOYMENTS = ("gateway", *MODEL_TASKS, "reporting")
 
 

@@ -19,16 +19,12 @@ the input's grid and are assembled into the published findings.
 
 import asyncio
 import base64
-import gzip
-import hashlib
 import json
 import logging
 import secrets
 import time
-import zlib
 
 import grpc
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -36,18 +32,16 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from ray import serve
 
-from imaging.errors import StudyError
-from imaging.preprocess import preprocess
 from imaging.qc_preview import qc_png
-from imaging.study import MODALITIES
-from serving.backends import BackendUnavailable
-from services import metrics, ui_support
-from services.rate_limit import RateLimiter
-from services.analyzer import assemble
+from services import metrics, remote_errors, ui_support
+from services.callers import CallerGate
 from services.grpc_servicers import service_pb2, study_pb2
-from services.oip import ProtocolError, decode_grpc, decode_rest, encode_grpc, encode_rest
-from services.study_input import InputError, StudyInput, from_dicom_zip, from_nifti, from_s3, parse_mapping
-from services.task_logic import TASKS, ServingError, preprocess_config
+from services.raw_inference import RawInference
+from services.request_body import read_body
+from services.study_analysis import StudyAnalysis
+from services.study_input import InputError
+from services.study_requests import StudyRequests, reads_stored_study
+from services.task_logic import preprocess_config
 
 log = logging.getLogger("ray.serve")
 API_VERSION = "1.0"
@@ -83,55 +77,25 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "request_id": _request_id()}, status)
 
 
-def _unavailable(task: str, cause: BaseException) -> str | None:
-    """The 503 message for a task call that failed because serving cannot answer right now, else None."""
-    if isinstance(cause, (BackendUnavailable, ServingError)):
-        return f"{task}: {cause}"
-    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
-        return f"{task}: its replica was lost and is being replaced; retry"  # Serve starts a new one
-    return None
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
-def _cause(exc: BaseException) -> BaseException:
-    """The exception a replica raised, unwrapped from Ray's RayTaskError."""
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        exc = exc.cause
-    return exc
-
-
-def _mask_bytes(mask) -> bytes:
-    """The label mask as .nii.gz. gzip level 1: a 240x240x155 mask takes 73 ms (69 kB) at level 1 and
-    261 ms (19 kB) at level 9 on this CPU; the response is latency-bound, not size-bound."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(mask.data.astype("uint8"), mask.affine)
-    img.header.set_xyzt_units("mm")
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
-
-
-async def _mask_b64(mask) -> str:
-    """Encoded in a worker thread: never on the gateway's event loop."""
-    return base64.b64encode(await asyncio.to_thread(_mask_bytes, mask)).decode()
-
-
-def _age(raw) -> float | None:
-    if raw in (None, ""):
-        return None
-    try:
-        age = float(raw)
-    except (TypeError, ValueError):
-        raise InputError(f"age {str(raw)[:20]!r} is not a number", 400) from None
-    if not 0 <= age <= 130:
-        raise InputError(f"age {age} is outside 0-130 years", 400)
-    return age
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+              415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+              429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
 
 
 @serve.deployment(name="gateway")
 @serve.ingress(api)
 class StudyGateway:
+    """The orchestrator: each route checks its caller (services.callers), decodes (services.request_body,
+    services.study_requests), runs the shared analysis (services.study_analysis) or raw inference
+    (services.raw_inference), and formats the answer for its protocol."""
+
     def __init__(self, settings_fields: dict, localization, segmentation, classification, survival, reporting):
         from oncoserve.audit import AuditLog
-        from oncoserve.auth import TokenStore
         from oncoserve.settings import Settings
 
         self.settings = Settings(**settings_fields)
@@ -139,12 +103,12 @@ class StudyGateway:
                       "classification": classification, "survival": survival}  # fmt: skip
         self.reporting = reporting
         self.max_bytes = int(self.settings.serve_max_request_mb * 1024 * 1024)
-        self.preprocess_config = preprocess_config(self.settings)
-        self.limiter = RateLimiter(self.settings.serve_rate_limit_per_min, self.settings.serve_rate_limit_burst)
-        self.audit = AuditLog(self.settings.audit_file)
-        self.tokens = TokenStore(self.settings.tokens_file)
+        self.callers = CallerGate(self.settings)
         self._store = None
-        self._salt = self._deid_salt()
+        salt = self._deid_salt()
+        self.requests = StudyRequests(lambda: self.store, self.settings.bucket_data, salt)
+        self.analysis = StudyAnalysis(self.tasks, reporting, preprocess_config(self.settings), AuditLog(self.settings.audit_file), salt)
+        self.raw = RawInference(self.tasks)
         # Kept on the module (Serve ships this class by value, but modules by reference).
         ui_support.UI_HEADERS.update(ui_support.security_headers(self.settings.platform_url))
 
@@ -164,168 +128,27 @@ class StudyGateway:
             self._store = object_store(self.settings)
         return self._store
 
-    # -- request decoding -------------------------------------------------------------------------
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            raise InputError(f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}", 413)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_bytes:
-                raise InputError(f"request body exceeds the limit of {self.max_bytes} bytes", 413)
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding == "gzip":
-            # Bounded decompression: a gzip bomb stops at the limit instead of filling memory.
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            try:
-                body = inflater.decompress(body, self.max_bytes + 1)
-            except zlib.error as exc:
-                raise InputError(f"body is not valid gzip ({exc})", 400) from None
-            if len(body) > self.max_bytes or inflater.unconsumed_tail:
-                raise InputError(f"decompressed body exceeds the limit of {self.max_bytes} bytes", 413)
-        elif encoding != "identity":
-            raise InputError(f"content-encoding {encoding!r} is not supported (gzip or identity)", 415)
-        return body
-
-    async def _study(self, request: Request) -> StudyInput:
-        body = await self._body(request)
-        ctype = request.headers.get("content-type", "").lower()
-        if ctype.startswith("multipart/form-data"):
-            request._body = body  # let Starlette parse the (decoded) body we already read
-            form = await request.form(max_files=8, max_fields=16)
-            try:
-                case_id, age = form.get("case_id") or None, _age(form.get("age"))
-                dicom = form.get("dicom")
-                if dicom is not None and hasattr(dicom, "read"):
-                    mapping = parse_mapping(form.get("mapping") if isinstance(form.get("mapping"), str) else None)
-                    return await asyncio.to_thread(from_dicom_zip, await dicom.read(), case_id, age, self._salt, mapping)
-                files = {}
-                for key, value in form.multi_items():
-                    if hasattr(value, "read"):
-                        if key in files:
-                            raise InputError(f"{key} uploaded twice", 400)
-                        files[key] = await value.read()
-                return await asyncio.to_thread(from_nifti, files, case_id, age)
-            finally:
-                await form.close()
-        if ctype.startswith("application/json"):
-            try:
-                payload = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InputError(f"body is not JSON ({exc})", 400) from None
-            if not isinstance(payload, dict) or not isinstance(payload.get("s3_uri"), str):
-                raise InputError('JSON body must be {"s3_uri": "s3://bucket/case/", "case_id"?: ..., "age"?: ...}', 400)
-            return await asyncio.to_thread(from_s3, self.store, payload["s3_uri"], (self.settings.bucket_data,),
-                                           payload.get("case_id"), _age(payload.get("age")))  # fmt: skip
-        raise InputError(
-            f"content-type {ctype or 'none'!r} is not supported: send multipart/form-data (files "
-            f"{', '.join(MODALITIES)} or dicom) or application/json with an s3_uri", 415
-        )  # fmt: skip
-
-    def _authenticate(self, header: str, role: str, action: str):
-        """The caller of a request from its `authorization` header (REST) or metadata (gRPC).
-
-        With serving auth on (the default) a token is required: missing, unknown, revoked or expired
-        is 401 (gRPC UNAUTHENTICATED), a role below `role` is 403 (PERMISSION_DENIED)."""
-        from oncoserve.auth import AuthError, require
-
-        if not header:
-            if not self.settings.serve_auth:
-                return None  # ONCOSERVE_SERVE_AUTH=off: local development only
-            raise InputError(f"{action} needs a token (Authorization: Bearer <token>) with role {role} or higher", 401)
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise InputError("the authorization header must be `Bearer <token>`", 401)
-        try:
-            identity = self.tokens.authenticate(token.strip())
-            return require(identity, role, action)
-        except AuthError as exc:
-            raise InputError(str(exc), 401 if exc.kind == "unauthenticated" else 403) from None
-
+    # -- callers ----------------------------------------------------------------------------------
     def _identity(self, request: Request, role: str = "app", action: str = "analysis"):
-        return self._authenticate(request.headers.get("authorization", ""), role, action)
+        return self.callers.authenticate(request.headers.get("authorization", ""), role, action)
 
-    def _stored_study_access(self, identity, what: str) -> None:
-        """Studies stored in the data bucket and their images need a role allowed to read them."""
-        from oncoserve.auth import AuthError, require
-
-        if identity is None and not self.settings.serve_auth:
-            return
-        try:
-            require(identity, "clinician", what)
-        except AuthError as exc:
-            raise InputError(str(exc), 403) from None
-
-    # -- the work ---------------------------------------------------------------------------------
-    async def _run(self, source: StudyInput, tasks: tuple[str, ...]) -> tuple[dict, object]:
-        t0 = time.perf_counter()
-        try:
-            prepared = await asyncio.to_thread(preprocess, source.study, self.preprocess_config)
-        except StudyError as exc:  # QualityError included: 422 naming the failing check
-            raise InputError(str(exc)) from None
-        metrics.STAGE_SECONDS.labels("study", "preprocess", "-").observe(time.perf_counter() - t0)
-        # One copy in the object store, shared by every task replica (serialising 16 MB: off the loop).
-        ref = await asyncio.to_thread(ray.put, prepared)
-        t1 = time.perf_counter()
-        calls = {task: self.tasks[task].predict.remote(ref, source.study.age) for task in tasks}
-        results = {}
-        for task, call in calls.items():
-            try:
-                results[task] = await call
-            except Exception as exc:
-                cause = _cause(exc)
-                unavailable = _unavailable(task, cause)
-                if unavailable:
-                    raise InputError(unavailable, 503) from None
-                raise
-        metrics.STAGE_SECONDS.labels("study", "fanout", "-").observe(time.perf_counter() - t1)
-        return results, prepared
-
-    async def _report(self, findings) -> dict:
-        """The reporting deployment's report for assembled findings; a failure there never loses the
-        analysis (the findings say the report is unavailable and why)."""
-        try:
-            result = await self.reporting.report.remote(findings.model_dump())
-        except Exception as exc:
-            log.exception("reporting failed")
-            findings.report = {"error": f"report unavailable ({type(_cause(exc)).__name__}: {str(_cause(exc))[:200]})"}
-            return {}
-        findings.report = result["report"]
-        findings.model_versions["reporting"] = result["version"]
-        return result
-
-    async def _record(self, identity, request_id: str, source: StudyInput, versions: dict, route: str) -> None:
-        """Who asked and which versions answered; the case id only as a salted hash (no PHI).
-
-        The audit write (and its fsync) runs in a worker thread, and is awaited: a response is sent only
-        after its audit record is on disk, without holding the event loop while the disk syncs."""
-        case_ref = hashlib.sha256(f"{self._salt}:{source.study.case_id}".encode()).hexdigest()[:16]
-        await asyncio.to_thread(self.audit.event, identity.name if identity else "anonymous",
-                                identity.role if identity else "none", "analyze", request_id=request_id, route=route,
-                                input=source.kind, model_versions=versions, case_ref=case_ref)  # fmt: skip
-
-    def _limit(self, request: Request) -> None:
-        """429 once the caller (its token, else its address) is over the rate."""
-        header = request.headers.get("authorization", "")
-        self._limit_caller(("token:" + hashlib.sha256(header.encode()).hexdigest()[:16]) if header
-                           else f"ip:{request.client.host if request.client else '-'}")  # fmt: skip
-
-    def _limit_caller(self, caller: str) -> None:
-        wait = self.limiter.acquire(caller)
-        if wait > 0:
-            error = InputError(f"rate limit: {self.settings.serve_rate_limit_per_min:g} requests per minute per caller; "
-                               f"retry in {wait:.1f} s", 429)  # fmt: skip
-            error.retry_after = max(1, round(wait))
-            raise error
+    def _grpc_caller(self, grpc_context, request, role: str, action: str):
+        """The same checks as REST: token and role, the per-caller rate, the size limit."""
+        metadata = dict(grpc_context.invocation_metadata() or ()) if grpc_context is not None else {}
+        header = metadata.get("authorization", "")
+        identity = self.callers.authenticate(header, role, action)
+        self.callers.limit(header, grpc_context.peer() if grpc_context is not None else "-")
+        if request.ByteSize() > self.max_bytes:
+            raise InputError(f"request of {request.ByteSize()} bytes exceeds the limit of {self.max_bytes}", 413)
+        return identity
 
     async def _guarded(self, route: str, work, request: Request | None = None):
+        """REST: rate limit, then the work; an InputError is its status with a message, anything else a
+        500 that names the request id (the trace goes to the server log, never to the caller)."""
         status, t0 = 500, time.perf_counter()
         try:
             if request is not None:
-                self._limit(request)
+                self.callers.limit(request.headers.get("authorization", ""), request.client.host if request.client else "-")
             response = await work()
             status = response.status_code
             return response
@@ -343,7 +166,7 @@ class StudyGateway:
             return _error(400, f"malformed multipart body: {exc.message}")
         except Exception as exc:
             log.exception("%s failed", route)
-            return _error(500, f"internal error ({type(_cause(exc)).__name__}); see the server log for request {_request_id()}")
+            return _error(500, f"internal error ({type(remote_errors.cause(exc)).__name__}); see the server log for request {_request_id()}")
         finally:
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - t0)
@@ -355,28 +178,21 @@ class StudyGateway:
             identity = self._identity(request)
             preview = request.query_params.get("preview", "").lower() in ("1", "true")
             if preview:
-                self._stored_study_access(identity, "study images (preview=true)")
-            if request.headers.get("content-type", "").lower().startswith("application/json"):
-                self._stored_study_access(identity, "analysing a stored study (s3_uri)")
+                self.callers.stored_study_access(identity, "study images (preview=true)")
+            if reads_stored_study(request.headers.get("content-type", "")):
+                self.callers.stored_study_access(identity, "analysing a stored study (s3_uri)")
             t0 = time.perf_counter()
-            source = await self._study(request)
-            results, prepared = await self._run(source, TASKS)
-            versions = {task: results[task]["version"] for task in TASKS}
-            analysis = await asyncio.to_thread(assemble, source.study, prepared.version, results, versions, prepared)
-            report, mask_b64 = await asyncio.gather(self._report(analysis.findings), _mask_b64(analysis.mask))
-            body = {"findings": analysis.findings.model_dump(), "mask_nifti_gz_b64": mask_b64}
-            if report:
-                body["report_markdown"], body["report_fhir"] = report["markdown"], report["fhir"]
+            source = await self.requests.from_rest(request, await read_body(request, self.max_bytes))
+            result = await self.analysis.analyze(source, identity, _request_id(), "analyze")
+            body = {"findings": result.analysis.findings.model_dump(), "mask_nifti_gz_b64": _b64(result.mask_nifti_gz)}
+            if result.report:
+                body["report_markdown"], body["report_fhir"] = result.report["markdown"], result.report["fhir"]
             if preview:  # the web UI's slice viewer, and the quality-control picture (imaging.qc_preview)
-                body["images_nifti_gz_b64"] = await asyncio.to_thread(ui_support.preview_images, source.study, prepared)
-                body["qc_png_b64"] = base64.b64encode(await asyncio.to_thread(qc_png, prepared)).decode()
-            if source.kind == "dicom" and source.dicom_reference:
-                from services.dicom_seg import build_dicom_seg
-
-                seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference, versions["segmentation"])
-                body["dicom_seg_b64"] = base64.b64encode(seg).decode()
+                body["images_nifti_gz_b64"] = await asyncio.to_thread(ui_support.preview_images, source.study, result.prepared)
+                body["qc_png_b64"] = _b64(await asyncio.to_thread(qc_png, result.prepared))
+            if result.dicom_seg is not None:
+                body["dicom_seg_b64"] = _b64(result.dicom_seg)
             body["elapsed_ms"], body["request_id"] = round((time.perf_counter() - t0) * 1000, 1), _request_id()
-            await self._record(identity, body["request_id"], source, analysis.findings.model_versions, "analyze")
             return JSONResponse(body)
 
         return await self._guarded("/v1/studies:analyze", work, request)
@@ -385,21 +201,15 @@ class StudyGateway:
     async def predict(self, task: str, request: Request):
         async def work():
             if task not in self.tasks:
-                raise InputError(f"unknown task {task!r}; one of {', '.join(TASKS)}", 404)
+                raise InputError(f"unknown task {task!r}; one of {', '.join(self.tasks)}", 404)
             identity = self._identity(request)
-            if request.headers.get("content-type", "").lower().startswith("application/json"):
-                self._stored_study_access(identity, "analysing a stored study (s3_uri)")
-            source = await self._study(request)
-            results, prepared = await self._run(source, (task,))
-            result = results[task]
-            body = {"task": task, "case_id": source.study.case_id, "model_version": result["version"],
-                    "result": result["section"], "preprocessing_version": prepared.version,
-                    "preprocessing": prepared.record, "quality_flags": prepared.flags,
-                    "implausible": result.get("implausible", []),
-                    "missing_modalities": source.study.missing, "request_id": _request_id()}  # fmt: skip
-            if "mask" in result:
-                body["mask_nifti_gz_b64"] = await _mask_b64(result["mask"])
-            await self._record(identity, body["request_id"], source, {task: result["version"]}, f"{task}:predict")
+            if reads_stored_study(request.headers.get("content-type", "")):
+                self.callers.stored_study_access(identity, "analysing a stored study (s3_uri)")
+            source = await self.requests.from_rest(request, await read_body(request, self.max_bytes))
+            body = await self.analysis.predict(source, task, identity, _request_id(), f"{task}:predict")
+            if "mask_nifti_gz" in body:
+                body["mask_nifti_gz_b64"] = _b64(body.pop("mask_nifti_gz"))
+            body["request_id"] = _request_id()
             return JSONResponse(body)
 
         return await self._guarded("/v1/{task}:predict", work, request)
@@ -412,12 +222,12 @@ class StudyGateway:
             from services.schemas import Findings
 
             self._identity(request, "app", "a report")
-            body = await self._body(request)
+            body = await read_body(request, self.max_bytes)
             try:
                 findings = Findings.model_validate_json(body)
             except ValidationError as exc:
                 raise InputError(f"not a findings document: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", 422) from None
-            report = await self._report(findings)
+            report = await self.analysis.report(findings)
             if not report:
                 raise InputError(findings.report["error"], 503)
             return JSONResponse({"report": report["report"], "report_markdown": report["markdown"], "report_fhir": report["fhir"],
@@ -482,7 +292,8 @@ class StudyGateway:
         try:
             described = await asyncio.wait_for(self._describe_all(), timeout=10)
         except Exception as exc:
-            return _error(503, f"not ready: {type(_cause(exc)).__name__}: {str(_cause(exc))[:200]}")
+            error = remote_errors.cause(exc)
+            return _error(503, f"not ready: {type(error).__name__}: {str(error)[:200]}")
         waiting = [t for t, d in described.items() if not d["ready"]]
         if waiting:
             return _error(503, f"not ready: {', '.join(waiting)}")
@@ -509,32 +320,11 @@ class StudyGateway:
     def v2_server(self):
         return {"name": "oncoserve", "version": API_VERSION, "extensions": ["binary_tensor_data"]}
 
-    def _known(self, model: str) -> None:
-        if model not in self.tasks:
-            raise InputError(f"unknown model {model!r}; models: {', '.join(TASKS)}", 404)
-
-    async def _model(self, model: str, version: str | None) -> dict:
-        self._known(model)
-        described = await self.tasks[model].describe.remote()
-        if version not in (None, "", described["version"]):
-            raise InputError(f"{model} version {version} is not loaded; serving version {described['version']}", 404)
-        return described
-
-    async def _check_model(self, model: str, version: str | None) -> None:
-        """Before an inference: the model exists, and a requested version is the one loaded. Without a
-        version there is nothing to ask the replica (the answer names the version that ran)."""
-        if version:
-            await self._model(model, version)
-        else:
-            self._known(model)
-
     @api.get("/v2/models/{model}")
     @api.get("/v2/models/{model}/versions/{version}")
     async def v2_metadata(self, model: str, version: str | None = None):
         async def work():
-            d = await self._model(model, version)
-            return JSONResponse({"name": model, "versions": [d["version"]], "platform": "onnxruntime_onnx",
-                                 "inputs": d["inputs"], "outputs": d["outputs"]})  # fmt: skip
+            return JSONResponse(await self.raw.metadata(model, version))
 
         return await self._guarded("/v2/models/{model}", work)
 
@@ -542,7 +332,7 @@ class StudyGateway:
     @api.get("/v2/models/{model}/versions/{version}/ready")
     async def v2_model_ready(self, model: str, version: str | None = None):
         async def work():
-            d = await self._model(model, version)
+            d = await self.raw.model(model, version)
             return JSONResponse({"name": model, "ready": d["ready"]}, 200 if d["ready"] else 503)
 
         return await self._guarded("/v2/models/{model}/ready", work)
@@ -552,55 +342,21 @@ class StudyGateway:
     async def v2_infer(self, model: str, request: Request, version: str | None = None):
         async def work():
             self._identity(request, "app", "model inference")
-            await self._check_model(model, version)
-            body = await self._body(request)
-            try:
-                inputs, header = decode_rest(body, request.headers.get("inference-header-content-length"))
-            except ProtocolError as exc:
-                raise InputError(str(exc), 400) from None
-            result = await self._raw(model, inputs)
-            try:
-                payload, headers = encode_rest(model, result["version"], result["outputs"], header)
-            except ProtocolError as exc:
-                raise InputError(str(exc), 400) from None
+            await self.raw.check(model, version)
+            body = await read_body(request, self.max_bytes)
+            payload, headers = await self.raw.rest(model, version, body, request.headers.get("inference-header-content-length"))
             media = headers.pop("content-type")
             return Response(payload, 200, headers=headers, media_type=media)
 
         return await self._guarded("/v2/models/{model}/infer", work, request)
 
-    async def _raw(self, model: str, inputs: dict) -> dict:
-        try:
-            return await self.tasks[model].infer_raw.remote(inputs)
-        except Exception as exc:
-            cause = _cause(exc)
-            if isinstance(cause, ValueError):
-                raise InputError(str(cause), 400) from None
-            unavailable = _unavailable(model, cause)
-            if unavailable:
-                raise InputError(unavailable, 503) from None
-            raise
-
     # -- gRPC: Open Inference Protocol v2 ---------------------------------------------------------
-    def _grpc_caller(self, grpc_context, request, role: str, action: str):
-        """The same checks as REST: token and role, the per-caller rate, the size limit."""
-        metadata = dict(grpc_context.invocation_metadata() or ()) if grpc_context is not None else {}
-        header = metadata.get("authorization", "")
-        identity = self._authenticate(header, role, action)
-        self._limit_caller(("token:" + hashlib.sha256(header.encode()).hexdigest()[:16]) if header
-                           else f"peer:{grpc_context.peer() if grpc_context is not None else '-'}")  # fmt: skip
-        if request.ByteSize() > self.max_bytes:
-            raise InputError(f"request of {request.ByteSize()} bytes exceeds the limit of {self.max_bytes}", 413)
-        return identity
-
     async def _grpc(self, route: str, grpc_context, work, empty):
         status = "OK"
         try:
             return await work()
         except InputError as exc:
-            code = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-                    403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-                    413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    503: grpc.StatusCode.UNAVAILABLE}.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+            code = GRPC_CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
             status = code.name
             grpc_context.set_code(code)
             grpc_context.set_details(str(exc))
@@ -609,7 +365,7 @@ class StudyGateway:
             log.exception("%s failed", route)
             status = "INTERNAL"
             grpc_context.set_code(grpc.StatusCode.INTERNAL)
-            grpc_context.set_details(f"internal error ({type(_cause(exc)).__name__})")
+            grpc_context.set_details(f"internal error ({type(remote_errors.cause(exc)).__name__})")
             return empty
         finally:
             metrics.REQUESTS.labels(f"grpc:{route}", status).inc()
@@ -626,17 +382,17 @@ class StudyGateway:
 
     async def ModelReady(self, request, grpc_context):
         async def work():
-            d = await self._model(request.name, request.version)
+            d = await self.raw.model(request.name, request.version)
             return service_pb2.ModelReadyResponse(ready=bool(d["ready"]))
 
         return await self._grpc("ModelReady", grpc_context, work, service_pb2.ModelReadyResponse())
 
     async def ModelMetadata(self, request, grpc_context):
         async def work():
-            d = await self._model(request.name, request.version)
+            d = await self.raw.metadata(request.name, request.version)
             tensor = service_pb2.ModelMetadataResponse.TensorMetadata
             return service_pb2.ModelMetadataResponse(
-                name=request.name, versions=[d["version"]], platform="onnxruntime_onnx",
+                name=request.name, versions=d["versions"], platform=d["platform"],
                 inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in d["inputs"]],
                 outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in d["outputs"]])  # fmt: skip
 
@@ -645,44 +401,23 @@ class StudyGateway:
     async def ModelInfer(self, request, grpc_context):
         async def work():
             self._grpc_caller(grpc_context, request, "app", "model inference")
-            await self._check_model(request.model_name, request.model_version)
-            try:
-                inputs = decode_grpc(request)
-                result = await self._raw(request.model_name, inputs)
-                return encode_grpc(service_pb2, request.model_name, result["version"], result["outputs"], request)
-            except ProtocolError as exc:
-                raise InputError(str(exc), 400) from None
+            return await self.raw.grpc(service_pb2, request)
 
         return await self._grpc("ModelInfer", grpc_context, work, service_pb2.ModelInferResponse())
 
-    # -- gRPC: the study service ------------------------------------------------------------------
+    # -- gRPC: the study service (the same analysis, checks and audit as REST studies:analyze) ----
     async def Analyze(self, request, grpc_context):
         async def work():
             identity = self._grpc_caller(grpc_context, request, "app", "analysis")
-            age = request.age if request.HasField("age") else None
-            case_id = request.case_id or None
             if request.s3_uri:
-                self._stored_study_access(identity, "analysing a stored study (s3_uri)")
-            if request.dicom_zip:
-                source = await asyncio.to_thread(from_dicom_zip, request.dicom_zip, case_id, age, self._salt)
-            elif request.s3_uri:
-                source = await asyncio.to_thread(from_s3, self.store, request.s3_uri, (self.settings.bucket_data,), case_id, age)
-            else:
-                source = await asyncio.to_thread(from_nifti, dict(request.nifti), case_id, _age(age))
-            results, prepared = await self._run(source, TASKS)
-            versions = {task: results[task]["version"] for task in TASKS}
-            analysis = await asyncio.to_thread(assemble, source.study, prepared.version, results, versions, prepared)
-            report, mask = await asyncio.gather(self._report(analysis.findings), asyncio.to_thread(_mask_bytes, analysis.mask))
-            response = study_pb2.AnalyzeResponse(findings_json=analysis.findings.model_dump_json(),
-                                                 report_markdown=report.get("markdown", ""),
-                                                 report_fhir_json=json.dumps(report["fhir"]) if report else "",
-                                                 segmentation_nifti_gz=mask, request_id=_request_id())  # fmt: skip
-            if source.kind == "dicom":
-                from services.dicom_seg import build_dicom_seg
-
-                response.dicom_seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference,
-                                                             versions["segmentation"])  # fmt: skip
-            await self._record(identity, response.request_id, source, analysis.findings.model_versions, "grpc:Analyze")
-            return response
+                self.callers.stored_study_access(identity, "analysing a stored study (s3_uri)")
+            source = await self.requests.from_grpc(request)
+            result = await self.analysis.analyze(source, identity, _request_id(), "grpc:Analyze")
+            report = result.report
+            return study_pb2.AnalyzeResponse(findings_json=result.analysis.findings.model_dump_json(),
+                                             report_markdown=report.get("markdown", ""),
+                                             report_fhir_json=json.dumps(report["fhir"]) if report else "",
+                                             segmentation_nifti_gz=result.mask_nifti_gz, dicom_seg=result.dicom_seg or b"",
+                                             request_id=_request_id())  # fmt: skip
 
         return await self._grpc("Analyze", grpc_context, work, study_pb2.AnalyzeResponse())

@@ -15,8 +15,9 @@ from imaging.postprocess import heatmap_to_box, remove_stray_voxels, survival_cu
 from imaging.preprocess import PreparedStudy, PreprocessConfig, box_to_source, points_to_source
 from imaging.study import CLASS_LABELS, Volume
 from services import plausibility
+from serving.tasks import MODEL_TASKS
 
-TASKS = ("localization", "segmentation", "classification", "survival")
+TASKS = MODEL_TASKS
 CURVE_POINTS = 40
 MIDLINE_MM = 5.0  # tumour centre within this distance of the brain's centre plane: "midline"
 DEFAULT_AGE = 60.0  # survival's age input when a study has none (the training cohort's centre)

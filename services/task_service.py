@@ -36,7 +36,7 @@ from imaging import sliding_window
 from serving.backends import BackendUnavailable, InferenceBackend, build_backend
 from serving.runtimes import RUNTIMES
 from services import metrics
-from services.batcher import AdaptiveBatcher
+from services.batcher import AdaptiveBatcher, batch_limit
 from services.task_logic import TASKS, ServingError, feeds, infer, postprocess
 
 log = logging.getLogger("ray.serve")
@@ -82,7 +82,8 @@ class TaskService:
         self.model = self._load(str(record["version"]), record)
         metrics.serving_version(task, None, self.model.version)
         batching = spec.get("batching", {})
-        self._batcher = AdaptiveBatcher(self._run_batch, batching.get("max_batch_size", 4),
+        self._batch_configured = batching.get("max_batch_size", 4)
+        self._batcher = AdaptiveBatcher(self._run_batch, self._batch_size_for(self.model),
                                         batching.get("batch_wait_timeout_s", 0.01),
                                         on_batch=metrics.BATCH_SIZE.labels(task).observe,
                                         shared_errors=(BackendUnavailable,))  # fmt: skip
@@ -108,6 +109,13 @@ class TaskService:
         metrics.STAGE_SECONDS.labels(self.task, "load", str(version)).observe(time.perf_counter() - t0)
         return LoadedModel(str(version), backend, extras)
 
+    def _batch_size_for(self, model: LoadedModel) -> int:
+        size = batch_limit(self._batch_configured, model.backend.max_batch_size)
+        if size < self._batch_configured:
+            log.warning("%s: batches of at most %d (version %s's backend accepts no more; configured %d)",
+                        self.task, size, model.version, self._batch_configured)  # fmt: skip
+        return size
+
     def _on_alias_moved(self, old: str | None, new: str | None) -> None:
         """Runs in the watcher thread: load beside the serving model, then swap the reference."""
         if new is None:
@@ -125,6 +133,7 @@ class TaskService:
                 metrics.SWAPS.labels(self.task, "failed").inc()
                 self._watcher.current = old
                 return
+            self._batcher.max_batch_size = self._batch_size_for(loaded)
             previous, self.model = self.model, loaded
             metrics.serving_version(self.task, previous.version, loaded.version)
             metrics.SWAPS.labels(self.task, "completed").inc()

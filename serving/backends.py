@@ -43,6 +43,9 @@ class InferenceBackend(Protocol):
 
     def metadata(self) -> dict: ...
 
+    @property
+    def max_batch_size(self) -> int | None: ...  # rows per call the backend accepts (None: no limit)
+
 
 class EmbeddedBackend:
     """The model in this process, on a CPU runtime: onnxruntime or OpenVINO (serving/runtimes.py).
@@ -79,6 +82,12 @@ class EmbeddedBackend:
     def metadata(self) -> dict:
         """Tensor names, OIP v2 datatypes and shapes (-1 for dynamic axes)."""
         return self._metadata
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """Rows one call may carry: None for a dynamic batch axis, else the graph's fixed batch size."""
+        fixed = [t["shape"][0] for t in self._metadata["inputs"] if t["shape"] and t["shape"][0] > 0]
+        return min(fixed) if fixed else None
 
 
 OnnxRuntimeBackend = EmbeddedBackend  # the round-1 name, kept for scripts that import it
@@ -118,6 +127,18 @@ class TritonBackend:
         return {key: [{"name": t["name"], "datatype": t["datatype"], "shape": [int(d) for d in t["shape"]]}
                       for t in meta.get(key, [])] for key in ("inputs", "outputs")}  # fmt: skip
 
+    @property
+    def max_batch_size(self) -> int | None:
+        """The served model config's max_batch_size (0 there: no batch axis, one request per call);
+        None when the server does not say (a plain OIP v2 server has no model config)."""
+        if not hasattr(self, "_max_batch"):
+            try:
+                config = self.client.get_model_config(self.task, self.version, as_json=True, client_timeout=10)
+                self._max_batch = max(1, int(config.get("config", config).get("max_batch_size", 0)))
+            except Exception:  # noqa: BLE001 - unknown is not a failure: the replica's own limit applies
+                return None
+        return self._max_batch
+
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from tritonclient.utils import InferenceServerException
 
@@ -152,6 +173,11 @@ class FallbackBackend:
             return self.primary.metadata()
         except BackendUnavailable:
             return self.fallback.metadata()
+
+    @property
+    def max_batch_size(self) -> int | None:
+        limits = [b.max_batch_size for b in (self.primary, self.fallback) if b.max_batch_size is not None]
+        return min(limits) if limits else None
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:

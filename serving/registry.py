@@ -13,7 +13,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-TASKS = ("localization", "segmentation", "classification", "survival", "reporting")
+from serving.tasks import REGISTERED
+
+TASKS = REGISTERED
 ALIASES = ("candidate", "champion", "previous")
 
 

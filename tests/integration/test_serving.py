@@ -217,6 +217,11 @@ def test_grpc_study_service(served, tiny_dataset, trained):
             study_pb2_grpc.StudyServiceStub(channel).Analyze(study_pb2.AnalyzeRequest(nifti={"t1": b"junk"}), timeout=60,
                                                              metadata=metadata)  # fmt: skip
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The same request checks as REST on every input kind (gRPC once skipped the age check on DICOM and S3).
+        for bad in (study_pb2.AnalyzeRequest(dicom_zip=b"PK\x03\x04", age=200.0), study_pb2.AnalyzeRequest(s3_uri="s3://data/x/", age=-1.0)):
+            with pytest.raises(grpc.RpcError) as refused:
+                study_pb2_grpc.StudyServiceStub(channel).Analyze(bad, timeout=60, metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside 0-130" in refused.value.details()
 
 
 def test_dicom_zip_in_dicom_seg_out(served, tiny_dataset, tmp_path):

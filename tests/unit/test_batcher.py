@@ -141,3 +141,12 @@ def test_split_rows_returns_views_per_request():
 def test_a_batch_size_below_one_is_refused():
     with pytest.raises(ValueError, match="max_batch_size"):
         AdaptiveBatcher(lambda x: ("v", x), max_batch_size=0)
+
+
+def test_the_batch_size_never_exceeds_what_the_backend_accepts():
+    from services.batcher import batch_limit
+
+    assert batch_limit(8, None) == 8  # no limit from the backend: the deployment's setting
+    assert batch_limit(8, 4) == 4  # a Triton config compiled with max_batch_size 4
+    assert batch_limit(2, 4) == 2
+    assert batch_limit(4, 0) == 1  # never zero

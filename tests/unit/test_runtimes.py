@@ -125,3 +125,14 @@ def test_metadata_comes_from_the_graph_with_v2_datatypes(exported):
     meta = describe_onnx(exported / "model.onnx")
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 2, 8, 8, 8]}]
     assert meta["outputs"][0]["name"] == "probabilities" and meta["outputs"][0]["shape"][0] == -1
+
+
+def test_the_embedded_backend_reports_its_batch_limit(exported, tmp_path):
+    """A dynamic batch axis has no limit; a graph exported with a fixed batch takes that many rows."""
+    from serving.backends import EmbeddedBackend
+
+    assert EmbeddedBackend(exported / "model.onnx", "segmentation", "1").max_batch_size is None
+    net, x = _Net().eval(), torch.randn(2, 2, 8, 8, 8)
+    torch.onnx.export(net, (x,), str(tmp_path / "fixed.onnx"), input_names=["image"], output_names=["probabilities"],
+                      opset_version=17, dynamo=False)  # fmt: skip
+    assert EmbeddedBackend(tmp_path / "fixed.onnx", "segmentation", "1").max_batch_size == 2

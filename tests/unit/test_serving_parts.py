@@ -162,6 +162,47 @@ def test_grpc_raw_contents_round_trip():
         decode_grpc(request)
 
 
+def test_decoded_binary_tensors_are_views_into_the_request_body():
+    """Zero-copy decoding: each tensor is a read-only view of the body's bytes, not a copy."""
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(4, dtype=np.float32)
+    body, length = _binary_request({"a": a, "b": b})
+    inputs, _ = decode_rest(body, length)
+    whole = np.frombuffer(body, np.uint8)
+    for name, expected in (("a", a), ("b", b)):
+        assert np.shares_memory(inputs[name], whole) and not inputs[name].flags.writeable
+        np.testing.assert_array_equal(inputs[name], expected)
+
+
+@pytest.mark.parametrize("datatype", sorted(V2_TO_NP))
+def test_grpc_raw_and_typed_contents_for_every_datatype(datatype):
+    """Raw contents (little-endian bytes, also from a big-endian array) and the typed `contents` fields
+    decode to the same array, and the response's raw bytes are little-endian."""
+    from tritonclient.grpc import service_pb2
+
+    from services.oip import GRPC_CONTENTS
+
+    array = (np.arange(12).reshape(3, 4) % 3).astype(V2_TO_NP[datatype])
+    for source in (array, array.astype(array.dtype.newbyteorder(">"))):
+        request = service_pb2.ModelInferRequest(model_name="m")
+        tensor = request.inputs.add()
+        tensor.name, tensor.datatype = "x", datatype
+        tensor.shape.extend(array.shape)
+        request.raw_input_contents.append(source.astype(source.dtype.newbyteorder("<")).tobytes())
+        decoded = decode_grpc(request)["x"]
+        assert decoded.dtype == array.dtype and decoded.dtype.isnative
+        np.testing.assert_array_equal(decoded, array)
+        response = encode_grpc(service_pb2, "m", "1", {"y": source}, request)
+        assert response.outputs[0].datatype == datatype
+        np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], array.dtype.newbyteorder("<")).reshape(3, 4), array)
+    if datatype != "FP16":  # the protocol has no typed field for FP16: raw contents only
+        typed = service_pb2.ModelInferRequest(model_name="m")
+        tensor = typed.inputs.add()
+        tensor.name, tensor.datatype = "x", datatype
+        tensor.shape.extend(array.shape)
+        getattr(tensor.contents, GRPC_CONTENTS[datatype]).extend(array.ravel().tolist())
+        np.testing.assert_array_equal(decode_grpc(typed)["x"], array)
+
+
 # -- request decoding -------------------------------------------------------------------------------
 def _nifti_bytes(data: np.ndarray, affine=None) -> bytes:
     return gzip.compress(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine).to_bytes())
