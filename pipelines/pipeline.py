@@ -214,7 +214,7 @@ class PipelineRunner:
         if info.tags.get("compiled_sha256"):
             return StepOutcome("exists", f"already in {info.tags.get('compiled_repository')}")
         c = self.config.compile
-        result = self.platform.compile(out.task, out.version, gpu=c.gpu, max_batch=c.max_batch)
+        result = self.platform.compile(out.task, out.version, gpu=c.gpu, max_batch=c.max_batch, triton_backend=c.triton_backend)
         return StepOutcome("done", f"s3://{result['bucket']}/{result['prefix']}/{out.task}/{out.version}; TensorRT {result['tensorrt']}")
 
     def _promote(self, out: TaskOutcome) -> StepOutcome:

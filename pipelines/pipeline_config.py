@@ -61,6 +61,7 @@ class Compare(_Strict):
 class Compile(_Strict):
     max_batch: int = Field(4, ge=1, le=64)
     gpu: bool = False
+    triton_backend: Literal["onnxruntime", "openvino", "measured"] = "onnxruntime"
 
 
 class Rollout(_Strict):

@@ -19,6 +19,7 @@ import re
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -61,6 +62,8 @@ class GateRequest(BaseModel):
 class CompileRequest(BaseModel):
     gpu: bool = False
     max_batch: int = Field(4, ge=1, le=256)
+    triton_backend: Literal["onnxruntime", "openvino", "measured"] = Field(
+        "onnxruntime", description="the backend config.pbtxt names on CPU nodes (measured: the runtime compile chose)")
     force: bool = False
     reason: str | None = None
 
@@ -222,7 +225,7 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
     def compile_(task: str, version: str, body: CompileRequest, who: Identity | None = Depends(caller)) -> dict:
         from serving.compile import CompileOptions
 
-        options = CompileOptions(max_batch_size=body.max_batch, gpu=body.gpu,
+        options = CompileOptions(max_batch_size=body.max_batch, gpu=body.gpu, triton_cpu_backend=body.triton_backend,
                                  preferred_batch_sizes=[b for b in (2, 4) if b <= body.max_batch])  # fmt: skip
         result, gates = promoter.compile(who, task, version, options, body.force, body.reason)
         return {"task": task, "version": version, "files": result.files, "tensorrt": result.tensorrt,

@@ -75,9 +75,10 @@ class PlatformClient:
                                  {"eval_data": eval_data, "regression_data": regression_data or []})["gates"])  # fmt: skip
 
     def compile(self, task: str, version: str, gpu: bool = False, max_batch: int = 4, force: bool = False,
-                reason: str | None = None) -> dict:  # fmt: skip
+                reason: str | None = None, triton_backend: str = "onnxruntime") -> dict:  # fmt: skip
         return self._call("POST", f"/v1/models/{task}/versions/{version}:compile",
-                          {"gpu": gpu, "max_batch": max_batch, "force": force, "reason": reason}, f"{task}:{version}:compile")  # fmt: skip
+                          {"gpu": gpu, "max_batch": max_batch, "force": force, "reason": reason, "triton_backend": triton_backend},
+                          f"{task}:{version}:compile")  # fmt: skip
 
     def history(self, task: str) -> list[dict]:
         return self._call("GET", f"/v1/models/{task}/history")

@@ -54,6 +54,9 @@ class CompileOptions:
     runtime_threads: int = 1  # threads each candidate gets: what one serving replica uses
     runtime_runs: int = 5  # timed runs per candidate (after one warm-up run that is also the parity run)
     runtime_tolerance: float = DEFAULT_TOLERANCE
+    # The backend config.pbtxt names on CPU nodes: onnxruntime, openvino (Triton's OpenVINO backend reads
+    # the same model.onnx), or measured (the runtime this version's measurement chose). GPU: onnxruntime.
+    triton_cpu_backend: str = "onnxruntime"
 
 
 @dataclass
@@ -67,10 +70,27 @@ class CompileResult:
     runtime: RuntimeChoice | None = None
 
 
-def model_config(task: str, signature: dict, options: CompileOptions):
+TRITON_CPU_BACKENDS = ("onnxruntime", "openvino", "measured")
+
+
+def triton_backend(options: CompileOptions, measured: str | None) -> str:
+    """The Triton backend for the compiled config: onnxruntime or openvino (see CompileOptions)."""
+    if options.triton_cpu_backend not in TRITON_CPU_BACKENDS:
+        raise CompileError(f"triton backend {options.triton_cpu_backend!r} is not one of {', '.join(TRITON_CPU_BACKENDS)}")
+    wanted = measured if options.triton_cpu_backend == "measured" else options.triton_cpu_backend
+    if wanted == "openvino" and options.gpu:
+        raise CompileError("Triton's OpenVINO backend runs on CPU nodes; a --gpu compile serves with onnxruntime")
+    return "openvino" if wanted == "openvino" else "onnxruntime"
+
+
+def model_config(task: str, signature: dict, options: CompileOptions, backend: str = "onnxruntime"):
     from tritonclient.grpc import model_config_pb2 as mc
 
-    config = mc.ModelConfig(name=task, platform="onnxruntime_onnx", max_batch_size=options.max_batch_size)
+    if backend == "openvino":  # the OpenVINO backend loads ONNX directly when the file is named
+        config = mc.ModelConfig(name=task, backend="openvino", default_model_filename="model.onnx",
+                                max_batch_size=options.max_batch_size)  # fmt: skip
+    else:
+        config = mc.ModelConfig(name=task, platform="onnxruntime_onnx", max_batch_size=options.max_batch_size)
     for kind, target in (("inputs", config.input), ("outputs", config.output)):
         for tensor in signature[kind]:
             entry = target.add()
@@ -129,12 +149,12 @@ def compile_version(registry: Registry, store, bucket: str, prefix: str, task: s
     options = options or CompileOptions()
     info = registry.version(task, version)
     model_dir: Path = registry.download(task, version)
-    config = model_config(task, info.signature, options)
-    config_text = text_format.MessageToString(config)
     onnx_bytes = (model_dir / "model.onnx").read_bytes()
     runtime_key = f"{task}/{version}/runtime.json"
     kept = _measured_before(store, bucket, prefix, runtime_key, info.tags.get("compiled_sha256"))
     runtime = RuntimeChoice.from_json(kept.decode()) if kept else select_runtime(model_dir, options)
+    config = model_config(task, info.signature, options, triton_backend(options, runtime.runtime))
+    config_text = text_format.MessageToString(config)
     files = {f"{task}/{version}/model.onnx": onnx_bytes, f"{task}/config.pbtxt": config_text.encode(),
              runtime_key: kept or runtime.to_json().encode()}  # fmt: skip
     plan = build_plan(model_dir / "model.onnx") if options.gpu else None

@@ -188,6 +188,8 @@ def compile_(
     version: str = typer.Option(..., "--version"),
     gpu: bool = typer.Option(False, "--gpu", help="GPU instances (+ TensorRT plan where TensorRT and a GPU exist)."),
     max_batch: int = typer.Option(4, "--max-batch", min=1),
+    triton_backend: str = typer.Option("onnxruntime", "--triton-backend",
+                                       help="Backend config.pbtxt names on CPU nodes: onnxruntime, openvino, or measured."),
     force: bool = typer.Option(False, "--force", help="Admin only: compile a version that fails its gates (audited)."),
     reason: str = typer.Option(None, "--reason", help="Why (required with --force)."),
 ) -> None:
@@ -198,7 +200,7 @@ def compile_(
     settings = Settings()
     try:
         with user_errors(*ERRORS), console.status(f"gates and compile for {task} v{version}"):
-            result = PlatformClient(settings).compile(task, version, gpu, max_batch, force, reason)
+            result = PlatformClient(settings).compile(task, version, gpu, max_batch, force, reason, triton_backend)
     except PromotionRefused as refused:
         console.print(_gate_table(refused.gates))
         err_console.print(f"[bold red]refused:[/] {refused}", highlight=False)

@@ -84,9 +84,12 @@ def test_modality_shifted_15mm_and_rotated_8_degrees_is_aligned_not_refused(twin
     point = np.r_[twin.segmentation.affine[:3, :3] @ tumour + twin.segmentation.affine[:3, 3], 1.0]
     error = np.linalg.norm((np.array(reg["transform_ras"]) @ point)[:3] - (motion @ point)[:3])
     assert error <= 2.0, f"residual registration error {error:.2f} mm at the tumour"
-    # Seeded sampling and a fixed thread count: the same study gives the same transform on every call.
+    # Seeded sampling and a fixed thread count: the same study gives the same transform on every call, to
+    # floating-point summation order (ITK's thread pool may sum the metric's work units in another order
+    # on a busy machine; seen as last-digit differences).
     again = preprocess(Study(twin.case_id, moved, segmentation=twin.segmentation))
-    assert next(s for s in again.record["steps"] if s["step"] == "register")["transform_ras"] == reg["transform_ras"]
+    repeat = next(s for s in again.record["steps"] if s["step"] == "register")["transform_ras"]
+    np.testing.assert_allclose(repeat, reg["transform_ras"], rtol=0, atol=1e-4)
     reference = preprocess(twin)
     i = 3  # flair channel
     inside = reference.brain_mask

@@ -118,6 +118,24 @@ def test_triton_config_parses_and_carries_batching_and_gpu_options():
     assert gpu.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
 
 
+def test_triton_config_can_name_the_openvino_backend_for_cpu_nodes():
+    from tritonclient.grpc import model_config_pb2
+
+    from serving.compile import CompileError, triton_backend
+
+    assert triton_backend(CompileOptions(), "openvino") == "onnxruntime"  # the default names onnxruntime
+    assert triton_backend(CompileOptions(triton_cpu_backend="measured"), "openvino") == "openvino"
+    assert triton_backend(CompileOptions(triton_cpu_backend="measured"), "onnxruntime") == "onnxruntime"
+    text = text_format.MessageToString(model_config("segmentation", SEG_SIGNATURE, CompileOptions(), "openvino"))
+    parsed = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert parsed.backend == "openvino" and parsed.default_model_filename == "model.onnx" and not parsed.platform
+    assert parsed.max_batch_size == 4 and parsed.input[0].name == "image"
+    with pytest.raises(CompileError, match="CPU nodes"):
+        triton_backend(CompileOptions(gpu=True, triton_cpu_backend="openvino"), "onnxruntime")
+    with pytest.raises(CompileError, match="not one of"):
+        triton_backend(CompileOptions(triton_cpu_backend="tvm"), "onnxruntime")
+
+
 def test_tensorrt_build_reports_skipped_without_writing_a_plan(tmp_path):
     result = build_plan(tmp_path / "model.onnx")
     assert result.status.startswith("skipped:") and result.data is None
