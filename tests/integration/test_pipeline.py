@@ -34,7 +34,7 @@ latency_budget_ms = 10000
 latency_runs = 1
 [segmentation]
 floors = { dice_WT = 0.0 }
-regression_tolerance = { dice_WT = 0.05 }
+regression_tolerance = { dice_WT = 0.02 }
 [localization]
 floors = { box_iou = 0.0 }
 [classification]
@@ -47,8 +47,10 @@ floors = {}
 def write_config(folder: Path, name: str, **overrides) -> Path:
     doc = {
         "version": 1, "name": name, "data": "../data", "tasks": TASKS,
-        # Segmentation learns enough in 10 epochs to tell a trained model from an untrained one.
-        "training": {"seed": 1, "epochs": {"localization": 1, "segmentation": 10, "classification": 1, "survival": 1}},
+        # Four segmentation epochs tell a trained model from an untrained one: measured, the champion's
+        # dice_WT on the comparison data was 0.123 and the worse config's 0.025, so the no-regression gate
+        # (tolerance 0.02) refuses it with a margin of 0.08 (ten epochs cost 3.5 more minutes).
+        "training": {"seed": 1, "epochs": {"localization": 1, "segmentation": 4, "classification": 1, "survival": 1}},
         "evaluation_sets": [{"name": "site-b", "path": "../site-b"}],
         "gates": "gates.toml", "compare": {"bootstrap": 200},
     } | overrides  # fmt: skip
@@ -81,7 +83,7 @@ def keyed_versions(registry: Registry, task: str, key: str) -> list[str]:
 
 
 def test_a_definition_naming_other_gates_is_refused_before_training(pipeline_env):
-    (pipeline_env["configs"] / "lenient.toml").write_text(GATES.replace("regression_tolerance = { dice_WT = 0.05 }", ""))
+    (pipeline_env["configs"] / "lenient.toml").write_text(GATES.replace("regression_tolerance = { dice_WT = 0.02 }", ""))
     cfg = write_config(pipeline_env["configs"], "own-gates", gates="lenient.toml")
     run = pipeline("--config", str(cfg), "--promote", "champion", timeout=120)
     assert run.returncode == 1 and "the platform's gates decide" in " ".join(run.stderr.split()), run.stdout + run.stderr
