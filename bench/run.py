@@ -244,6 +244,15 @@ def _serving() -> list[dict]:
     return bench_serving()
 
 
+# Figures recorded before they carried their section: the section is known by the name's first part.
+LEGACY_PREFIX = {"stack": "stack", "data": "data", "P4": "ort", "P1": "serving", "P1peers": "serving", "P2": "serving",
+                 "P3": "serving", "P5": "serving", "P6": "serving", "soak": "serving", "P7": "train", "SW": "windows"}  # fmt: skip
+
+
+def _section_of(figure: dict) -> str | None:
+    return figure.get("section") or LEGACY_PREFIX.get(figure["name"].split("_")[0])
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m bench.run [SECTION ...]`: every section by default; named ones replace their figures."""
     import sys
@@ -257,10 +266,11 @@ def main(argv: list[str] | None = None) -> None:
         title, run = SECTIONS[name]
         with console.status(f"benchmark: {title}"):
             fresh[name] = run()
-    figures = [f for n in names for f in fresh[n]]
+    figures = [{**f, "section": n} for n in names for f in fresh[n]]
     if len(names) < len(SECTIONS) and (OUT / "results.json").exists():
-        # A partial run keeps the other sections' last figures (in the same order as a full run).
-        kept = {f["name"]: f for f in json.loads((OUT / "results.json").read_text())}
+        # A partial run keeps the other sections' last figures (in the same order as a full run); a re-run
+        # section's old figures all go, so a figure it no longer reports cannot linger beside the new ones.
+        kept = {f["name"]: f for f in json.loads((OUT / "results.json").read_text()) if _section_of(f) not in names}
         for f in figures:
             kept[f["name"]] = f
         figures = list(kept.values())

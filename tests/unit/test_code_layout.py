@@ -60,3 +60,23 @@ def test_the_task_list_is_written_once():
     literal = '"localization", "segmentation", "classification", "survival"'
     holders = [str(p.relative_to(ROOT)) for package in PACKAGES for p in (ROOT / package).rglob("*.py") if literal in p.read_text()]
     assert holders == ["serving/tasks.py"], holders
+
+
+def test_a_partial_benchmark_run_replaces_all_of_its_sections_figures(tmp_path, monkeypatch):
+    """Re-running one section drops every figure it reported before (one it no longer reports included)
+    and keeps the other sections' figures."""
+    import json
+
+    from bench import run
+    from bench.timing import figure
+
+    old = [{**figure("P4_segmentation_ort_over_torch", 1.67, "ratio"), "section": "ort"},
+           figure("P4_legacy_without_section_ms", 3.0, "ms"), {**figure("stack_up_first_s", 8.0, "s"), "section": "stack"}]  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    monkeypatch.setattr(run, "OUT", tmp_path)
+    monkeypatch.setattr(run, "SECTIONS", {"ort": ("P4", lambda: [figure("P4_segmentation_openvino_ms", 56.6, "ms")]),
+                                          "stack": ("stack", lambda: []), "data": ("data", lambda: [])})  # fmt: skip
+    run.main(["ort"])
+    names = [f["name"] for f in json.loads((tmp_path / "results.json").read_text())]
+    assert names == ["stack_up_first_s", "P4_segmentation_openvino_ms"]
+    assert "P4_segmentation_ort_over_torch" not in (tmp_path / "REPORT.md").read_text()
