@@ -31,8 +31,8 @@ def unavailable(task: str, error: BaseException) -> str | None:
 
 
 async def call(task: str, awaitable, bad_input_is_400: bool = False):
-    """Await a replica call; a replica that cannot answer is a 503 InputError (a bad raw-inference
-    input, a ValueError in the replica, a 400 when `bad_input_is_400`); anything else propagates."""
+    """Await a replica call. A replica that cannot answer is a 503 InputError; with `bad_input_is_400`
+    (raw inference), a ValueError the replica raised about its inputs is a 400; anything else propagates."""
     try:
         return await awaitable
     except Exception as exc:
