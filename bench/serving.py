@@ -31,11 +31,11 @@ application: oncoserve
 watch_interval_s: 5
 deployments:
   gateway: {num_cpus: 0.1, max_ongoing_requests: 64, autoscaling: {min_replicas: 1, max_replicas: 1}}
-  localization: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1},
+  localization: {max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1},
                  batching: {max_batch_size: BATCH, batch_wait_timeout_s: 0.02}, backend: {threads: 2}}
-  segmentation: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
-  classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
-  survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
+  segmentation: {autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
+  classification: {autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
+  survival: {autoscaling: {min_replicas: 1, max_replicas: 1}, backend: {threads: 2}}
   reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
 """
 

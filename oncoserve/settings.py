@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     ray_dashboard_port: int = 8265
     ray_client_port: int = 10001
     ray_dashboard_agent_port: int = 52365
-    ray_num_cpus: int | None = Field(None, description="CPUs Ray may schedule on; default: all.")
+    ray_num_cpus: int | None = Field(None, description="CPUs the embedded Ray declares; default: the larger of the cores and what the packaged Serve config reserves at its maximum replicas (pipelines/stack/components.py ray_cpus).")
 
     # Registry, promotion, compile.
     token: str | None = Field(None, description="API token for the CLI (else read from ONCOSERVE_HOME/token).")

@@ -76,12 +76,28 @@ def up(settings, config_path=None) -> dict:
         raise ServeError(str(exc)) from None
     versions = check_champions(settings)
     with connected(settings):
+        _check_cpus(config)
         serve.start(**proxy_options(settings))
         try:
             serve.run(build_app(settings, config), name=config.application, route_prefix="/", blocking=False)
         except RuntimeError as exc:
             raise ServeError(f"the application failed to deploy: {str(exc)[-1500:]}") from None
     return {"http": settings.serve_url, "grpc": f"{settings.host}:{settings.serve_grpc_port}", "model_versions": versions}
+
+
+def _check_cpus(config) -> None:
+    """Refuse a config whose minimum replicas cannot all be placed (Serve would wait for them forever)."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0.0)
+    need = deploy_config.cpu_reservation(config, "min_replicas")
+    if need > have + 1e-9:
+        raise ServeError(f"the deployment config reserves {need:g} CPUs at its minimum replicas and this Ray cluster "
+                         f"has {have:g}; lower min_replicas or backend.threads, or give Ray more CPUs (ray_num_cpus)")
+    most = deploy_config.cpu_reservation(config, "max_replicas")
+    if most > have + 1e-9:
+        logging.getLogger(__name__).warning("the deployment config can reserve %g CPUs at its maximum replicas and "
+                                            "this Ray cluster has %g: autoscaling stops short of max_replicas", most, have)
 
 
 def down(settings) -> None:

@@ -29,7 +29,8 @@ class _Strict(BaseModel):
 class Autoscaling(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="default: a model deployment's max_batch_size, else 2")
     upscale_delay_s: float = Field(3.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0, description="window over which ongoing requests are averaged")
@@ -87,7 +88,8 @@ class Generator(_Strict):
 
 
 class Deployment(_Strict):
-    num_cpus: float = Field(0.25, ge=0)
+    num_cpus: float | None = Field(None, ge=0, description="CPUs Ray reserves per replica; model deployments: "
+                                   "backend.threads (their runtime's cores), the default")
     max_ongoing_requests: int = Field(8, ge=1)
     autoscaling: Autoscaling = Autoscaling()
     batching: Batching | None = Field(None, description="model deployments only (default: Batching())")
@@ -103,6 +105,39 @@ class Deployment(_Strict):
                 "ray_actor_options": {"num_cpus": self.num_cpus},
                 # JSON log lines, each with the request id Serve assigns (also the x-request-id header).
                 "logging_config": {"encoding": "JSON"}}  # fmt: skip
+
+
+def _check_resources(task: str, spec: Deployment) -> None:
+    """A model replica reserves the cores its runtime uses, and can hold the batches it is asked to form.
+
+    Ray places replicas by `num_cpus`: a replica running N runtime threads on a 0.25 reservation lets
+    Ray pack four times as many replicas onto a node as it has cores. An embedded runtime's replica
+    therefore reserves exactly `backend.threads` (a Triton-backed replica computes nothing itself and
+    may reserve less). A batch of `max_batch_size` needs that many requests in the replica at once,
+    and the autoscaler should add a replica only when one is that busy: max_batch_size <=
+    target_ongoing_requests <= max_ongoing_requests."""
+    threads = spec.backend.threads
+    if spec.num_cpus is None:
+        spec.num_cpus = float(threads)
+    elif spec.backend.kind != "triton" and spec.num_cpus != threads:
+        raise ValueError(f"{task}: num_cpus {spec.num_cpus:g} is not backend.threads {threads}: a replica reserves "
+                         "the cores its runtime uses (leave num_cpus out to take the threads)")
+    batch = spec.batching.max_batch_size
+    if spec.autoscaling.target_ongoing_requests is None:
+        spec.autoscaling.target_ongoing_requests = float(batch)
+    target = spec.autoscaling.target_ongoing_requests
+    if not batch <= spec.max_ongoing_requests:
+        raise ValueError(f"{task}: max_batch_size {batch} is above max_ongoing_requests {spec.max_ongoing_requests}: "
+                         "a replica could never hold a full batch")
+    if not batch <= target <= spec.max_ongoing_requests:
+        raise ValueError(f"{task}: autoscaling target_ongoing_requests {target:g} must lie between max_batch_size "
+                         f"{batch} and max_ongoing_requests {spec.max_ongoing_requests}: below a batch, replicas are "
+                         "added before batching can pay; above the cap, the target is never reached")
+
+
+def cpu_reservation(config: "DeploymentConfig", replicas: str = "max_replicas") -> float:
+    """CPUs the application reserves from Ray with every deployment at `min_replicas` or `max_replicas`."""
+    return sum(d.num_cpus * getattr(d.autoscaling, replicas) for d in config.deployments.values())
 
 
 class DeploymentConfig(_Strict):
@@ -131,6 +166,12 @@ class DeploymentConfig(_Strict):
         for task in MODEL_TASKS:
             spec = self.deployments[task]
             spec.batching, spec.backend = spec.batching or Batching(), spec.backend or Backend()
+            _check_resources(task, spec)
+        for name in ("gateway", "reporting"):
+            spec = self.deployments[name]
+            spec.num_cpus = 0.25 if spec.num_cpus is None else spec.num_cpus
+            if spec.autoscaling.target_ongoing_requests is None:
+                spec.autoscaling.target_ongoing_requests = 2.0
         reporting = self.deployments["reporting"]
         reporting.generator = reporting.generator or Generator()
         reporting.retrieval = True if reporting.retrieval is None else reporting.retrieval

@@ -187,14 +187,14 @@ application: oncoserve
 watch_interval_s: 2.0
 deployments:
   gateway: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1}}
-  localization: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, batching: {max_batch_size: 4, batch_wait_timeout_s: 0.02}}
+  localization: {autoscaling: {min_replicas: 1, max_replicas: 1}, batching: {max_batch_size: 4, batch_wait_timeout_s: 0.02}}
   segmentation:
-    num_cpus: 0.1
     max_ongoing_requests: 2
+    batching: {max_batch_size: 1}
     autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, upscale_delay_s: 0.5, downscale_delay_s: 600,
                   look_back_period_s: 2.0}
-  classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
-  survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  classification: {autoscaling: {min_replicas: 1, max_replicas: 1}}
+  survival: {autoscaling: {min_replicas: 1, max_replicas: 1}}
   reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}, retrieval: true}
 """
 

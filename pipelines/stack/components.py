@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -207,6 +208,22 @@ class MlflowServer(Component):
         return self.settings.mlflow_url
 
 
+
+def ray_cpus(configured: int | None) -> int:
+    """The CPUs the embedded Ray head declares: `ray_num_cpus` when set, else the larger of the machine's
+    cores and what the packaged Serve application reserves at its maximum replicas.
+
+    A model replica reserves the cores its runtime uses (services/deploy_config.py), so on Kubernetes a
+    4-core worker holds four single-thread replicas. One small machine still has to host every task at
+    once: there Ray's CPUs are a reservation count, not cores, and the replicas share the real ones
+    (what `make bench` measures with the packaged config)."""
+    if configured is not None:
+        return configured
+    from services import deploy_config
+
+    needed = deploy_config.cpu_reservation(deploy_config.load(), "max_replicas")
+    return max(os.cpu_count() or 1, math.ceil(needed))
+
 class RayHead(Component):
     """A local Ray head node (`ray start --head --block`), temp dir under ONCOSERVE_HOME."""
 
@@ -243,8 +260,7 @@ class RayHead(Component):
             f"--ray-client-server-port={s.ray_client_port}",
             "--disable-usage-stats",
         ]  # fmt: skip
-        if s.ray_num_cpus is not None:
-            cmd.append(f"--num-cpus={s.ray_num_cpus}")
+        cmd.append(f"--num-cpus={ray_cpus(s.ray_num_cpus)}")
         return cmd
 
     def env(self) -> dict[str, str]:

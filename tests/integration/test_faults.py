@@ -31,10 +31,10 @@ application: oncoserve
 watch_interval_s: 2.0
 deployments:
   gateway: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1}}
-  localization: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
-  segmentation: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
-  classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
-  survival: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
+  localization: {autoscaling: {min_replicas: 1, max_replicas: 1}}
+  segmentation: {autoscaling: {min_replicas: 1, max_replicas: 1}}
+  classification: {autoscaling: {min_replicas: 1, max_replicas: 1}}
+  survival: {autoscaling: {min_replicas: 1, max_replicas: 1}}
   reporting: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}
 """
 CLI_FAILS_WITHIN_S = 60  # MLflow's own retries would take about four minutes; the CLI shortens them

@@ -353,8 +353,8 @@ def test_triton_backend_through_serve_with_a_clear_503_and_fallback(served, tiny
     def deploy(fallback: bool):
         config = tmp_path / f"triton-{fallback}.yaml"
         config.write_text(TEST_CONFIG.replace(
-            "classification: {num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 1}}",
-            f"classification: {{num_cpus: 0.1, autoscaling: {{min_replicas: 1, max_replicas: 1}}, "
+            "classification: {autoscaling: {min_replicas: 1, max_replicas: 1}}",
+            f"classification: {{autoscaling: {{min_replicas: 1, max_replicas: 1}}, "
             f"backend: {{kind: triton, triton_url: '{url}', fallback_to_embedded: {str(fallback).lower()}}}}}"))  # fmt: skip
         run = oncoserve("serve", "up", "--config", str(config))
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

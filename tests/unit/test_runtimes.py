@@ -56,6 +56,26 @@ def test_openvino_outputs_are_not_overwritten_by_the_next_call(exported):
     assert np.array_equal(first, kept)
 
 
+def test_onnxruntime_io_binding_writes_each_call_into_its_own_outputs_from_request_body_views(exported):
+    """After the first call of a shape, onnxruntime runs through an IO binding: the input is a read-only
+    view into a request body (as the OIP codec hands it over), the outputs are fresh arrays per call."""
+    import onnxruntime as ort
+
+    inputs, _ = load_reference(exported / "reference.npz")
+    plain = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = open_session("onnxruntime", exported / "model.onnx")
+    body = bytes(inputs["image"].tobytes())
+    view = np.frombuffer(body, np.float32).reshape(inputs["image"].shape)
+    assert not view.flags.writeable
+    outputs = [session.run({"image": view})["probabilities"] for _ in range(3)]  # 1st learns shapes, then bound
+    other = session.run({"image": view * -3})["probabilities"]
+    expected = plain.run(None, {"image": inputs["image"]})[0]
+    for out in outputs:
+        assert np.array_equal(out, expected)  # the same kernels, so bit for bit
+    assert not np.shares_memory(outputs[1], outputs[2]) and not np.shares_memory(outputs[2], other)
+    assert np.array_equal(other, plain.run(None, {"image": inputs["image"] * -3})[0])
+
+
 def test_the_fastest_runtime_that_passes_parity_is_chosen_and_every_trial_is_recorded(exported):
     choice = choose_runtime(exported / "model.onnx", exported / "reference.npz", runs=3)
     assert [t.runtime for t in choice.trials] == list(RUNTIMES)

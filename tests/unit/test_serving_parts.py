@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +39,9 @@ def test_packaged_deployment_config_is_valid_and_complete():
         ({"segmentation": {"generator": {"kind": "template"}}}, "reporting deployment only"),
         ({"classification": {"sliding_window": {"mirror": True}}}, "segmentation deployment only"),
         ({"segmentation": {"sliding_window": {"overlap": 1.0}}}, "overlap"),
+        ({"classification": {"num_cpus": 0.25}}, "num_cpus 0.25 is not backend.threads 1"),
+        ({"survival": {"max_ongoing_requests": 2}}, "could never hold a full batch"),
+        ({"localization": {"autoscaling": {"target_ongoing_requests": 2.0}}}, "between max_batch_size 4"),
     ],
 )
 def test_invalid_deployment_configs_name_the_field(tmp_path, patch, message):
@@ -49,6 +53,34 @@ def test_invalid_deployment_configs_name_the_field(tmp_path, patch, message):
     with pytest.raises(deploy_config.ConfigError, match=message) as err:
         deploy_config.load(path)
     assert str(path) in str(err.value)
+
+
+def test_packaged_model_replicas_reserve_their_threads_and_batch_within_the_compiled_limit():
+    """What Ray reserves is what a replica's runtime uses; a batch fits the Triton config compile writes;
+    the autoscaler's target is a full batch in flight."""
+    import yaml
+
+    compiled = yaml.safe_load((Path(deploy_config.__file__).parents[1] / "pipelines" / "pipeline.yaml").read_text())
+    config = deploy_config.load()
+    for task in ("localization", "segmentation", "classification", "survival"):
+        spec = config.deployments[task]
+        assert spec.num_cpus == spec.backend.threads
+        assert spec.batching.max_batch_size <= compiled["compile"]["max_batch"]
+        assert spec.batching.max_batch_size <= spec.autoscaling.target_ongoing_requests <= spec.max_ongoing_requests
+
+
+def test_omitted_resources_follow_the_threads_and_the_batch(tmp_path):
+    from pipelines.stack.components import ray_cpus
+
+    (tmp_path / "d.yaml").write_text("deployments: {gateway: {}, localization: {backend: {threads: 2}, max_ongoing_requests: 8}, "
+                                     "segmentation: {}, classification: {}, survival: {}, reporting: {}}")
+    config = deploy_config.load(tmp_path / "d.yaml")
+    loc = config.deployments["localization"]
+    assert loc.num_cpus == 2 and loc.autoscaling.target_ongoing_requests == loc.batching.max_batch_size
+    assert config.deployments["gateway"].num_cpus == 0.25 and config.deployments["gateway"].autoscaling.target_ongoing_requests == 2
+    assert deploy_config.cpu_reservation(config, "min_replicas") == 0.25 + 2 + 1 + 1 + 1 + 0.25
+    packaged = deploy_config.cpu_reservation(deploy_config.load())
+    assert ray_cpus(None) >= packaged and ray_cpus(3) == 3
 
 
 def test_missing_deployment_and_bad_yaml(tmp_path):
