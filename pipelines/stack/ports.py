@@ -38,7 +38,6 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
         "ONCOSERVE_SERVE_HTTP_PORT": str(other + 6),
         "ONCOSERVE_SERVE_GRPC_PORT": str(other + 7),
         "ONCOSERVE_PLATFORM_PORT": str(other + 8),
-        "ONCOSERVE_RAY_NUM_CPUS": "2",
     }
 
 
