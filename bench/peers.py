@@ -104,11 +104,15 @@ def _oip_grpc(address: str, model: str, image: np.ndarray):
 
 
 def _check(name: str, out, reference: np.ndarray) -> None:
-    if not np.allclose(np.asarray(out).reshape(reference.shape), reference, atol=1e-4):
+    """Within the compile-time parity tolerance: the platform may serve OpenVINO (its measured runtime)."""
+    from serving.runtimes import DEFAULT_TOLERANCE
+
+    if not np.allclose(np.asarray(out).reshape(reference.shape), reference, atol=DEFAULT_TOLERANCE):
         raise RuntimeError(f"{name} answered differently from onnxruntime in-process")
 
 
-def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform_grpc: str, work: Path) -> list[dict]:
+def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform_grpc: str, work: Path,
+                served_runtime: str = "onnxruntime", threads: int = 2) -> list[dict]:
     """Figures for P1-peers. `image` is the preprocessed study, shape (1, 4, D, H, W), float32.
 
     The platform, KServe and BentoML (idle between calls) run side by side and are timed interleaved with
@@ -122,8 +126,12 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     reference = session.run(None, {"image": image})[0]
-    # The platform: the gateway's OIP v2 routes (Ray Serve -> the segmentation replica's onnxruntime).
+    from serving.runtimes import open_session
+
+    served = open_session(served_runtime, onnx_path, threads)  # what the replica runs, called in-process
+    # The platform: the gateway's OIP v2 routes (Ray Serve -> the segmentation replica's runtime).
     calls = {"raw_onnxruntime": lambda: session.run(None, {"image": image}),
+             "served_runtime_in_process": lambda: served.run({"image": image}),
              "platform_oip_http_binary": _oip_http_binary(platform_http, "segmentation", image),
              "platform_oip_grpc": _oip_grpc(platform_grpc, "segmentation", image)}  # fmt: skip
     repo = work / "repo" / "segmentation" / "1"
@@ -191,9 +199,14 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
     finally:
         _stop(proc)
     ort_ms = timings.pop("raw_onnxruntime")
-    figures = [figure("P1peers_raw_onnxruntime_p50", ort_ms, "ms")]
+    runtime_ms = timings.pop("served_runtime_in_process")
+    figures = [figure("P1peers_raw_onnxruntime_p50", ort_ms, "ms"),
+               figure(f"P1peers_served_runtime_in_process_p50 ({served_runtime}, {threads} threads)", runtime_ms, "ms")]
     for name, ms in timings.items():
         figures += [figure(f"P1peers_{name}_p50", ms, "ms"), figure(f"P1peers_{name}_over_ort", ms / ort_ms, "ratio")]
+        if name.startswith("platform"):  # the issue's target: the served runtime's own compute plus <= 10 %
+            figures.append(figure(f"P1peers_{name}_over_served_runtime", ms / runtime_ms, "ratio", "<= 1.10",
+                                  ms / runtime_ms <= 1.10))  # fmt: skip
     best_platform = min(v for k, v in timings.items() if k.startswith("platform"))
     best_peer = min(v for k, v in timings.items() if not k.startswith("platform"))
     figures.append(figure("P1peers_platform_best_over_best_peer", best_platform / best_peer, "ratio",

@@ -155,16 +155,23 @@ NOTES = {
     "SW": "segmentation per 2 mm study as serving runs it (imaging.sliding_window, onnxruntime 2 threads): windows "
           "of the trained 64^3 patch at overlaps 0, 0.25 (the default), 0.5, with and without mirroring TTA (8 passes), "
           "and the whole grid as one window (bench/segmentation_windows.py).",
-    "P1": "one segmentation request through the platform (HTTP, Ray Serve, the replica's onnxruntime) vs the "
-          "same work as function calls in one process, measured alternately; with the pre/post-processing share.",
+    "P1": "one segmentation request through the platform (HTTP, Ray Serve, the replica's runtime) vs the "
+          "same work as function calls in one process, measured alternately; with the pre/post-processing share and "
+          "the ratio to the raw compute (the sliding window on the runtime the replica serves, same threads).",
+    "shipped": "the packaged services/deployments.yaml as users get it (1 runtime thread and 1 CPU per model replica, "
+               "autoscaling on): P1 with its in-process twin and raw compute at 1 thread, timed in shuffled rounds; the "
+               "whole study vs the slowest task and vs the four tasks called one after another (the sequential control: "
+               "their ratio is the fan-out's parallelism); segmentation throughput at 1, 2, 4, 8 closed-loop clients, "
+               "platform vs in-process analyzer (N threads); every stage's histogram (end of this report).",
     "P1-peers": "raw inference on the same compiled ONNX and input tensor (one window of the study, the patch "
                 "network's input: 1x4x64x64x64 float32, 4.2 MB; before patch training it was the whole grid) through "
                 "the platform's OIP v2 (HTTP binary, gRPC), a KServe ModelServer (gRPC; its HTTP path answers in "
                 "JSON), BentoML (.npy files; its JSON for arrays took over 300 s) and `mlflow models serve` (JSON), "
-                "each over onnxruntime called in-process; the platform, KServe gRPC, BentoML and in-process onnxruntime "
-                "are timed in interleaved rounds on the same machine at once (bench/peers.py).",
+                "each over onnxruntime called in-process, and the platform over the runtime it serves called in-process "
+                "(the same threads); the platform, KServe gRPC, BentoML and the in-process runtimes are timed in "
+                "interleaved rounds in shuffled order on the same machine at once (bench/peers.py).",
     "P2": "the whole study (four tasks fanned out by the gateway) vs the slowest single task.",
-    "P3": "raw localization inference at concurrency 8, dynamic batching up to 8 vs none.",
+    "P3": "raw localization inference at concurrency 8 and 1, adaptive batching up to 8 vs none.",
     "P6": "segmentation of the same head as 64^3, 96^3 and 128^3 voxels (240 mm): end to end, and in-process "
           "in a fresh process whose peak RSS (VmHWM) is the memory figure.",
     "soak": "whole-study analyses from 3 closed-loop clients for 10 minutes after a 1-minute warm-up; memory "
@@ -205,6 +212,10 @@ def write_report(figures: list[dict]) -> None:
     for f in figures:
         met = "" if f["met"] is None else ("yes" if f["met"] else "**MISSED**")
         lines.append(f"| {f['name']} | {f['value']} | {f['unit']} | {f['target'] or ''} | {met} |")
+    histograms = OUT / "stage_histograms.md"  # written by the serving section
+    if histograms.exists():
+        lines += ["", "## Stage histograms (oncoserve_stage_seconds, every replica; counts per bucket, cumulative)", "",
+                  histograms.read_text()]  # fmt: skip
     (OUT / "REPORT.md").write_text("\n".join(lines) + "\n")
 
 
@@ -246,7 +257,7 @@ def _serving() -> list[dict]:
 
 # Figures recorded before they carried their section: the section is known by the name's first part.
 LEGACY_PREFIX = {"stack": "stack", "data": "data", "P4": "ort", "P1": "serving", "P1peers": "serving", "P2": "serving",
-                 "P3": "serving", "P5": "serving", "P6": "serving", "soak": "serving", "P7": "train", "SW": "windows"}  # fmt: skip
+                 "P3": "serving", "shipped": "serving", "stages": "serving", "P5": "serving", "P6": "serving", "soak": "serving", "P7": "train", "SW": "windows"}  # fmt: skip
 
 
 def _section_of(figure: dict) -> str | None:

@@ -25,15 +25,22 @@ def p50_ms(fn, n: int = REPEATS) -> float:
     return statistics.median(times) * 1000
 
 
-def interleaved_p50_ms(calls: dict, runs: int, warmup_rounds: int = 1) -> dict[str, float]:
+def interleaved_p50_ms(calls: dict, runs: int, warmup_rounds: int = 1, seed: int = 0) -> dict[str, float]:
     """p50 (ms) of each call, timed in rounds of one call each, so that drift on the shared 2-core machine
-    (other tenants, thermal) hits every side alike instead of whichever happened to run during it."""
+    (other tenants, thermal) hits every side alike instead of whichever happened to run during it. The
+    order inside each round is shuffled (seeded), so no side always runs first (cold caches) or right
+    after the same neighbour."""
+    import random
+
+    rng = random.Random(seed)
     for _ in range(warmup_rounds):  # connection pools, first-touch allocations, replica and session caches
         for call in calls.values():
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        for name, call in calls.items():
+        order = list(calls.items())
+        rng.shuffle(order)
+        for name, call in order:
             t0 = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - t0)
