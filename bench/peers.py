@@ -131,7 +131,7 @@ def bench_peers(onnx_path: Path, image: np.ndarray, platform_http: str, platform
     served = open_session(served_runtime, onnx_path, threads)  # what the replica runs, called in-process
     # The platform: the gateway's OIP v2 routes (Ray Serve -> the segmentation replica's runtime).
     calls = {"raw_onnxruntime": lambda: session.run(None, {"image": image}),
-             "served_runtime_in_process": lambda: served.run({"image": image}),
+             "served_runtime_in_process": lambda: served.run({"image": image})["probabilities"],
              "platform_oip_http_binary": _oip_http_binary(platform_http, "segmentation", image),
              "platform_oip_grpc": _oip_grpc(platform_grpc, "segmentation", image)}  # fmt: skip
     repo = work / "repo" / "segmentation" / "1"
