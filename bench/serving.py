@@ -181,18 +181,21 @@ def _in_process_curve(whole, per_client: int = 3) -> dict[int, float]:
 
 
 def _stage_histograms(url: str, title: str) -> tuple[list[dict], str]:
-    """Every lifecycle stage's histogram (`oncoserve_stage_seconds`, all replicas) from the gateway's
-    /metrics: p50/p95 figures interpolated in the buckets, and a Markdown table of the bucket counts."""
+    """Every lifecycle stage's histogram (`oncoserve_stage_seconds`, all replicas) and the gateway's time
+    per route (`oncoserve_request_seconds`) from the gateway's /metrics: p50/p95 figures interpolated in
+    the buckets, and a Markdown table of the bucket counts."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=30).text
     buckets: dict[tuple[str, str], dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "oncoserve_stage_seconds":
+        if family.name not in ("oncoserve_stage_seconds", "oncoserve_request_seconds"):
             continue
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
-                key = (sample.labels["task"], sample.labels["stage"])
+                # the gateway's whole handling of a route, beside each replica stage
+                key = ((sample.labels["task"], sample.labels["stage"]) if "task" in sample.labels
+                       else ("gateway", sample.labels["route"]))  # fmt: skip
                 le = float(sample.labels["le"])
                 buckets.setdefault(key, {})
                 buckets[key][le] = buckets[key].get(le, 0.0) + sample.value  # summed over versions
@@ -205,7 +208,8 @@ def _stage_histograms(url: str, title: str) -> tuple[list[dict], str]:
             continue
         lines.append(f"| {task} / {stage} | {total:.0f} | " + " | ".join(f"{cumulative.get(e, 0):.0f}" for e in edges) + " |")
         for q in (0.5, 0.95):
-            figures.append(figure(f"stages_{title.split()[0]}_{task}_{stage}_p{int(q * 100)}", _quantile(cumulative, q) * 1000, "ms"))
+            name = stage.strip("/").replace("/", "_").replace("{", "").replace("}", "")
+            figures.append(figure(f"stages_{title.split()[0]}_{task}_{name}_p{int(q * 100)}", _quantile(cumulative, q) * 1000, "ms"))
     return figures, "\n".join(lines) + "\n"
 
 
