@@ -9,11 +9,21 @@ batcher wait, at most `wait_s`, for it to fill.
 Requests share a model call only when their tensors have the same shapes and dtypes. When a shared
 call fails, each request is retried alone, so one bad request fails only itself; errors in
 `shared_errors` (the backend is down) fail the whole batch without retries.
+
+Batching has to pay, and on a CPU it often does not: a 3D network already fills the cores with one
+study, so a batch of N costs about N single calls, plus one copy of every request's tensor to assemble
+it. The batcher therefore times its calls (seconds per row, assembly included) for single requests and
+for shared ones; once both are known and shared calls are not at least `MARGIN` cheaper per row, it
+stops forming batches (waiting requests run one by one, so the first is not held back by the others)
+and tries a shared call again every `PROBE_EVERY` calls, in case the load or the model changed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +40,37 @@ def batch_limit(configured: int, backend_limit: int | None) -> int:
     """Requests per model call: the deployment's `max_batch_size`, never above what the backend accepts
     (a Triton model config's max_batch_size, a graph with a fixed batch axis)."""
     return configured if backend_limit is None else max(1, min(configured, backend_limit))
+
+
+MIN_SAMPLES = 3  # calls of each kind before the batcher judges whether sharing pays
+MARGIN = 0.05  # a shared call must be this much cheaper per row than a single one
+PROBE_EVERY = 32  # while batching does not pay, one shared call in this many re-measures it
+
+
+class CallCosts:
+    """Seconds per row of recent model calls, single-request vs shared (batch assembly included)."""
+
+    def __init__(self, window: int = 16):
+        self.single: deque[float] = deque(maxlen=window)
+        self.shared: deque[float] = deque(maxlen=window)
+        self._since_probe = 0
+
+    def record(self, shared: bool, seconds: float, rows: int) -> None:
+        (self.shared if shared else self.single).append(seconds / max(rows, 1))
+
+    def sharing_pays(self) -> bool:
+        """Whether the next call may carry several requests (False: one request per call)."""
+        if len(self.shared) < MIN_SAMPLES:
+            return True  # not known yet: share, as a batcher is asked to
+        if len(self.single) < MIN_SAMPLES:
+            return False  # under steady load lone requests are rare: make single calls to learn their cost
+        if statistics.median(self.shared) < statistics.median(self.single) * (1 - MARGIN):
+            return True
+        self._since_probe += 1
+        if self._since_probe >= PROBE_EVERY:
+            self._since_probe = 0
+            return True
+        return False
 
 
 @dataclass
@@ -55,6 +96,11 @@ class AdaptiveBatcher:
         self._waiting: list[_Pending] = []
         self._worker: asyncio.Task | None = None
         self._arrived: asyncio.Event | None = None
+        self.costs = CallCosts()
+
+    def reset_costs(self) -> None:
+        """Forget the measured call costs (a new model version costs what it costs)."""
+        self.costs = CallCosts()
 
     async def submit(self, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
         loop = asyncio.get_running_loop()
@@ -70,9 +116,10 @@ class AdaptiveBatcher:
 
     async def _drain(self) -> None:
         while self._waiting:
-            if 1 < len(self._waiting) < self.max_batch_size and self.wait_s > 0:
+            limit = self.max_batch_size if len(self._waiting) == 1 or self.costs.sharing_pays() else 1
+            if 1 < len(self._waiting) < limit and self.wait_s > 0:
                 await self._fill()
-            batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
+            batch, self._waiting = self._waiting[:limit], self._waiting[limit:]
             await self._run_batch(batch)
 
     async def _fill(self) -> None:
@@ -98,11 +145,13 @@ class AdaptiveBatcher:
     async def _call(self, members: list[_Pending], retry_alone: bool) -> None:
         # A lone request goes in as it is: concatenating one array would copy it.
         first = members[0].inputs
+        t0 = time.perf_counter()
         stacked = first if len(members) == 1 else {k: np.concatenate([m.inputs[k] for m in members]) for k in first}
         if self._on_batch is not None:
             self._on_batch(len(members))
         try:
             label, outputs = await asyncio.to_thread(self._run, stacked)
+            self.costs.record(len(members) > 1, time.perf_counter() - t0, sum(m.rows for m in members))
         except Exception as exc:
             if retry_alone and not isinstance(exc, self._shared_errors):
                 for member in members:  # find the request that broke the call; the others still answer

@@ -7,7 +7,8 @@ Every task deployment has the same lifecycle, in this order:
                (services.trusted_champion: an alias moved any other way is refused and counted)
   preprocess   the model inputs from the study the gateway prepared once (services.task_logic.feeds)
   infer        through the backend, requests already waiting share a model call (services.batcher: a
-               lone request never waits for a batch to fill); a segmentation
+               lone request never waits for a batch to fill, and calls stop being shared when the
+               measured cost per row shows sharing does not pay); a segmentation
                patch network as a sliding window over the study (imaging.sliding_window), its windows
                batched per model call
   postprocess  outputs -> this task's findings section, back on the input's grid
@@ -134,6 +135,7 @@ class TaskService:
                 self._watcher.current = old
                 return
             self._batcher.max_batch_size = self._batch_size_for(loaded)
+            self._batcher.reset_costs()  # whether sharing a call pays is measured again on the new version
             previous, self.model = self.model, loaded
             metrics.serving_version(self.task, previous.version, loaded.version)
             metrics.SWAPS.labels(self.task, "completed").inc()

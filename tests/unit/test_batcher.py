@@ -150,3 +150,56 @@ def test_the_batch_size_never_exceeds_what_the_backend_accepts():
     assert batch_limit(8, 4) == 4  # a Triton config compiled with max_batch_size 4
     assert batch_limit(2, 4) == 2
     assert batch_limit(4, 0) == 1  # never zero
+
+
+class _LinearModel:
+    """A CPU-bound network: a call costs the same per row whatever the batch (plus nothing for sharing)."""
+
+    def __init__(self, seconds_per_row: float, shared_overhead_s: float = 0.0):
+        self.calls: list[int] = []
+        self.seconds_per_row, self.shared_overhead_s = seconds_per_row, shared_overhead_s
+
+    def __call__(self, inputs):
+        rows = len(inputs["x"])
+        self.calls.append(rows)
+        import time
+
+        time.sleep(self.seconds_per_row * rows + (self.shared_overhead_s if rows > 1 else 0.0))
+        return "v1", {"y": inputs["x"] * 2}
+
+
+async def _waves(batcher, waves: int, per_wave: int) -> list:
+    results = []
+    for w in range(waves):
+        results += await asyncio.gather(*(batcher.submit(_x(float(w * per_wave + i))) for i in range(per_wave)))
+    return results
+
+
+def test_batching_stops_when_a_shared_call_costs_as_much_per_row_and_answers_stay_right():
+    """Measured, not assumed: on a model whose cost is linear in the batch (a 3D net on a CPU) plus an
+    assembly cost, the batcher falls back to one request per call after a few shared calls."""
+    model = _LinearModel(0.004, shared_overhead_s=0.02)  # shared: 9 ms per row vs 4 ms alone
+    batcher = AdaptiveBatcher(model, max_batch_size=4, wait_s=0.0)
+    results = asyncio.run(_waves(batcher, waves=12, per_wave=4))
+    for i, (label, out) in enumerate(results):
+        assert label == "v1" and np.array_equal(out["y"], _x(float(i))["x"] * 2)
+    assert max(model.calls[:4]) > 1  # it tried sharing first
+    assert len(batcher.costs.single) >= 3
+    assert sum(1 for rows in model.calls[-16:] if rows > 1) <= 1  # then stayed out of the way (one re-probe at most)
+
+
+def test_batching_continues_when_a_shared_call_is_cheaper_per_row():
+    model = _LinearModel(0.0, shared_overhead_s=0.0)
+    model.seconds_per_row = 0.0
+
+    def gpu_like(inputs):  # a fixed cost per call, whatever its rows: sharing pays
+        import time
+
+        model.calls.append(len(inputs["x"]))
+        time.sleep(0.01)
+        return "v1", {"y": inputs["x"] * 2}
+
+    batcher = AdaptiveBatcher(gpu_like, max_batch_size=4, wait_s=0.0)
+    asyncio.run(_waves(batcher, waves=12, per_wave=4))
+    assert batcher.costs.sharing_pays()
+    assert sum(1 for rows in model.calls[-6:] if rows > 1) >= 4
