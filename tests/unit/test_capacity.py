@@ -67,7 +67,7 @@ def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(CapacityError, match="positive"):
         plan_capacity(0, 1000, times)
     (tmp_path / "r.json").write_text(json.dumps([{"name": "P1_in_process_p50", "value": 900}]))
-    with pytest.raises(CapacityError, match="missing P1_raw_onnxruntime_p50"):
+    with pytest.raises(CapacityError, match="missing P1_raw_compute_p50"):
         ServiceTimes.from_bench(tmp_path / "r.json")
     with pytest.raises(CapacityError, match="cannot read"):
         ServiceTimes.from_bench(tmp_path / "none.json")
