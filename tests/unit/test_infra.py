@@ -273,3 +273,16 @@ def test_trust_chain_wiring_mlflow_auth_accounts_audit_claim_and_public_key(rend
     job = one(docs, "Job", "-mlflow-accounts")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "-m", "pipelines.mlflow_accounts"]
+
+
+def test_the_cpu_workers_at_their_minimum_hold_the_serve_application_at_its_minimum():
+    """A model replica reserves its runtime's cores (services/deployments.yaml): the RayService's minimum
+    CPU workers must fit the application's minimum replicas, or it starts with replicas pending."""
+    import yaml
+
+    from services import deploy_config
+
+    values = yaml.safe_load((Path(__file__).parents[2] / "infra/helm/oncoserve/values.yaml").read_text())
+    workers = values["ray"]["cpuWorkers"]
+    cores = float(workers["resources"]["limits"]["cpu"])
+    assert workers["minReplicas"] * cores >= deploy_config.cpu_reservation(deploy_config.load(), "min_replicas")
