@@ -144,40 +144,39 @@ def _peers(settings, registry, store, prepared, home: Path) -> list[dict]:
 CONCURRENCY = (1, 2, 4, 8)
 
 
-def _platform_curve(url: str, files: dict, per_client: int = 3) -> dict[int, float]:
-    """Requests per second of /v1/segmentation:predict with 1, 2, 4 and 8 closed-loop clients."""
+def _curve(one_client, per_client: int) -> dict[int, float]:
+    """Requests per second with 1, 2, 4 and 8 closed-loop clients, each running `one_client(per_client)`."""
     from concurrent.futures import ThreadPoolExecutor
-
-    def client(_):
-        with httpx.Client(timeout=600) as http:
-            for _ in range(per_client):
-                http.post(f"{url}/v1/segmentation:predict", files=files).raise_for_status()
 
     curve = {}
     for n in CONCURRENCY:
         with ThreadPoolExecutor(n) as pool:
             t0 = time.perf_counter()
-            list(pool.map(client, range(n)))
+            list(pool.map(lambda _: one_client(per_client), range(n)))
             curve[n] = n * per_client / (time.perf_counter() - t0)
     return curve
+
+
+def _platform_curve(url: str, files: dict, per_client: int = 3) -> dict[int, float]:
+    """/v1/segmentation:predict through the platform."""
+
+    def client(count: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            for _ in range(count):
+                http.post(f"{url}/v1/segmentation:predict", files=files).raise_for_status()
+
+    return _curve(client, per_client)
 
 
 def _in_process_curve(whole, per_client: int = 3) -> dict[int, float]:
-    """The same with the in-process analyzer: N threads each running the whole request's work (the
-    runtimes release the GIL while they compute)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """The in-process analyzer: N threads each running the whole request's work (the runtimes release
+    the GIL while they compute)."""
 
-    def client(_):
-        for _ in range(per_client):
+    def client(count: int) -> None:
+        for _ in range(count):
             whole()
 
-    curve = {}
-    for n in CONCURRENCY:
-        with ThreadPoolExecutor(n) as pool:
-            t0 = time.perf_counter()
-            list(pool.map(client, range(n)))
-            curve[n] = n * per_client / (time.perf_counter() - t0)
-    return curve
+    return _curve(client, per_client)
 
 
 def _stage_histograms(url: str, title: str) -> tuple[list[dict], str]:
