@@ -68,9 +68,8 @@ class OnnxRuntimeSession:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call through an IO binding: the inputs are bound where they lie (a view into a request body
-        stays a view) and the outputs are written straight into arrays allocated here for this call,
-        instead of ORT allocating its own and copying them out. Output shapes are learnt once per input
-        shape, from an ordinary first call."""
+        stays a view) and ORT writes the outputs straight into arrays allocated here for this call.
+        Output shapes are learnt once per input shape, from an ordinary first call."""
         key = tuple((name, array.shape, array.dtype.str) for name, array in sorted(inputs.items()))
         shapes = self._output_shapes.get(key)
         if shapes is None:
@@ -86,7 +85,7 @@ class OnnxRuntimeSession:
         try:
             self.session.run_with_iobinding(binding)
         except Exception:  # noqa: BLE001 - e.g. an output whose shape depends on the data: the plain call decides
-            del self._output_shapes[key]
+            self._output_shapes.pop(key, None)  # another thread may have dropped it already
             return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
         return outputs
 

@@ -208,7 +208,6 @@ class MlflowServer(Component):
         return self.settings.mlflow_url
 
 
-
 def ray_cpus(configured: int | None) -> int:
     """The CPUs the embedded Ray head declares: `ray_num_cpus` when set, else the larger of the machine's
     cores and what the packaged Serve application reserves at its maximum replicas.
@@ -223,6 +222,7 @@ def ray_cpus(configured: int | None) -> int:
 
     needed = deploy_config.cpu_reservation(deploy_config.load(), "max_replicas")
     return max(os.cpu_count() or 1, math.ceil(needed))
+
 
 class RayHead(Component):
     """A local Ray head node (`ray start --head --block`), temp dir under ONCOSERVE_HOME."""
