@@ -11,6 +11,21 @@ SHELL := /bin/bash
 # pip warns about every optional local index it cannot read; keep the log readable.
 QUIET := { grep -v 'is ignored' || true; }
 
+# install VENV, ARGS: pip-style requirement arguments into a venv. uv installs the whole lock in seconds
+# where pip takes minutes (measured on this 2-core machine, cold caches: 14 s vs about 10 min, the same
+# versions); it does not read pip's configuration, so this machine's pip indexes, find-links and
+# constraints are handed on. Where uv cannot be had, pip does the same job.
+UV_VERSION := 0.13.9
+PIP_TO_UV := sed -nE "s/^[^=]*[.](find-links|extra-index-url|index-url|constraint)='(.*)'$$/\1 \2/p"
+define install
+	@test -x $(1)/bin/uv || $(1)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION) 2>&1 | $(QUIET) || true
+	@if [ -x $(1)/bin/uv ]; then \
+	  args=$$($(1)/bin/pip config list 2>/dev/null | $(PIP_TO_UV) | while read -r key values; do \
+	    for value in $$values; do printf -- '--%s %s ' "$$key" "$$value"; done; done); \
+	  $(1)/bin/uv pip install -q --python $(1)/bin/python --index-strategy unsafe-best-match $$args $(2); \
+	else $(1)/bin/pip install -q --disable-pip-version-check $(2) 2>&1 | $(QUIET); fi
+endef
+
 .PHONY: venv demo test bench lock clean chromium
 
 venv: $(STAMP)
@@ -18,11 +33,11 @@ venv: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml services/proto/study.proto
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing torch==2.13.0 (CPU build) first"
-	@$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | $(QUIET)
+	$(call install,$(VENV),torch==2.13.0)
 	@$(BIN)/python -W ignore -c "import torch" || { echo "torch==2.13.0 failed to install"; exit 1; }
 	@echo "==> installing the pinned environment (requirements.lock)"
-	@$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | $(QUIET)
-	@$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
+	$(call install,$(VENV),-r requirements.lock)
+	$(call install,$(VENV),--no-deps --no-build-isolation -e .)
 	@echo "==> generating gRPC code from services/proto/study.proto"
 	@$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. services/proto/study.proto
 	@$(BIN)/python -c "import pipelines.cli, services.grpc_servicers" || { echo "oncoserve failed to install"; exit 1; }
@@ -36,7 +51,7 @@ BRATS_VENV := .venv-brats
 $(BRATS_VENV)/.installed: tests/external/requirements-brats.lock
 	@test -x $(BRATS_VENV)/bin/python || $(PYTHON) -m venv $(BRATS_VENV)
 	@echo "==> installing the test-only BraTS metrics venv"
-	@$(BRATS_VENV)/bin/pip install -q --disable-pip-version-check -r $< 2>&1 | $(QUIET)
+	$(call install,$(BRATS_VENV),-r $<)
 	@touch $@
 
 # Offline infra validation tools (Helm SDK, kubernetes-validate, checkov) in their own venv: test-only.
@@ -44,7 +59,7 @@ INFRA_VENV := .venv-infra
 $(INFRA_VENV)/.installed: tests/external/requirements-infra.lock
 	@test -x $(INFRA_VENV)/bin/python || $(PYTHON) -m venv $(INFRA_VENV)
 	@echo "==> installing the test-only infra validation venv"
-	@$(INFRA_VENV)/bin/pip install -q --disable-pip-version-check -r $< 2>&1 | $(QUIET)
+	$(call install,$(INFRA_VENV),-r $<)
 	@touch $@
 
 # The web UI tests drive Debian's chromium with Playwright (never `playwright install`).
