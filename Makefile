@@ -26,7 +26,7 @@ define install
 	else $(1)/bin/pip install -q --disable-pip-version-check $(2) 2>&1 | $(QUIET); fi
 endef
 
-.PHONY: venv demo test bench lock clean chromium
+.PHONY: venv demo test bench lock clean chromium orthanc
 
 venv: $(STAMP)
 
@@ -70,7 +70,14 @@ chromium:
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null; }; }
 	@test -x /usr/bin/chromium || { echo "chromium failed to install (apt-get install chromium)"; exit 1; }
 
-test: venv chromium $(BRATS_VENV)/.installed $(INFRA_VENV)/.installed
+# Orthanc (Debian) stands in for the hospital PACS in the PACS tests; the product never imports it.
+orthanc:
+	@test -x /usr/sbin/Orthanc -a -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { echo "==> installing Orthanc (Debian) for the PACS tests"; \
+	  $(SUDO) apt-get install -y -q orthanc orthanc-dicomweb >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q orthanc orthanc-dicomweb >/dev/null; }; }
+	@test -x /usr/sbin/Orthanc || { echo "Orthanc failed to install (apt-get install orthanc orthanc-dicomweb)"; exit 1; }
+
+test: venv chromium orthanc $(BRATS_VENV)/.installed $(INFRA_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: venv

@@ -104,7 +104,8 @@ class Deidentifier:
         self.salt = salt
         self.report = DeidReport()
 
-    def _uid(self, old: str) -> str:
+    def remap_uid(self, old: str) -> str:
+        """The pseudonymous UID of `old` (deterministic for this salt; the receiver keeps the reverse map)."""
         return generate_uid(entropy_srcs=[self.salt, str(old)])
 
     def _walk(self, ds: Dataset, days: int) -> None:
@@ -114,7 +115,7 @@ class Deidentifier:
                     self._walk(item, days)
                 continue
             if elem.keyword in UID_ATTRIBUTES and elem.value:
-                elem.value = self._uid(elem.value)
+                elem.value = self.remap_uid(elem.value)
                 self.report.uids_remapped += 1
             elif elem.VR == "DA" and elem.value:
                 elem.value = _shift_date(str(elem.value), days)

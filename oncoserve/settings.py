@@ -75,6 +75,20 @@ class Settings(BaseSettings):
     quality_mode: Literal["refuse", "flag"] = Field("refuse", description="A study failing quality control: refuse it "
                                                     "(HTTP 422 naming the check) or analyse it with quality.flags set.")
 
+    # Hospital integration: the DICOM receiver (a stack component when an allow-list is set), analysis jobs
+    # and results back to a PACS (README "Connecting a PACS").
+    dicom_ae_title: str = Field("ONCOSERVE", max_length=16, description="The receiver's AE title (also the calling AE when results are sent).")
+    dicom_port: int = Field(11112, description="Port of the DICOM receiver (C-STORE/C-ECHO SCP).")
+    dicom_allowed_aes: list[str] = Field(default_factory=list, description="Calling AE titles the receiver accepts "
+                                         "(JSON list); empty: no receiver is started.")
+    dicom_max_associations: int = Field(4, ge=1, description="Associations the receiver holds at once; more are rejected (A-ASSOCIATE-RJ).")
+    dicom_min_free_mb: float = Field(1024.0, description="Free disk the receiver keeps; below it a C-STORE answers 0xA700 (out of resources).")
+    dicom_study_idle_s: float = Field(10.0, gt=0, description="A study is closed, and its analysis job queued, this long after its last instance.")
+    pacs_destination: str | None = Field(None, description="Where accepted results go by C-STORE: AE_TITLE@host:port; unset: they stay here.")
+    pacs_auto_export: bool = Field(False, description="Send results without a clinician's review (research use; the objects say so).")
+    pacs_retry_s: float = Field(30.0, gt=0, description="Seconds between delivery attempts to the PACS.")
+    pacs_max_attempts: int = Field(10, ge=1, description="Delivery attempts before an export is failed.")
+
     # Clusters (Kubernetes): external services instead of the embedded ones. Unset on one machine.
     mlflow_uri: str | None = Field(None, description="URL of an external MLflow server; default: the embedded one.")
     s3_external_endpoint: str | None = Field(None, description="host[:port] of an external S3 (cloud S3, MinIO).")

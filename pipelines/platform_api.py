@@ -153,6 +153,17 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
             raise AuthError("unauthenticated", "Authorization header must be `Bearer <token>`")
         return tokens.authenticate(token)
 
+    # Analysis jobs: the durable table, the runner thread that works through it, and their routes.
+    from pipelines.jobs.api import add_job_routes
+    from pipelines.jobs.runner import JobRunner
+    from pipelines.jobs.store import JobStore
+
+    jobs = JobStore(settings.home / "jobs" / "jobs.sqlite")
+    runner = JobRunner(settings, jobs, store, audit)
+    runner.start()
+    app.router.on_shutdown.append(runner.stop)
+    add_job_routes(app, settings, jobs, store, audit, runner, caller)
+
     @app.exception_handler(AuthError)
     async def _auth(request: Request, exc: AuthError):
         return JSONResponse({"error": str(exc)}, status_code=401 if exc.kind == "unauthenticated" else 403)

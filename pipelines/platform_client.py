@@ -26,13 +26,14 @@ class PlatformClient:
         self.token = token if token is not None else settings.cli_token()
         self.timeout_s = timeout_s
 
-    def _call(self, method: str, path: str, json: dict | None = None, what: str = "") -> dict | list:
+    def _call(self, method: str, path: str, json: dict | None = None, what: str = "", files: dict | None = None,
+              data: dict | None = None, headers: dict | None = None) -> dict | list:
         if not self.token and path != "/v1/platform":  # the server would say the same; say it without a round trip
             raise AuthError("unauthenticated", "this command needs a token (ONCOSERVE_TOKEN or ONCOSERVE_HOME/token); "
                                                "see `oncoserve auth token create`")  # fmt: skip
-        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        headers = {**(headers or {}), **({"authorization": f"Bearer {self.token}"} if self.token else {})}
         try:
-            response = httpx.request(method, self.url + path, json=json, headers=headers, timeout=self.timeout_s)
+            response = httpx.request(method, self.url + path, json=json, files=files, data=data, headers=headers, timeout=self.timeout_s)
         except httpx.TransportError as exc:
             raise PlatformUnavailable(f"the platform API at {self.url} did not answer ({type(exc).__name__}); "
                                       "is the stack up? (oncoserve stack up)") from None  # fmt: skip
@@ -54,7 +55,7 @@ class PlatformClient:
         if response.status_code == 409 and isinstance(body, dict) and "gates" in body:
             task, version, to = what.split(":") if what.count(":") == 2 else ("?", "?", "?")
             raise PromotionRefused(task, version, to, _gates(body["gates"]))
-        if response.status_code in (400, 422):
+        if response.status_code in (400, 409, 413, 415, 422):  # a 409 without gates: a job in another state
             raise ValueError(message)
         raise PlatformUnavailable(f"platform API answered {response.status_code}: {message}")
 
@@ -85,3 +86,20 @@ class PlatformClient:
 
     def info(self) -> dict:
         return self._call("GET", "/v1/platform")
+
+    # -- analysis jobs (/v1/jobs) -----------------------------------------------------------------
+    def submit_job(self, files: dict, form: dict, idempotency_key: str | None = None) -> dict:
+        headers = {"idempotency-key": idempotency_key} if idempotency_key else None
+        return self._call("POST", "/v1/jobs", files=files, data=form, headers=headers)
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[dict]:
+        return self._call("GET", f"/v1/jobs?limit={limit}" + (f"&state={state}" if state else ""))
+
+    def job(self, job_id: str) -> dict:
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def review_job(self, job_id: str, decision: str, reason: str) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}:review", json={"decision": decision, "reason": reason})
+
+    def retry_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}:retry")

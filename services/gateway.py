@@ -96,6 +96,7 @@ class StudyGateway:
 
     def __init__(self, settings_fields: dict, localization, segmentation, classification, survival, reporting):
         from oncoserve.audit import AuditLog
+        from oncoserve.deid_salt import deid_salt
         from oncoserve.settings import Settings
 
         self.settings = Settings(**settings_fields)
@@ -105,20 +106,12 @@ class StudyGateway:
         self.max_bytes = int(self.settings.serve_max_request_mb * 1024 * 1024)
         self.callers = CallerGate(self.settings)
         self._store = None
-        salt = self._deid_salt()
+        salt = deid_salt(self.settings.home)
         self.requests = StudyRequests(lambda: self.store, self.settings.bucket_data, salt)
         self.analysis = StudyAnalysis(self.tasks, reporting, preprocess_config(self.settings), AuditLog(self.settings.audit_file), salt)
         self.raw = RawInference(self.tasks)
         # Kept on the module (Serve ships this class by value, but modules by reference).
         ui_support.UI_HEADERS.update(ui_support.security_headers(self.settings.platform_url))
-
-    def _deid_salt(self) -> str:
-        path = self.settings.home / "serve" / ".deid-salt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.write_text(secrets.token_hex(16))
-            path.chmod(0o600)
-        return path.read_text().strip()
 
     @property
     def store(self):

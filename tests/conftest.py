@@ -69,7 +69,7 @@ floors = { c_index = 2.0 }  # unreachable: the console test's promotion is refus
 
 
 @contextlib.contextmanager
-def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES):
+def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES, extra_env: dict[str, str] | None = None):
     """A private embedded stack up for the block: its own home and free ports, exported to the
     environment (for CLI subprocesses), its platform API started with `gates`, and an admin token
     saved where the CLI looks for it."""
@@ -81,7 +81,7 @@ def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES):
     home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     gates_file = Path(tempfile.mkdtemp(prefix="osg-")) / "gates.toml"
     gates_file.write_text(gates)
-    env = stack_env(home) | {"ONCOSERVE_GATES_FILE": str(gates_file)}
+    env = stack_env(home) | {"ONCOSERVE_GATES_FILE": str(gates_file)} | (extra_env or {})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     stack = EmbeddedStack(Settings())
@@ -107,10 +107,23 @@ def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES):
         shutil.rmtree(gates_file.parent, ignore_errors=True)
 
 
+# The test PACS (Orthanc, started by tests/integration/test_pacs.py) on ports fixed when the shared stack
+# starts, so the stack's receiver accepts it and its job runner sends results there.
+PACS = {"aet": "TESTPACS"}
+
+
 @pytest.fixture(scope="session")
 def live_stack():
-    """One private embedded stack shared by the integration tests that only use it (never stop it)."""
-    with private_stack("osl-", "test-admin") as settings:
+    """One private embedded stack shared by the integration tests that only use it (never stop it). Its
+    DICOM receiver accepts the test PACS, and accepted results go back to it (retried every second)."""
+    from pipelines.stack.process import port_free
+
+    free = [p for p in range(30000, 31000) if port_free("127.0.0.1", p)]
+    PACS.update(dicom_port=free[0], http_port=free[1])
+    extra = {"ONCOSERVE_DICOM_ALLOWED_AES": f'["{PACS["aet"]}"]', "ONCOSERVE_DICOM_STUDY_IDLE_S": "2",
+             "ONCOSERVE_PACS_DESTINATION": f"{PACS['aet']}@127.0.0.1:{PACS['dicom_port']}", "ONCOSERVE_PACS_RETRY_S": "1",
+             "ONCOSERVE_PACS_MAX_ATTEMPTS": "120"}  # fmt: skip
+    with private_stack("osl-", "test-admin", extra_env=extra) as settings:
         yield settings
 
 

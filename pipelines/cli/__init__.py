@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from pipelines.cli import audit, auth, data, demo, models, pipeline, plan, platform, predict, reporting, serve, stack, train
+from pipelines.cli import audit, auth, data, demo, jobs, models, pacs, pipeline, plan, platform, predict, reporting, serve, stack, train
 
 app = typer.Typer(
     name="oncoserve",
@@ -24,6 +24,8 @@ app.add_typer(serve.app, name="serve")
 app.add_typer(plan.app, name="plan")
 app.add_typer(reporting.app, name="reporting")
 app.add_typer(pipeline.app, name="pipeline")
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(pacs.app, name="pacs")
 app.command("compile")(models.compile_)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)

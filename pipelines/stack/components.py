@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -420,10 +421,40 @@ class PlatformApi(Component):
         return self.settings.platform_url
 
 
+class DicomReceiverComponent(Component):
+    """The DICOM receiver (pipelines.pacs.receiver): started when an allow-list of calling AE titles is set."""
+
+    name = "dicom"
+
+    def ports(self) -> list[int]:
+        return [self.settings.dicom_port]
+
+    def command(self) -> list[str]:
+        return [_bin("oncoserve"), "pacs", "receive"]
+
+    def env(self) -> dict[str, str]:
+        out = self.settings.as_env()
+        out.pop("ONCOSERVE_TOKEN", None)
+        return out
+
+    def health(self) -> Health:
+        # A TCP connect only: an association would be refused unless this probe's AE title were allowed.
+        try:
+            with socket.create_connection((self.settings.host, self.settings.dicom_port), timeout=3):
+                return Health(True, f"accepting associations as {self.settings.dicom_ae_title} from {', '.join(self.settings.dicom_allowed_aes)}")
+        except OSError as exc:
+            return Health(False, f"port {self.settings.dicom_port} closed: {exc}")
+
+    def url(self) -> str:
+        return f"dicom://{self.settings.dicom_ae_title}@{self.settings.host}:{self.settings.dicom_port}"
+
+
 def components(settings: Settings, creds: S3Credentials) -> list[Component]:
     """The stack's components in start order (a blocking one is healthy before the next starts)."""
     parts: list[Component] = []
     if settings.db == "postgresql":
         parts.append(PostgresServer(settings, creds))
     parts += [S3Server(settings, creds), RayHead(settings, creds), MlflowServer(settings, creds), PlatformApi(settings, creds)]
+    if settings.dicom_allowed_aes:
+        parts.append(DicomReceiverComponent(settings, creds))
     return parts

@@ -25,7 +25,7 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
     rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
     s3 = _free_block(host, S3_OFFSETS, rng)
     # The two blocks are picked independently; the second must not land on the first (both are free now).
-    other = _free_block(host, list(range(9)), rng, frozenset(s3 + off for off in S3_OFFSETS))
+    other = _free_block(host, list(range(10)), rng, frozenset(s3 + off for off in S3_OFFSETS))
     return {
         "ONCOSERVE_HOME": str(home),
         "ONCOSERVE_S3_PORT": str(s3),
@@ -38,6 +38,7 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
         "ONCOSERVE_SERVE_HTTP_PORT": str(other + 6),
         "ONCOSERVE_SERVE_GRPC_PORT": str(other + 7),
         "ONCOSERVE_PLATFORM_PORT": str(other + 8),
+        "ONCOSERVE_DICOM_PORT": str(other + 9),
     }
 
 

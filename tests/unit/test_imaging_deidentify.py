@@ -69,8 +69,8 @@ def test_dates_shift_consistently_within_a_study():
 
 def test_uid_remapping_is_consistent_and_salted():
     uid = generate_uid()
-    one = Deidentifier("p", "salt-1")._uid(uid)
-    assert one == Deidentifier("p", "salt-1")._uid(uid) != Deidentifier("p", "salt-2")._uid(uid)
+    one = Deidentifier("p", "salt-1").remap_uid(uid)
+    assert one == Deidentifier("p", "salt-1").remap_uid(uid) != Deidentifier("p", "salt-2").remap_uid(uid)
 
 
 def test_burned_in_annotation_is_flagged():

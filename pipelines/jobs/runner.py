@@ -1,0 +1,195 @@
+"""The job runner: takes queued jobs from the durable table and runs them to the end, in the platform API's
+process (a thread), so a job outlives any one request, a Serve restart and a stack restart.
+
+One analysis: fetch the stored input (preprocessing) -> the serving gateway's `studies:analyze` (inferring:
+the gateway's own preprocessing and the models) -> store findings, mask, report and DICOM SEG in the object
+store (reporting) -> `awaiting review`, or `completed` when nothing is to be sent anywhere. An accepted job
+is exported: its DICOM results are re-identified in memory and sent to the configured PACS, with retries.
+
+Every artifact the platform keeps is de-identified; re-identified objects exist only in memory while they
+are sent. The gateway is called with the runner's own token (role clinician, created once by the platform
+API and kept under HOME/jobs), and the job records who submitted it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from oncoserve.auth import Identity, TokenStore
+from oncoserve.settings import Settings
+from pipelines.jobs.store import Job, JobStore
+
+log = logging.getLogger("oncoserve.jobs")
+RUNNER = "jobs-runner"
+SYSTEM = Identity(name="platform", role="admin")  # the platform API acting on its own token store
+GATEWAY_ATTEMPTS = 3  # an analysis the gateway could not answer (5xx, unreachable) is tried this often
+
+
+class JobFailed(RuntimeError):
+    """The job cannot succeed as submitted (a 4xx from the gateway, a bad input): no retry."""
+
+
+def artifact_key(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/{name}"
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, jobs: JobStore, store, audit, poll_s: float = 0.5):
+        self.settings, self.jobs, self.store, self.audit = settings, jobs, store, audit
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        resumed = self.jobs.requeue_interrupted()
+        if resumed:
+            log.warning("resuming %d interrupted job(s): %s", len(resumed), ", ".join(resumed))
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """A job was queued or accepted: look now instead of at the next poll."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = None
+            try:
+                job = self.jobs.claim()
+            except Exception as exc:  # the table briefly locked or the disk full: look again
+                log.warning("claiming a job failed: %s", exc)
+            if job is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            try:
+                if job.state == "exporting":
+                    self._export(job)
+                else:
+                    self._analyse(job)
+            except Exception as exc:  # a bug must fail the job it hit, never the runner
+                log.exception("job %s failed", job.id)
+                self.jobs.update(job.id, state="failed", error=f"internal error ({type(exc).__name__}: {str(exc)[:300]})")
+
+    # -- analysis ---------------------------------------------------------------------------------
+    def _token(self) -> str | None:
+        if not self.settings.serve_auth:
+            return None
+        path = self.settings.home / "jobs" / ".runner-token"
+        tokens = TokenStore(self.settings.tokens_file)
+        if path.exists():
+            token = path.read_text().strip()
+            if tokens.authenticate(token) is not None:
+                return token
+        if any(t["name"] == RUNNER for t in tokens.list()):
+            tokens.revoke(RUNNER, SYSTEM)
+        token = tokens.create(RUNNER, "clinician", SYSTEM)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token)
+        return token
+
+    def _request(self, job: Job) -> dict:
+        """The keyword arguments of the gateway request for the job's stored input."""
+        spec = job.input
+        form = {k: str(spec[k]) for k in ("case_id", "age", "mapping") if spec.get(k) not in (None, "")}
+        if spec["kind"] == "s3":
+            return {"json": {"s3_uri": spec["s3_uri"], **{k: spec[k] for k in ("case_id", "age") if spec.get(k) is not None}}}
+        files = {}
+        for name, key in spec["objects"].items():
+            response = self.store.get_object(self.settings.bucket_artifacts, key)
+            try:
+                data = response.read()
+            finally:
+                response.close()
+            files[name] = (Path(key).name, data, "application/zip" if name == "dicom" else "application/octet-stream")
+        return {"files": files, "data": form}
+
+    def _analyse(self, job: Job) -> None:
+        self.jobs.update(job.id, progress=0.05, detail="fetching the stored study")
+        request = self._request(job)
+        self.jobs.update(job.id, state="inferring", progress=0.2,
+                         detail="the serving gateway is preprocessing the study and running the models")  # fmt: skip
+        try:
+            token = self._token()
+        except ValueError as exc:
+            self.jobs.update(job.id, state="failed", error=f"the job runner has no serving token: {exc}")
+            return
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        try:
+            response = httpx.post(f"{self.settings.serve_url}/v1/studies:analyze", headers=headers, timeout=900, **request)
+        except httpx.HTTPError as exc:
+            return self._retry_or_fail(job, f"the serving gateway is unreachable ({type(exc).__name__})")
+        if response.status_code >= 500 or response.status_code == 429:
+            return self._retry_or_fail(job, f"the serving gateway answered {response.status_code}: {_error_text(response)}")
+        if response.status_code != 200:
+            self.jobs.update(job.id, state="failed", error=f"the study was refused ({response.status_code}): {_error_text(response)}")
+            return
+        body = response.json()
+        self.jobs.update(job.id, state="reporting", progress=0.8, detail="storing findings, mask, report and DICOM results")
+        result = self._store_artifacts(job, body)
+        wants_export = bool(job.input.get("export"))
+        if not wants_export:
+            self.jobs.update(job.id, state="completed", progress=1.0, detail="analysis done", result=result)
+        elif self.settings.pacs_auto_export:
+            self.jobs.update(job.id, state="accepted", progress=0.9, result=result,
+                             review={"decision": "accept", "reviewer": None, "automatic": True, "time": time.time(),
+                                     "reason": "automatic export for research use (pacs_auto_export)"},
+                             detail="exported without review: research use")  # fmt: skip
+            self.wake()
+        else:
+            self.jobs.update(job.id, state="awaiting review", progress=0.9, result=result,
+                             detail="waiting for a clinician to accept or reject the results")  # fmt: skip
+
+    def _retry_or_fail(self, job: Job, why: str) -> None:
+        if job.attempts >= GATEWAY_ATTEMPTS:
+            self.jobs.update(job.id, state="failed", error=f"{why}; gave up after {job.attempts} attempts")
+        else:
+            self.jobs.update(job.id, state="queued", progress=0.0, detail=f"{why}; will retry (attempt {job.attempts} of {GATEWAY_ATTEMPTS})")
+
+    def _put(self, job: Job, name: str, data: bytes, content_type: str) -> str:
+        key = artifact_key(job.id, name)
+        self.store.put_object(self.settings.bucket_artifacts, key, io.BytesIO(data), len(data), content_type=content_type)
+        return key
+
+    def _store_artifacts(self, job: Job, body: dict) -> dict:
+        from pipelines.study_client import findings_line
+
+        findings = body["findings"]
+        artifacts = {"findings": self._put(job, "findings.json", json.dumps(findings, indent=2).encode(), "application/json"),
+                     "mask": self._put(job, "segmentation.nii.gz", base64.b64decode(body["mask_nifti_gz_b64"]), "application/gzip")}  # fmt: skip
+        if body.get("report_markdown"):
+            artifacts["report"] = self._put(job, "report.md", body["report_markdown"].encode(), "text/markdown")
+            artifacts["report_fhir"] = self._put(job, "report.fhir.json", json.dumps(body["report_fhir"]).encode(), "application/json")
+        if body.get("dicom_seg_b64"):
+            artifacts["dicom_seg"] = self._put(job, "segmentation.dcm", base64.b64decode(body["dicom_seg_b64"]), "application/dicom")
+        return {"summary": findings_line(findings), "findings": findings, "artifacts": artifacts,
+                "request_id": body.get("request_id")}  # fmt: skip
+
+    # -- export -----------------------------------------------------------------------------------
+    def _export(self, job: Job) -> None:
+        from pipelines.pacs.export import export_job
+
+        export_job(self, job)
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))[:500]
+    except ValueError:
+        return response.text[:500]
