@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     dicom_max_associations: int = Field(4, ge=1, description="Associations the receiver holds at once; more are rejected (A-ASSOCIATE-RJ).")
     dicom_min_free_mb: float = Field(1024.0, description="Free disk the receiver keeps; below it a C-STORE answers 0xA700 (out of resources).")
     dicom_study_idle_s: float = Field(10.0, gt=0, description="A study is closed, and its analysis job queued, this long after its last instance.")
+    jobs_retry_for_s: float = Field(600.0, gt=0, description="How long after its submission a job keeps retrying a serving API "
+                                    "that is down or overloaded before it fails.")
+    dicomweb_url: str | None = Field(None, description="DICOMweb root of the PACS studies are pulled from (QIDO-RS, WADO-RS), "
+                                     "e.g. https://pacs.example.org/dicom-web.")
+    dicomweb_username: str | None = Field(None, description="Basic-auth user for the DICOMweb server.")
+    dicomweb_password: str | None = Field(None, description="Basic-auth password (from a secret).", repr=False)
     pacs_destination: str | None = Field(None, description="Where accepted results go by C-STORE: AE_TITLE@host:port; unset: they stay here.")
     pacs_auto_export: bool = Field(False, description="Send results without a clinician's review (research use; the objects say so).")
     pacs_retry_s: float = Field(30.0, gt=0, description="Seconds between delivery attempts to the PACS.")

@@ -1,4 +1,5 @@
-"""The platform API: the one writer of the registry's aliases, over REST.
+"""The platform API: the one writer of the registry's aliases, over REST; and the home of analysis jobs
+(`/v1/jobs`, pipelines.jobs: a durable table and the runner thread that works through it).
 
 It owns, server side: the gates file (loaded at start; its sha256 goes with every decision), the token
 store and roles, the Ed25519 signing key of promotion records, and the audit log. The CLI

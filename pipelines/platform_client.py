@@ -92,6 +92,9 @@ class PlatformClient:
         headers = {"idempotency-key": idempotency_key} if idempotency_key else None
         return self._call("POST", "/v1/jobs", files=files, data=form, headers=headers)
 
+    def submit_pull(self, study_uid: str, export: bool = True) -> dict:
+        return self._call("POST", "/v1/jobs", json={"pacs": {"study_uid": study_uid}, "export": export})
+
     def jobs(self, state: str | None = None, limit: int = 100) -> list[dict]:
         return self._call("GET", f"/v1/jobs?limit={limit}" + (f"&state={state}" if state else ""))
 

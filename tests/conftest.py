@@ -109,7 +109,7 @@ def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES, extra_e
 
 # The test PACS (Orthanc, started by tests/integration/test_pacs.py) on ports fixed when the shared stack
 # starts, so the stack's receiver accepts it and its job runner sends results there.
-PACS = {"aet": "TESTPACS"}
+PACS = {"aet": "TESTPACS", "user": "pacs-admin", "password": "pacs-secret"}
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +122,8 @@ def live_stack():
     PACS.update(dicom_port=free[0], http_port=free[1])
     extra = {"ONCOSERVE_DICOM_ALLOWED_AES": f'["{PACS["aet"]}"]', "ONCOSERVE_DICOM_STUDY_IDLE_S": "2",
              "ONCOSERVE_PACS_DESTINATION": f"{PACS['aet']}@127.0.0.1:{PACS['dicom_port']}", "ONCOSERVE_PACS_RETRY_S": "1",
-             "ONCOSERVE_PACS_MAX_ATTEMPTS": "120"}  # fmt: skip
+             "ONCOSERVE_PACS_MAX_ATTEMPTS": "120", "ONCOSERVE_DICOMWEB_URL": f"http://127.0.0.1:{PACS['http_port']}/dicom-web",
+             "ONCOSERVE_DICOMWEB_USERNAME": PACS["user"], "ONCOSERVE_DICOMWEB_PASSWORD": PACS["password"]}  # fmt: skip
     with private_stack("osl-", "test-admin", extra_env=extra) as settings:
         yield settings
 

@@ -1,4 +1,5 @@
-"""`oncoserve pacs receive`: the DICOM receiver (C-STORE/C-ECHO SCP) in the foreground (a stack component)."""
+"""`oncoserve pacs receive`: the DICOM receiver (C-STORE/C-ECHO SCP) in the foreground (a stack component);
+`oncoserve pacs pull STUDY_UID`: a job that pulls a study from the configured DICOMweb server."""
 
 from __future__ import annotations
 
@@ -30,3 +31,15 @@ def receive() -> None:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     receiver.stop()
+
+
+@app.command()
+def pull(study_uid: str = typer.Argument(..., help="StudyInstanceUID on the configured DICOMweb server."),
+         export: bool = typer.Option(True, "--export/--no-export", help="Send the reviewed results back to the PACS.")) -> None:  # fmt: skip
+    """Queue a job that pulls the study over DICOMweb (QIDO-RS, WADO-RS) and analyses it; prints the job id."""
+    from oncoserve.auth import AuthError
+    from pipelines.platform_client import PlatformClient, PlatformUnavailable
+
+    with user_errors(AuthError, PlatformUnavailable, ValueError):
+        job = PlatformClient(Settings(), timeout_s=120).submit_pull(study_uid, export)
+    console.print(f"job {job['id']} {job['state']}")

@@ -1,7 +1,8 @@
 """`/v1/jobs` on the platform API: asynchronous study analyses, their artifacts and their review.
 
   POST /v1/jobs                       the inputs of `studies:analyze` (multipart NIfTI or a DICOM zip, or JSON
-                                      with an s3_uri); `export=true` sends the reviewed results to the PACS;
+                                      with an s3_uri), or {"pacs": {"study_uid"}} (pulled over DICOMweb);
+                                      `export=true` sends the reviewed results to the PACS;
                                       an `Idempotency-Key` header makes a re-sent submission the same job -> 202
   GET  /v1/jobs[?state=]              the caller's jobs (a clinician or above: everyone's)
   GET  /v1/jobs/{id}                  state, progress, findings, artifact links, review, delivery
@@ -20,7 +21,6 @@ import json
 import secrets
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,7 @@ from oncoserve.auth import Identity, require
 from oncoserve.deid_salt import deid_salt
 from oncoserve.settings import Settings
 from pipelines.jobs.store import Job, JobNotFound, JobStore
+from pipelines.pacs.pull import check_uid
 
 MODALITY_FIELDS = ("t1", "t1ce", "t2", "flair")
 ARTIFACT_TYPES = {"findings": "application/json", "mask": "application/gzip", "report": "text/markdown",
@@ -51,11 +52,11 @@ def public(job: Job) -> dict:
     return doc
 
 
-def deidentified_zip(data: bytes, salt: str) -> tuple[bytes, str, dict, dict]:
-    """A DICOM zip de-identified instance by instance: (zip, case id, patient, UID map)."""
+def uploaded_zip(data: bytes, salt: str) -> tuple[bytes, str, dict, dict]:
+    """An uploaded DICOM zip, de-identified instance by instance (pipelines.pacs.identity)."""
     from imaging.dicom_series import read_datasets
     from imaging.errors import StudyError
-    from pipelines.pacs.identity import StudyDeidentifier
+    from pipelines.pacs.identity import deidentified_zip
 
     with tempfile.TemporaryDirectory(prefix="oncoserve-job-") as tmp:
         path = Path(tmp) / "study.zip"
@@ -64,15 +65,7 @@ def deidentified_zip(data: bytes, salt: str) -> tuple[bytes, str, dict, dict]:
             datasets = read_datasets(path)
         except StudyError as exc:
             raise ValueError(str(exc).replace(str(path), "upload")) from None
-    deid = StudyDeidentifier(salt, str(datasets[0].get("StudyInstanceUID", "")))
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        for n, ds in enumerate(datasets):
-            deid.apply(ds)
-            out = io.BytesIO()
-            ds.save_as(out, enforce_file_format=True)
-            zf.writestr(f"{n:05d}.dcm", out.getvalue())
-    return buffer.getvalue(), deid.case_id, deid.patient or {}, deid.uids
+    return deidentified_zip(datasets, salt)
 
 
 def add_job_routes(app: FastAPI, settings: Settings, jobs: JobStore, store, audit, runner, caller) -> None:
@@ -114,17 +107,24 @@ def add_job_routes(app: FastAPI, settings: Settings, jobs: JobStore, store, audi
                 doc = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise ValueError("body is not JSON") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("s3_uri"), str) or set(doc) - {"s3_uri", "case_id", "age"}:
-                raise ValueError('JSON body must be {"s3_uri": "s3://bucket/case/", "case_id"?: ..., "age"?: ...}')
-            require(who, "clinician", "analysing a stored study (s3_uri)")
-            spec = {"kind": "s3", **doc}
+            if isinstance(doc, dict) and set(doc) <= {"pacs", "export"} and isinstance(doc.get("pacs"), dict):
+                require(who, "clinician", "pulling a study from the PACS")
+                if not settings.dicomweb_url:
+                    raise ValueError("no DICOMweb server is configured on this platform (ONCOSERVE_DICOMWEB_URL)")
+                spec = {"kind": "pacs", "study_uid": check_uid(doc["pacs"].get("study_uid")), "export": bool(doc.get("export", True))}
+            elif isinstance(doc, dict) and isinstance(doc.get("s3_uri"), str) and not set(doc) - {"s3_uri", "case_id", "age"}:
+                require(who, "clinician", "analysing a stored study (s3_uri)")
+                spec = {"kind": "s3", **doc}
+            else:
+                raise ValueError('JSON body must be {"s3_uri": "s3://bucket/case/", "case_id"?: ..., "age"?: ...} '
+                                 'or {"pacs": {"study_uid": "1.2..."}, "export"?: true}')
         elif ctype.startswith("multipart/form-data"):
             form = await request.form(max_files=8, max_fields=16)
             try:
                 spec = {k: str(form[k]) for k in ("case_id", "age", "mapping") if isinstance(form.get(k), str) and form.get(k)}
                 export = str(form.get("export", "")).lower() in ("1", "true", "yes")
                 if hasattr(form.get("dicom"), "read"):
-                    data, case_id, patient, uids = deidentified_zip(await form["dicom"].read(), deid_salt(settings.home))
+                    data, case_id, patient, uids = uploaded_zip(await form["dicom"].read(), deid_salt(settings.home))
                     spec |= {"kind": "dicom", "objects": {"dicom": put(upload, "study.zip", data)}, "export": export}
                     spec.setdefault("case_id", case_id)
                     identity = (patient, uids)

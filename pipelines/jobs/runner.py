@@ -31,7 +31,7 @@ from pipelines.jobs.store import Job, JobStore
 log = logging.getLogger("oncoserve.jobs")
 RUNNER = "jobs-runner"
 SYSTEM = Identity(name="platform", role="admin")  # the platform API acting on its own token store
-GATEWAY_ATTEMPTS = 3  # an analysis the gateway could not answer (5xx, unreachable) is tried this often
+RETRY_BACKOFF_S = (2.0, 30.0)  # first wait, longest wait between tries of an unreachable or overloaded gateway
 
 
 class JobFailed(RuntimeError):
@@ -120,7 +120,34 @@ class JobRunner:
             files[name] = (Path(key).name, data, "application/zip" if name == "dicom" else "application/octet-stream")
         return {"files": files, "data": form}
 
+    def _pull(self, job: Job) -> Job | None:
+        """A PACS study: pulled over DICOMweb, de-identified and stored; the job then reads as a DICOM upload
+        (a retry or an export uses the stored copy, and the original study UID leaves the job's input)."""
+        from oncoserve.deid_salt import deid_salt
+        from pipelines.pacs.identity import deidentified_zip
+        from pipelines.pacs.pull import PullError, pull_study
+
+        self.jobs.update(job.id, progress=0.02, detail=f"pulling the study from {self.settings.dicomweb_url}")
+        try:
+            datasets = pull_study(self.settings, job.input["study_uid"])
+        except PullError as exc:
+            if "failed" in str(exc):  # the server, not the request: wait it out like the gateway
+                self._retry_or_fail(job, str(exc))
+            else:
+                self.jobs.update(job.id, state="failed", error=str(exc))
+            return None
+        data, case_id, patient, uids = deidentified_zip(datasets, deid_salt(self.settings.home))
+        key = self._put(job, "input/study.zip", data, "application/zip")
+        self.jobs.save_identity(job.id, patient, uids)
+        spec = {"kind": "dicom", "objects": {"dicom": key}, "case_id": case_id, "export": job.input.get("export", True),
+                "pulled": "dicomweb", "instances": len(datasets)}  # fmt: skip
+        return self.jobs.update(job.id, input=spec)
+
     def _analyse(self, job: Job) -> None:
+        if job.input.get("kind") == "pacs":
+            job = self._pull(job)
+            if job is None:
+                return
         self.jobs.update(job.id, progress=0.05, detail="fetching the stored study")
         request = self._request(job)
         self.jobs.update(job.id, state="inferring", progress=0.2,
@@ -135,7 +162,7 @@ class JobRunner:
             response = httpx.post(f"{self.settings.serve_url}/v1/studies:analyze", headers=headers, timeout=900, **request)
         except httpx.HTTPError as exc:
             return self._retry_or_fail(job, f"the serving gateway is unreachable ({type(exc).__name__})")
-        if response.status_code >= 500 or response.status_code == 429:
+        if response.status_code >= 500 or response.status_code == 429 or _not_deployed(response):
             return self._retry_or_fail(job, f"the serving gateway answered {response.status_code}: {_error_text(response)}")
         if response.status_code != 200:
             self.jobs.update(job.id, state="failed", error=f"the study was refused ({response.status_code}): {_error_text(response)}")
@@ -157,10 +184,15 @@ class JobRunner:
                              detail="waiting for a clinician to accept or reject the results")  # fmt: skip
 
     def _retry_or_fail(self, job: Job, why: str) -> None:
-        if job.attempts >= GATEWAY_ATTEMPTS:
-            self.jobs.update(job.id, state="failed", error=f"{why}; gave up after {job.attempts} attempts")
-        else:
-            self.jobs.update(job.id, state="queued", progress=0.0, detail=f"{why}; will retry (attempt {job.attempts} of {GATEWAY_ATTEMPTS})")
+        """Serving down or overloaded is waited out (Serve restarting, a stack restart) for
+        `jobs_retry_for_s` after the submission, with a growing pause; then the job fails saying why."""
+        if time.time() - job.created > self.settings.jobs_retry_for_s:
+            self.jobs.update(job.id, state="failed", error=f"{why}; gave up after {job.attempts} attempts in "
+                                                           f"{self.settings.jobs_retry_for_s:g} s")  # fmt: skip
+            return
+        pause = min(RETRY_BACKOFF_S[0] * 2 ** max(job.attempts - 1, 0), RETRY_BACKOFF_S[1])
+        self.jobs.update(job.id, state="queued", progress=0.0, not_before=time.time() + pause,
+                         detail=f"{why}; retrying in {pause:g} s (attempt {job.attempts})")  # fmt: skip
 
     def _put(self, job: Job, name: str, data: bytes, content_type: str) -> str:
         key = artifact_key(job.id, name)
@@ -193,3 +225,14 @@ def _error_text(response: httpx.Response) -> str:
         return str(response.json().get("error", response.text))[:500]
     except ValueError:
         return response.text[:500]
+
+
+def _not_deployed(response: httpx.Response) -> bool:
+    """Serve's proxy answering for a route no application serves (a redeploy in progress): not the
+    gateway's own 404, which is JSON with an `error`."""
+    if response.status_code != 404:
+        return False
+    try:
+        return "error" not in response.json()
+    except ValueError:
+        return True

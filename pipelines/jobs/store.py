@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     delivery TEXT,
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
@@ -157,10 +158,9 @@ class JobStore:
         """Take the oldest queued (or accepted, to export) job for this runner; None when there is none."""
         with self._db() as db:
             for _ in range(5):
-                # An accepted job whose last delivery failed waits for its next attempt time.
-                row = db.execute("SELECT id, state FROM jobs WHERE state = 'queued' OR (state = 'accepted' AND "
-                                 "COALESCE(json_extract(delivery, '$.next_attempt_at'), 0) <= ?) ORDER BY created LIMIT 1",
-                                 (time.time(),)).fetchone()  # fmt: skip
+                # A job whose last try failed (serving unreachable, a delivery refused) waits for its next one.
+                row = db.execute("SELECT id, state FROM jobs WHERE state IN ('queued', 'accepted') AND not_before <= ? "
+                                 "ORDER BY created LIMIT 1", (time.time(),)).fetchone()  # fmt: skip
                 if row is None:
                     return None
                 nxt = "preprocessing" if row["state"] == "queued" else "exporting"
@@ -171,12 +171,12 @@ class JobStore:
         return None
 
     def update(self, job_id: str, **fields) -> Job:
-        allowed = {"state", "progress", "detail", "result", "review", "delivery", "error"}
+        allowed = {"state", "progress", "detail", "input", "result", "review", "delivery", "error", "not_before"}
         if not fields or set(fields) - allowed:
             raise ValueError(f"job fields {sorted(set(fields) - allowed)} cannot be set")
         if "state" in fields and fields["state"] not in STATES:
             raise ValueError(f"unknown job state {fields['state']!r}")
-        values = {k: json.dumps(v) if k in ("result", "review", "delivery") and v is not None else v for k, v in fields.items()}
+        values = {k: json.dumps(v) if k in ("input", "result", "review", "delivery") and v is not None else v for k, v in fields.items()}
         sets = ", ".join(f"{k} = ?" for k in values)
         with self._db() as db:
             if not db.execute(f"UPDATE jobs SET {sets}, updated = ? WHERE id = ?", (*values.values(), time.time(), job_id)).rowcount:

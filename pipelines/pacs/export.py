@@ -75,7 +75,7 @@ def export_job(runner, job: Job) -> None:
             jobs.update(job.id, state="failed", delivery=delivery, error=f"delivery to {destination} failed {len(delivery['attempts'])} times: {exc}")
         else:
             delivery["next_attempt_at"] = time.time() + settings.pacs_retry_s
-            jobs.update(job.id, state="accepted", delivery=delivery,
+            jobs.update(job.id, state="accepted", delivery=delivery, not_before=delivery["next_attempt_at"],
                         detail=f"delivery failed (attempt {len(delivery['attempts'])} of {settings.pacs_max_attempts}); retrying in {settings.pacs_retry_s:g} s")  # fmt: skip
         runner.audit.event("jobs-runner", "clinician", "export", job=job.id, destination=str(destination), status="failed",
                            error=str(exc)[:300])  # fmt: skip

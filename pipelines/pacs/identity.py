@@ -12,6 +12,8 @@ remapped twice; both generations map back to the original.
 from __future__ import annotations
 
 import hashlib
+import io
+import zipfile
 
 from pydicom.dataset import Dataset
 
@@ -64,3 +66,16 @@ def reidentify(ds: Dataset, patient: dict[str, str], uids: dict[str, str]) -> Da
     if hasattr(ds, "file_meta") and "SOPInstanceUID" in ds:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
+
+
+def deidentified_zip(datasets: list[Dataset], salt: str) -> tuple[bytes, str, dict, dict]:
+    """One study's instances de-identified into a zip: (zip, case id, patient, UID map)."""
+    deid = StudyDeidentifier(salt, str(datasets[0].get("StudyInstanceUID", "")))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n, ds in enumerate(datasets):
+            deid.apply(ds)
+            out = io.BytesIO()
+            ds.save_as(out, enforce_file_format=True)
+            zf.writestr(f"{n:05d}.dcm", out.getvalue())
+    return buffer.getvalue(), deid.case_id, deid.patient or {}, deid.uids

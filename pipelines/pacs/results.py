@@ -71,8 +71,7 @@ def build_sr(job_id: str, findings: dict, evidence: list[Dataset], review: dict 
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=_code(marker, marker),
                                                                  value=_code(f"{marker}-{result['label']}", str(result["label"])))]))  # fmt: skip
     device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=uid_for("device", "oncoserve"), name="oncoserve", manufacturer_name="oncoserve",
-        model_name=", ".join(f"{t} v{v}" for t, v in sorted(versions.items()))[:64] or "oncoserve"))  # fmt: skip
+        uid=uid_for("device", "oncoserve"), name="oncoserve", manufacturer_name="oncoserve", model_name="oncoserve"))  # fmt: skip
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
                                      procedure_reported=codes.LN.BrainMRI,
                                      imaging_measurements=groups)  # fmt: skip
@@ -88,6 +87,7 @@ def build_sr(job_id: str, findings: dict, evidence: list[Dataset], review: dict 
         verifying_organization="oncoserve review" if verified else None,
     )  # fmt: skip
     sr.SeriesDescription = f"oncoserve measurements - {sign_off_line(review)}"[:64]
+    sr.SoftwareVersions = [f"{t} v{v}" for t, v in sorted(versions.items())] or ["unknown"]  # one LO (64 chars) each
     return sr
 
 

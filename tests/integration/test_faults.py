@@ -160,11 +160,20 @@ def test_mlflow_stopped_serving_goes_on_and_promotion_fails_clearly(stack):
     assert registry_actions() == audit_before  # nothing half-done recorded
     served = analyse(stack)
     assert served.status_code == 200 and served.json()["findings"]["model_versions"] == stack["versions"]
+    waited = oncoserve("jobs", "wait", job_id, "--timeout", "300")
+    assert waited.returncode == 0 and "completed" in waited.stdout, waited.stdout[-2000:] + waited.stderr[-2000:]
 
 
-def test_whole_stack_restart_keeps_registry_aliases_and_audit(stack):
+def test_whole_stack_restart_keeps_registry_aliases_and_audit(stack, tiny_dataset):
     settings = stack["settings"]
     listed = json.loads(oncoserve("models", "list", "--json").stdout)
+    # A job submitted while serving is down waits for it, through a whole stack restart, and completes.
+    assert oncoserve("serve", "down").returncode == 0
+    case = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[2]
+    submitted = oncoserve("jobs", "submit", str(case))
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    job_id = submitted.stdout.split()[1]
+    assert wait_until(lambda: "retrying in" in json.loads(oncoserve("jobs", "show", job_id).stdout)["detail"], timeout_s=60)
     audit = json.loads(oncoserve("models", "audit", "--json").stdout)
     assert any(entry["action"] == "promote" for entry in audit)
     down = oncoserve("stack", "down")
@@ -179,3 +188,5 @@ def test_whole_stack_restart_keeps_registry_aliases_and_audit(stack):
     assert serve.returncode == 0, serve.stdout[-2000:] + serve.stderr[-2000:]
     served = analyse(stack)
     assert served.status_code == 200 and served.json()["findings"]["model_versions"] == stack["versions"]
+    waited = oncoserve("jobs", "wait", job_id, "--timeout", "300")
+    assert waited.returncode == 0 and "completed" in waited.stdout, waited.stdout[-2000:] + waited.stderr[-2000:]

@@ -5,7 +5,8 @@ C-STORE -> one analysis job runs on the served models -> a clinician accepts it 
 Orthanc under the original PatientID and StudyInstanceUID (read back over DICOMweb, checked with
 highdicom). Nothing the platform stored holds the planted PHI; a rejected review exports nothing; a
 sender not on the allow-list is refused; Orthanc stopped during an export -> the job retries and
-succeeds when it is back. And the jobs API itself: submit, wait, artifacts, idempotency, another
+succeeds when it is back; a study pulled over DICOMweb (`oncoserve pacs pull`) takes the same way. And the
+jobs API itself: submit, wait, artifacts, idempotency, another
 caller's job, review permissions.
 """
 
@@ -31,7 +32,7 @@ from tests.dicom_factory import PHI, PHI_STRINGS, series_datasets, to_bytes
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
-AUTH = ("pacs-admin", "pacs-secret")
+AUTH = (PACS["user"], PACS["password"])
 DESCRIPTIONS = {"t1": "T1 MPRAGE", "t1ce": "T1 post gad", "t2": "T2 TSE", "flair": "FLAIR"}
 
 
@@ -178,8 +179,8 @@ def test_a_pacs_study_comes_back_as_seg_sr_and_pdf_under_the_original_patient(or
     sr = hd.sr.Comprehensive3DSR.from_dataset(objects["SR"])
     assert sr.VerificationFlag == "VERIFIED" and sr.VerifyingObserverSequence[0].VerifyingObserverName == "test-admin"
     versions = done["result"]["findings"]["model_versions"]
-    assert f"segmentation v{versions['segmentation']}" in sr.ContentSequence[0].ContentSequence[0].TextValue or \
-        any(f"segmentation v{versions['segmentation']}" in str(e.value) for e in sr.iterall() if e.VR == "LO")  # fmt: skip
+    named = " ".join(str(e.value) for e in objects["SR"].iterall() if e.keyword in ("TextValue", "SoftwareVersions"))
+    assert "oncoserve segmentation" in named and f"segmentation v{versions['segmentation']}" in named  # algorithm + version
     assert bytes(objects["DOC"].EncapsulatedDocument).startswith(b"%PDF")
     # Nothing the platform stored (objects, logs, audit) holds the planted PHI.
     blob = stored_bytes(live_stack).lower()
@@ -231,6 +232,25 @@ def test_an_export_to_a_stopped_pacs_is_retried_until_it_is_back(orthanc, live_s
     done = job_state(live_stack, job["id"], ("exported", "failed"))
     assert done["state"] == "exported" and not done["delivery"]["attempts"][0]["ok"] and done["delivery"]["attempts"][-1]["ok"]
     assert set(results_in_pacs(orthanc, original["study"])) == {"SEG", "SR", "DOC"}
+
+
+def test_a_study_pulled_over_dicomweb_is_analysed_and_sent_back(orthanc, live_stack, tiny_dataset):
+    _, original = put_study(orthanc, tiny_dataset, 3)  # in the PACS, never sent to the platform
+    pulled = oncoserve("pacs", "pull", original["study"])
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    job_id = pulled.stdout.split()[1]
+    job = job_state(live_stack, job_id, ("awaiting review", "failed"), timeout_s=300)
+    assert job["state"] == "awaiting review", job
+    assert job["input"]["kind"] == "dicom" and job["input"]["pulled"] == "dicomweb" and original["study"] not in json.dumps(job)
+    assert api(live_stack, "POST", f"/v1/jobs/{job_id}:review", json={"decision": "accept", "reason": "fine"}).status_code == 200
+    assert job_state(live_stack, job_id, ("exported", "failed"))["state"] == "exported"
+    assert set(results_in_pacs(orthanc, original["study"])) == {"SEG", "SR", "DOC"}
+    # A study the PACS does not have fails saying so; a malformed UID is refused at once.
+    unknown = oncoserve("pacs", "pull", generate_uid())
+    failed = job_state(live_stack, unknown.stdout.split()[1], ("failed",))
+    assert "has no study" in failed["error"]
+    bad = oncoserve("pacs", "pull", "not-a-uid")
+    assert bad.returncode == 1 and "expected a DICOM UID" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_jobs_api_runs_an_upload_to_completion_and_keeps_callers_apart(live_stack, served, tiny_dataset, tmp_path):
