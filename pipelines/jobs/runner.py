@@ -31,7 +31,7 @@ from pipelines.jobs.store import Job, JobStore
 log = logging.getLogger("oncoserve.jobs")
 RUNNER = "jobs-runner"
 SYSTEM = Identity(name="platform", role="admin")  # the platform API acting on its own token store
-RETRY_BACKOFF_S = (2.0, 30.0)  # first wait, longest wait between tries of an unreachable or overloaded gateway
+RETRY_BACKOFF_S = (2.0, 15.0)  # first wait, longest wait between tries of an unreachable or overloaded gateway
 
 
 class JobFailed(RuntimeError):

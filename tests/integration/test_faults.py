@@ -160,8 +160,6 @@ def test_mlflow_stopped_serving_goes_on_and_promotion_fails_clearly(stack):
     assert registry_actions() == audit_before  # nothing half-done recorded
     served = analyse(stack)
     assert served.status_code == 200 and served.json()["findings"]["model_versions"] == stack["versions"]
-    waited = oncoserve("jobs", "wait", job_id, "--timeout", "300")
-    assert waited.returncode == 0 and "completed" in waited.stdout, waited.stdout[-2000:] + waited.stderr[-2000:]
 
 
 def test_whole_stack_restart_keeps_registry_aliases_and_audit(stack, tiny_dataset):
