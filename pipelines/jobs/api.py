@@ -16,6 +16,7 @@ A DICOM zip is de-identified before it is stored, as the receiver does (pipeline
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import secrets
@@ -124,8 +125,10 @@ def add_job_routes(app: FastAPI, settings: Settings, jobs: JobStore, store, audi
                 spec = {k: str(form[k]) for k in ("case_id", "age", "mapping") if isinstance(form.get(k), str) and form.get(k)}
                 export = str(form.get("export", "")).lower() in ("1", "true", "yes")
                 if hasattr(form.get("dicom"), "read"):
-                    data, case_id, patient, uids = uploaded_zip(await form["dicom"].read(), deid_salt(settings.home))
-                    spec |= {"kind": "dicom", "objects": {"dicom": put(upload, "study.zip", data)}, "export": export}
+                    # De-identification and the store write are blocking work: off the event loop.
+                    data, case_id, patient, uids = await asyncio.to_thread(uploaded_zip, await form["dicom"].read(), deid_salt(settings.home))
+                    stored = await asyncio.to_thread(put, upload, "study.zip", data)
+                    spec |= {"kind": "dicom", "objects": {"dicom": stored}, "export": export}
                     spec.setdefault("case_id", case_id)
                     identity = (patient, uids)
                 else:
@@ -134,7 +137,7 @@ def add_job_routes(app: FastAPI, settings: Settings, jobs: JobStore, store, audi
                     objects = {}
                     for name in MODALITY_FIELDS:
                         if hasattr(form.get(name), "read"):
-                            objects[name] = put(upload, f"{name}.nii.gz", await form[name].read())
+                            objects[name] = await asyncio.to_thread(put, upload, f"{name}.nii.gz", await form[name].read())
                     if not objects:
                         raise ValueError(f"no study in the form: send files {', '.join(MODALITY_FIELDS)} or dicom")
                     spec |= {"kind": "nifti", "objects": objects, "export": False}
@@ -193,7 +196,8 @@ def add_job_routes(app: FastAPI, settings: Settings, jobs: JobStore, store, audi
         back = "accepted" if job.review and job.review.get("decision") == "accept" else "queued"
         # An export retried starts its delivery attempts afresh; an analysis starts from its stored input.
         delivery = {**job.delivery, "attempts": [], "next_attempt_at": None} if back == "accepted" and job.delivery else None
-        moved = jobs.transition(job_id, ("failed",), state=back, error=None, delivery=delivery, detail=f"retried by {who.name}")
+        moved = jobs.transition(job_id, ("failed",), state=back, error=None, delivery=delivery, not_before=0,
+                                detail=f"retried by {who.name}")  # fmt: skip
         if moved is None:
             return JSONResponse({"error": f"job {job_id} is {job.state!r}; only a failed job is retried"}, status_code=409)
         audit.event(who.name, who.role, "job_retry", job=job_id)

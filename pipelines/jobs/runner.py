@@ -34,10 +34,6 @@ SYSTEM = Identity(name="platform", role="admin")  # the platform API acting on i
 RETRY_BACKOFF_S = (2.0, 15.0)  # first wait, longest wait between tries of an unreachable or overloaded gateway
 
 
-class JobFailed(RuntimeError):
-    """The job cannot succeed as submitted (a 4xx from the gateway, a bad input): no retry."""
-
-
 def artifact_key(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/{name}"
 
@@ -131,7 +127,7 @@ class JobRunner:
         try:
             datasets = pull_study(self.settings, job.input["study_uid"])
         except PullError as exc:
-            if "failed" in str(exc):  # the server, not the request: wait it out like the gateway
+            if exc.retryable:  # the server, not the request: wait it out like the gateway
                 self._retry_or_fail(job, str(exc))
             else:
                 self.jobs.update(job.id, state="failed", error=str(exc))

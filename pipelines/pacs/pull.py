@@ -15,7 +15,12 @@ MAX_INSTANCES = 5000
 
 
 class PullError(RuntimeError):
-    """The study cannot be fetched: not configured, not found, or the server failed (the message says which)."""
+    """The study cannot be fetched: not configured, not found, or the server failed (the message says which;
+    `retryable` when the server failed rather than the request)."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def check_uid(study_uid: str) -> str:
@@ -51,4 +56,5 @@ def pull_study(settings: Settings, study_uid: str) -> list[Dataset]:
         return web.retrieve_study(study_uid)
     except requests.RequestException as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        raise PullError(f"the DICOMweb server at {settings.dicomweb_url} failed ({status or type(exc).__name__})") from None
+        raise PullError(f"the DICOMweb server at {settings.dicomweb_url} failed ({status or type(exc).__name__})",
+                        retryable=status is None or status >= 500) from None

@@ -123,15 +123,20 @@ class DicomReceiver:
                 log.exception("closing a received study failed")
 
     def close_idle(self, force: bool = False) -> list[str]:
+        """Queue a job for every study idle long enough. A study leaves `open` before it is zipped, so an
+        instance arriving meanwhile starts a new study (and job) instead of landing in a removed spool."""
         now, queued = time.monotonic(), []
         with self.lock:
-            idle = [uid for uid, s in self.open.items() if force or now - s.last >= self.settings.dicom_study_idle_s]
-            closing = [(uid, self.open[uid]) for uid in idle]
+            closing = [(uid, s) for uid, s in self.open.items() if force or now - s.last >= self.settings.dicom_study_idle_s]
+            for uid, _ in closing:
+                del self.open[uid]
         for uid, study in closing:
-            queued.append(self._queue(study))
-            with self.lock:
-                if self.open.get(uid) is study and study.last <= now:
-                    del self.open[uid]
+            try:
+                queued.append(self._queue(study))
+            except Exception:
+                with self.lock:  # the object store is down: the study stays open and is tried again
+                    self.open.setdefault(uid, study)
+                raise
             shutil.rmtree(study.spool, ignore_errors=True)
         return queued
 
