@@ -12,8 +12,10 @@ caller's job, review permissions.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import struct
 import subprocess
 import zipfile
 
@@ -139,18 +141,37 @@ def results_in_pacs(orthanc, study_uid: str) -> dict[str, pydicom.Dataset]:
     return out
 
 
+def readable(data: bytes) -> bytes:
+    """What in a stored object could hold PHI: every DICOM element but the pixels (of each zip member too), a
+    NIfTI's header and extensions, any other file whole. Compressed bytes and voxels are left out, where a
+    short name like "Doe" turns up by chance."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+        if data[344:348] in (b"n+1\0", b"ni1\0"):  # NIfTI-1: header + extensions up to vox_offset
+            return data[: int(struct.unpack("<f", data[108:112])[0])]
+    if data[:2] == b"PK":
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return b"".join(readable(zf.read(n)) for n in zf.namelist())
+    if data[128:132] == b"DICM":
+        ds = pydicom.dcmread(io.BytesIO(data))
+        for keyword in ("PixelData", "EncapsulatedDocument"):
+            if keyword in ds:
+                del ds[keyword]
+        out = io.BytesIO()
+        ds.save_as(out)
+        return out.getvalue()
+    return data
+
+
 def stored_bytes(settings) -> bytes:
-    """Everything the platform keeps about jobs: objects (zips opened), logs and the audit log."""
+    """Everything the platform keeps about jobs (objects, logs, the audit log), as `readable` sees it."""
     store, blob = object_store(settings), b""
     for bucket in (settings.bucket_artifacts, settings.bucket_data):
         for obj in store.list_objects(bucket, prefix="jobs/", recursive=True):
             response = store.get_object(bucket, obj.object_name)
             data = response.read()
             response.close()
-            blob += obj.object_name.encode() + data
-            if data[:2] == b"PK":
-                with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                    blob += b"".join(zf.read(n) for n in zf.namelist())
+            blob += obj.object_name.encode() + readable(data)
     for path in [*settings.logs_dir.rglob("*"), settings.audit_file]:
         if path.is_file():
             blob += path.read_bytes()
