@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Body, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -175,8 +175,9 @@ def add_job_routes(app: FastAPI, settings: Settings, jobs: JobStore, store, audi
             response.close()
 
     @app.post("/v1/jobs/{job_id}:review", summary="Accept (results go to the PACS) or reject a job's results")
-    def review(job_id: str, body: ReviewRequest, who: Identity | None = Depends(caller)) -> dict:
-        who = require(who, "clinician", "reviewing analysis results")
+    def review(job_id: str, payload: dict | None = Body(None), who: Identity | None = Depends(caller)) -> dict:
+        who = require(who, "clinician", "reviewing analysis results")  # before the body: a stranger learns nothing
+        body = ReviewRequest.model_validate(payload or {})  # a ValidationError is a 400 with the fields named
         visible(job_id, who)
         decision = {"decision": body.decision, "reason": body.reason, "reviewer": who.name, "role": who.role,
                     "automatic": False, "time": time.time()}  # fmt: skip

@@ -297,6 +297,8 @@ def test_jobs_api_runs_an_upload_to_completion_and_keeps_callers_apart(live_stac
     assert api(live_stack, "POST", f"/v1/jobs/{job_id}:review", token=viewer, json={"decision": "accept", "reason": "ok!"}).status_code == 403
     late = api(live_stack, "POST", f"/v1/jobs/{job_id}:review", json={"decision": "accept", "reason": "late"})
     assert late.status_code == 409
+    unsure = api(live_stack, "POST", f"/v1/jobs/{job_id}:review", json={"decision": "maybe", "reason": "hmm"})
+    assert unsure.status_code == 400 and "decision" in unsure.json()["error"]
     # Bad input is a message, not a trace.
     plain = httpx.post(f"{live_stack.platform_url}/v1/jobs", content=b"x", timeout=30,
                        headers={"authorization": f"Bearer {live_stack.cli_token()}", "content-type": "text/plain"})  # fmt: skip
