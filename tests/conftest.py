@@ -17,8 +17,9 @@ from pipelines.stack.ports import private_stack_env
 
 
 def stack_env(home: Path) -> dict[str, str]:
-    """ONCOSERVE_* variables for a private stack: its own home and ports that are free right now."""
-    return private_stack_env(home)
+    """ONCOSERVE_* variables for a private stack: its own home and ports that are free right now, and no
+    DICOM receiver (the shared stack's PACS settings stay in the environment for the session)."""
+    return private_stack_env(home) | {"ONCOSERVE_DICOM_ALLOWED_AES": "[]"}
 
 
 @pytest.fixture(scope="module")
