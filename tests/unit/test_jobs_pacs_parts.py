@@ -193,7 +193,7 @@ def test_receiver_needs_an_allow_list(tmp_path):
     from pipelines.pacs.receiver import DicomReceiver
 
     with pytest.raises(ValueError, match="allow-list"):
-        DicomReceiver(Settings(home=tmp_path), JobStore(tmp_path / "j.sqlite"), store=None).start()
+        DicomReceiver(Settings(home=tmp_path, dicom_allowed_aes=[]), JobStore(tmp_path / "j.sqlite"), store=None).start()
 
 
 def test_dicomweb_pull_checks_its_uid_and_its_configuration(tmp_path):
@@ -204,4 +204,4 @@ def test_dicomweb_pull_checks_its_uid_and_its_configuration(tmp_path):
         with pytest.raises(ValueError, match="expected a DICOM UID"):
             check_uid(bad)
     with pytest.raises(PullError, match="ONCOSERVE_DICOMWEB_URL"):
-        pull_study(Settings(home=tmp_path), "1.2.3")
+        pull_study(Settings(home=tmp_path, dicomweb_url=None), "1.2.3")  # explicit: the session's stack sets one

@@ -62,7 +62,7 @@ def test_status_of_a_never_started_stack_reports_down_and_writes_nothing(tmp_pat
     from pipelines.stack import EmbeddedStack
 
     home = tmp_path / "fresh"
-    parts = EmbeddedStack(Settings(home=home)).status()
+    parts = EmbeddedStack(Settings(home=home, dicom_allowed_aes=[])).status()  # no receiver (the session may set one)
     assert {p.name for p in parts} == {"s3", "ray", "mlflow", "platform"}
     assert not any(p.running or p.healthy for p in parts)
     assert not home.exists()
