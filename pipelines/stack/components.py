@@ -393,6 +393,14 @@ class PostgresServer(Component):
         return Health(True, "accepting connections; database mlflow present")
 
 
+def _stack_settings_env(settings: Settings) -> dict[str, str]:
+    """A platform server reads the same settings as the stack that starts it, whatever their source (never
+    the CLI's token)."""
+    out = settings.as_env()
+    out.pop("ONCOSERVE_TOKEN", None)
+    return out
+
+
 class PlatformApi(Component):
     """The platform API (registry, promotion with gates, rollback, audit) that the web console calls."""
 
@@ -405,10 +413,7 @@ class PlatformApi(Component):
         return [_bin("oncoserve"), "platform", "serve", "--port", str(self.settings.platform_port)]
 
     def env(self) -> dict[str, str]:
-        # The server reads the same settings as the stack that starts it, whatever their source.
-        out = self.settings.as_env()
-        out.pop("ONCOSERVE_TOKEN", None)
-        return out
+        return _stack_settings_env(self.settings)
 
     def health(self) -> Health:
         try:
@@ -433,9 +438,7 @@ class DicomReceiverComponent(Component):
         return [_bin("oncoserve"), "pacs", "receive"]
 
     def env(self) -> dict[str, str]:
-        out = self.settings.as_env()
-        out.pop("ONCOSERVE_TOKEN", None)
-        return out
+        return _stack_settings_env(self.settings)
 
     def health(self) -> Health:
         # A TCP connect only: an association would be refused unless this probe's AE title were allowed.
