@@ -13,7 +13,7 @@ import logging
 import httpx
 
 from services import deploy_config
-from services.task_logic import TASKS
+from serving.tasks import MODEL_TASKS as TASKS
 
 
 class ServeError(RuntimeError):

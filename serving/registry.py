@@ -9,10 +9,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-
 from serving.tasks import REGISTERED
 
 TASKS = REGISTERED
@@ -27,7 +23,7 @@ class RegistryUnavailable(RegistryError):
     """The registry did not answer (as opposed to answering "no such version")."""
 
 
-def _absent(exc: MlflowException) -> bool:
+def _absent(exc) -> bool:
     """Whether MLflow said "no such model/version" (as opposed to failing to answer)."""
     return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
@@ -59,10 +55,16 @@ class VersionInfo:
 
 class Registry:
     def __init__(self, tracking_uri: str):
+        # MLflow is imported here, not with the module: the CLI imports this module for its error types and
+        # task names, and `import mlflow` costs seconds on every command.
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        self._mlflow_error = MlflowException
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
-    def _unreachable(self, exc: MlflowException) -> RegistryError:
+    def _unreachable(self, exc) -> RegistryError:
         return RegistryUnavailable(f"registry at {self.tracking_uri} did not answer: {exc.message.splitlines()[0][:300]}")
 
     def _check_task(self, task: str) -> None:
@@ -81,7 +83,7 @@ class Registry:
         self._check_task(task)
         try:
             found = self.client.search_model_versions(f"name='{task}'")
-        except MlflowException as exc:
+        except self._mlflow_error as exc:
             raise RegistryError(f"registry at {self.tracking_uri} cannot list {task}: {exc.message}") from None
         # search_model_versions leaves aliases out in some backends: read them from the model.
         aliases = self.aliases(task)
@@ -94,7 +96,7 @@ class Registry:
         self._check_task(task)
         try:
             mv = self.client.get_model_version(task, str(version))
-        except MlflowException as exc:
+        except self._mlflow_error as exc:
             if not _absent(exc):
                 raise self._unreachable(exc) from None
             raise RegistryError(f"{task} version {version} is not in the registry") from None
@@ -105,7 +107,7 @@ class Registry:
     def aliases(self, task: str) -> dict[str, str]:
         try:
             model = self.client.get_registered_model(task)
-        except MlflowException as exc:
+        except self._mlflow_error as exc:
             if not _absent(exc):  # a registry that cannot answer must never read as "no aliases"
                 raise self._unreachable(exc) from None
             return {}
@@ -126,17 +128,21 @@ class Registry:
 
     def download(self, task: str, version: str, dst: Path | None = None) -> Path:
         """The version's `model/` folder (model.onnx, signature.json, extras.json, MODEL_CARD.md)."""
+        import mlflow.artifacts
+
         info = self.version(task, version)
         dst = dst or Path(tempfile.mkdtemp(prefix=f"{task}-v{version}-"))
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.tracking_uri))
 
     def artifact_text(self, task: str, version: str, name: str) -> str | None:
         """One small file of the version's `model/` folder (without fetching the ONNX), or None."""
+        import mlflow.artifacts
+
         info = self.version(task, version)
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"{info.source}/{name}", dst_path=tempfile.mkdtemp(),
                                                        tracking_uri=self.tracking_uri)  # fmt: skip
-        except (MlflowException, OSError):  # absent from this version's artifacts
+        except (self._mlflow_error, OSError):  # absent from this version's artifacts
             return None
         return Path(path).read_text()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 
@@ -50,13 +51,18 @@ def _mlflow_account() -> None:
         pass
 
 
+def _backing_service_errors() -> tuple[type[BaseException], ...]:
+    """The registry/object-store client errors, from the client libraries a command actually loaded: a
+    command that never imported MLflow or boto cannot raise their errors, and importing them only to
+    catch nothing would cost seconds on every command."""
+    names = (("mlflow.exceptions", "MlflowException"), ("requests", "RequestException"),
+             ("botocore.exceptions", "BotoCoreError"), ("botocore.exceptions", "ClientError"))  # fmt: skip
+    return tuple(getattr(sys.modules[module], name) for module, name in names if module in sys.modules)
+
+
 def main() -> None:
     """The console entry point: `app` with short registry retries, and the backing services' failures
     that no command expects (registry, object store) as one line and exit code 1 instead of a traceback."""
-    import botocore.exceptions
-    import requests
-    from mlflow.exceptions import MlflowException
-
     from pipelines.cli._console import err_console
 
     for key, value in REGISTRY_RETRY_DEFAULTS.items():
@@ -66,8 +72,9 @@ def main() -> None:
     _mlflow_account()
     try:
         app()
-    except (MlflowException, requests.RequestException, botocore.exceptions.BotoCoreError,
-            botocore.exceptions.ClientError) as exc:  # fmt: skip
+    except Exception as exc:
+        if not isinstance(exc, _backing_service_errors()):
+            raise
         message = str(getattr(exc, "message", exc)).splitlines()[0][:400]
         # The registry proxies artifacts: its 500s on mlflow-artifacts URLs mean the object store failed.
         which = "the artifact store behind the registry" if "mlflow-artifacts" in message else "a backing service"

@@ -8,12 +8,10 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from imaging import manifest as manifest_mod
 from imaging.errors import StudyError
-from imaging.ingest import ingest as ingest_case
-from imaging.phantoms import synthesise
-from imaging.raw_phantoms import synthesise_raw
 from pipelines.cli._console import console, user_errors
+
+# Imaging code (nibabel, scipy) is imported inside each command: every other command starts faster.
 
 app = typer.Typer(help="Datasets: ingest DICOM/NIfTI, synthesise phantoms, write manifests.", no_args_is_help=True)
 
@@ -27,6 +25,8 @@ def ingest(
     mapping: str = typer.Option(None, "--mapping", help='JSON: series UID or description -> modality, e.g. \'{"AX T1 POST": "t1ce"}\''),
 ) -> None:
     """Turn DICOM or NIfTI input into a de-identified case and print what was removed."""
+    from imaging.ingest import ingest as ingest_case
+
     with user_errors(StudyError, ValueError, FileNotFoundError):
         series_map = json.loads(mapping) if mapping else None
         result = ingest_case(src, out, case_id=case_id, site=site, mapping=series_map)
@@ -54,6 +54,9 @@ def synth(
                                   "their own, site effects a z-score keeps) or 1 (the round-1 generator, reproduced exactly)."),
 ) -> None:
     """Write a synthetic glioma dataset on the MNI152 brain in the BraTS layout."""
+    from imaging.phantoms import synthesise
+    from imaging.raw_phantoms import synthesise_raw
+
     if raw and (sites != 1 or ood_fraction):
         console.print("[red]error:[/] --raw makes single-site, in-distribution cases (drop --sites/--ood-fraction)")
         raise typer.Exit(2)
@@ -72,6 +75,8 @@ def synth(
 @app.command()
 def manifest(root: Path = typer.Argument(..., help="Dataset directory.")) -> None:
     """Write ROOT/manifest.json (sha256 of every file) and print the dataset hash."""
+    from imaging import manifest as manifest_mod
+
     with user_errors(FileNotFoundError):
         result = manifest_mod.write(root)
     console.print(f"{result['n_cases']} cases, {result['n_files']} files")

@@ -7,11 +7,7 @@ import typer
 from imaging.errors import StudyError
 from oncoserve.auth import AuthError
 from oncoserve.settings import Settings
-from pipelines import demo as demo_job
 from pipelines.cli._console import console, user_errors
-from pipelines.serving import ServeError
-from pipelines.stack import StackError
-from pipelines.study_client import StudyClientError
 from training.errors import TrainingError
 
 
@@ -22,6 +18,12 @@ def demo(
 ) -> None:
     """The platform end to end on the embedded stack: data -> pipeline (train ... promote) -> serve -> analyse a study."""
     import os
+
+    # The demo's own modules (object store, serving, imaging) load only when it runs, not on every command.
+    from pipelines import demo as demo_job
+    from pipelines.serving import ServeError
+    from pipelines.stack import StackError
+    from pipelines.study_client import StudyClientError
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with user_errors(StackError, TrainingError, StudyError, ServeError, StudyClientError, AuthError):

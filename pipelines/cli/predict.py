@@ -13,7 +13,6 @@ import typer
 
 from oncoserve.settings import Settings
 from pipelines.cli._console import console, err_console
-from pipelines.study_client import StudyClientError, analyze, findings_line, write_outputs
 
 
 def predict(
@@ -26,6 +25,8 @@ def predict(
                                 'the automatic mapping, e.g. \'{"Series 3": "t1ce"}\''),
 ) -> None:
     """Analyse a study with the served champions and write the findings and the mask."""
+    from pipelines.study_client import StudyClientError, analyze, findings_line, write_outputs  # imaging: only here
+
     settings = Settings()
     base = (url or settings.serve_url).rstrip("/")
     try:
