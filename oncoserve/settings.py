@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     s3_secure: bool = Field(False, description="Use HTTPS to the external S3.")
     s3_access_key: str | None = Field(None, description="External S3 key; unset: the pod's IAM role (IRSA).")
     s3_secret_key: str | None = Field(None, description="External S3 secret (from a Kubernetes Secret).", repr=False)
+    gateway_url: str | None = Field(None, description="URL of the serving API (the study gateway) the platform's jobs and "
+                                    "the CLI call; default: http://HOST:SERVE_HTTP_PORT. A cluster names its Service.")
+    ray_cluster: str | None = Field(None, description="Ray cluster the CLI's training, pipeline and serve commands join instead "
+                                    "of the embedded head: its GCS host:port, or `auto` on a Ray node or in a Ray job (a "
+                                    "KubeRay RayJob's driver); the chart sets it.")
+    deid_salt: str | None = Field(None, repr=False, description="The de-identification secret every component that "
+                                  "de-identifies DICOM shares (gateway replicas, receiver, jobs); a cluster sets it from a "
+                                  "Secret, since pods do not share a home. Default: HOME/serve/.deid-salt, made once.")
 
     startup_timeout_s: float = Field(180.0, description="How long `stack up` waits for a component's health.")
 
@@ -124,7 +132,7 @@ class Settings(BaseSettings):
 
     @property
     def serve_url(self) -> str:
-        return f"http://{self.host}:{self.serve_http_port}"
+        return self.gateway_url or f"http://{self.host}:{self.serve_http_port}"
 
     def as_env(self) -> dict[str, str]:
         """These settings as ONCOSERVE_* variables, for a child process that must see the same ones."""
@@ -155,7 +163,7 @@ class Settings(BaseSettings):
 
     @property
     def ray_address(self) -> str:
-        return f"{self.host}:{self.ray_port}"
+        return self.ray_cluster or f"{self.host}:{self.ray_port}"
 
     @property
     def logs_dir(self) -> Path:

@@ -26,9 +26,12 @@ def connected(settings):
 
     from pipelines.stack.process import port_free
 
-    if port_free(settings.host, settings.ray_port):
+    if settings.ray_cluster is None and port_free(settings.host, settings.ray_port):
         raise ServeError(f"no Ray at {settings.ray_address}; start the stack first: oncoserve stack up")
-    ray.init(address=settings.ray_address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address=settings.ray_address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:  # a configured cluster (ONCOSERVE_RAY_CLUSTER) that does not answer
+        raise ServeError(f"no Ray at {settings.ray_address}: {str(exc).splitlines()[0][:300]}") from None
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # keep Serve's INFO lines out of CLI output
     try:
         yield

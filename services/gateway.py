@@ -106,7 +106,7 @@ class StudyGateway:
         self.max_bytes = int(self.settings.serve_max_request_mb * 1024 * 1024)
         self.callers = CallerGate(self.settings)
         self._store = None
-        salt = deid_salt(self.settings.home)
+        salt = deid_salt(self.settings.home, self.settings.deid_salt)
         self.requests = StudyRequests(lambda: self.store, self.settings.bucket_data, salt)
         self.analysis = StudyAnalysis(self.tasks, reporting, preprocess_config(self.settings), AuditLog(self.settings.audit_file), salt)
         self.raw = RawInference(self.tasks)

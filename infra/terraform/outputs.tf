@@ -32,3 +32,18 @@ output "gpu_node_labels" {
   description = "Labels and taint of the GPU pool (match the chart's nodeSelector / tolerations)."
   value       = module.cluster.gpu_node_labels
 }
+
+output "helm_values" {
+  description = "Chart values this stack decides (helm install -f values-aws.json, from terraform output -json helm_values): the service account the IRSA role trusts, named once here, with its role; the buckets and region."
+  value = {
+    serviceAccount = {
+      create      = true
+      name        = var.service_account
+      annotations = { "eks.amazonaws.com/role-arn" = module.iam.serving_role_arn }
+    }
+    s3 = {
+      region  = var.region
+      buckets = module.storage.bucket_names
+    }
+  }
+}

@@ -126,7 +126,7 @@ def add_job_routes(app: FastAPI, settings: Settings, jobs: JobStore, store, audi
                 export = str(form.get("export", "")).lower() in ("1", "true", "yes")
                 if hasattr(form.get("dicom"), "read"):
                     # De-identification and the store write are blocking work: off the event loop.
-                    data, case_id, patient, uids = await asyncio.to_thread(uploaded_zip, await form["dicom"].read(), deid_salt(settings.home))
+                    data, case_id, patient, uids = await asyncio.to_thread(uploaded_zip, await form["dicom"].read(), deid_salt(settings.home, settings.deid_salt))
                     stored = await asyncio.to_thread(put, upload, "study.zip", data)
                     spec |= {"kind": "dicom", "objects": {"dicom": stored}, "export": export}
                     spec.setdefault("case_id", case_id)

@@ -132,7 +132,7 @@ class JobRunner:
             else:
                 self.jobs.update(job.id, state="failed", error=str(exc))
             return None
-        data, case_id, patient, uids = deidentified_zip(datasets, deid_salt(self.settings.home))
+        data, case_id, patient, uids = deidentified_zip(datasets, deid_salt(self.settings.home, self.settings.deid_salt))
         key = self._put(job, "input/study.zip", data, "application/zip")
         self.jobs.save_identity(job.id, patient, uids)
         spec = {"kind": "dicom", "objects": {"dicom": key}, "case_id": case_id, "export": job.input.get("export", True),

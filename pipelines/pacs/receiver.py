@@ -48,7 +48,7 @@ class DicomReceiver:
     def __init__(self, settings: Settings, jobs: JobStore, store, on_job=None):
         self.settings, self.jobs, self.store = settings, jobs, store
         self.on_job = on_job or (lambda job_id: None)
-        self.salt = deid_salt(settings.home)
+        self.salt = deid_salt(settings.home, settings.deid_salt)
         self.min_free_bytes = settings.dicom_min_free_mb * 1024 * 1024
         self.spool = settings.home / "jobs" / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)

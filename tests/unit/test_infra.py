@@ -133,14 +133,27 @@ def test_every_pod_is_non_root_read_only_with_resources(rendered):
                 assert c["resources"]["requests"] and c["resources"]["limits"], (name, c["name"])
 
 
-def test_only_the_gateway_is_open_beyond_the_namespace(rendered):
+def test_only_the_ingress_kuberay_and_prometheus_come_in_from_other_namespaces(rendered, tmp_path):
     policies = {d["metadata"]["name"]: d for d in rendered["default"][1] if d["kind"] == "NetworkPolicy"}
     assert "ingress" not in policies["demo-oncoserve-default-deny"]["spec"]
     open_rules = [(n, r) for n, p in policies.items() for r in p["spec"].get("ingress", []) if "from" not in r]
-    assert [n for n, _ in open_rules] == ["demo-oncoserve-gateway"]
-    assert {p["port"] for p in open_rules[0][1]["ports"]} == {8000, 9000}
-    same_ns = policies["demo-oncoserve-same-namespace"]["spec"]["ingress"][0]["from"]
-    assert same_ns == [{"podSelector": {}}]
+    assert open_rules == [], "a port open to every namespace"
+    sources = {n: [f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for r in p["spec"]["ingress"]
+                   for f in r["from"] if "namespaceSelector" in f] for n, p in policies.items() if "ingress" in p["spec"]}  # fmt: skip
+    assert sources["demo-oncoserve-gateway"] == ["ingress-nginx"] and sources["demo-oncoserve-platform-api"] == ["ingress-nginx"]
+    assert sources["demo-oncoserve-kuberay-operator"] == ["kuberay-system"] and sources["demo-oncoserve-prometheus"] == ["monitoring"]
+    operator = policies["demo-oncoserve-kuberay-operator"]["spec"]
+    assert operator["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert {p["port"] for p in operator["ingress"][0]["ports"]} == {8265, 6379, 52365}
+    assert policies["demo-oncoserve-same-namespace"]["spec"]["ingress"][0]["from"] == [{"podSelector": {}}]
+    # Named client namespaces reach the gateway; PACS senders reach the receiver's port only, when it runs.
+    result, docs = render({"networkPolicy": {"gatewayClientNamespaces": ["apps"]}, "dicom": {"enabled": True, "allowedAes": ["PACS"]}}, tmp_path)
+    assert "error" not in result, result
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    gateway = policies["demo-oncoserve-gateway"]["spec"]["ingress"][0]["from"]
+    assert [f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for f in gateway] == ["ingress-nginx", "apps"]
+    open_rules = [r for p in policies.values() for r in p["spec"].get("ingress", []) if "from" not in r]
+    assert [[p["port"] for p in r["ports"]] for r in open_rules] == [[11112]]
 
 
 @pytest.mark.parametrize(
@@ -286,3 +299,171 @@ def test_the_cpu_workers_at_their_minimum_hold_the_serve_application_at_its_mini
     workers = values["ray"]["cpuWorkers"]
     cores = float(workers["resources"]["limits"]["cpu"])
     assert workers["minReplicas"] * cores >= deploy_config.cpu_reservation(deploy_config.load(), "min_replicas")
+
+
+def _env(container: dict) -> dict[str, str]:
+    """A container's environment as the pod would see it (Secrets resolved to stand-in values)."""
+    return {e["name"]: e.get("value", f"secret:{e['name'].lower()}") for e in container["env"]}
+
+
+def _settings_from(container: dict, monkeypatch, tmp_path):
+    """oncoserve's Settings built from exactly a rendered container's environment."""
+    from oncoserve.settings import Settings
+
+    for key in [k for k in __import__("os").environ if k.startswith("ONCOSERVE_")]:
+        monkeypatch.delenv(key)
+    for key, value in _env(container).items():
+        monkeypatch.setenv(key, value)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("ONCOSERVE_HOME", str(tmp_path))  # the pod's /var/lib/oncoserve, writable here
+    monkeypatch.chdir(tmp_path)  # no oncoserve.toml of the test run's working directory
+    return Settings()
+
+
+PLATFORM_VALUES = {"dicom": {"enabled": True, "allowedAes": ["PACS", "MODALITY1"], "pacsDestination": "PACS@pacs.hospital:104"},
+                   "platformApi": {"ingress": {"enabled": True, "host": "oncoserve.example.org", "tlsSecret": "oncoserve-tls"}},
+                   "serve": {"publicUrl": "https://console.example.org"}}  # fmt: skip
+
+
+def test_the_platform_api_and_dicom_receiver_are_deployed_and_reachable_by_their_public_urls(tmp_path, monkeypatch):
+    """Defect: no platform API was deployed, so the console sent browsers to 127.0.0.1:8600."""
+    result, docs = render(PLATFORM_VALUES, tmp_path / "r")
+    assert "error" not in result, result
+    deployment = one(docs, "Deployment", "-platform")
+    spec = deployment["spec"]["template"]["spec"]
+    api, receiver = spec["containers"]
+    assert api["command"] + api["args"] == ["oncoserve", "platform", "serve", "--port", "8600"]
+    assert receiver["command"] == ["oncoserve", "pacs", "receive"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    # The job table, signing key and spool are on the claim both containers mount; the audit log on its own.
+    for container in (api, receiver):
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/var/lib/oncoserve/jobs"]["name"] == "state" and mounts["/var/lib/oncoserve/platform"]["name"] == "state"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == one(docs, "PersistentVolumeClaim", "-platform")["metadata"]["name"]
+    assert volumes["audit"]["persistentVolumeClaim"]["claimName"] == "demo-oncoserve-audit"
+    service = one(docs, "Service", "-platform")
+    assert service["spec"]["ports"][0]["port"] == 8600 and service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    dicom = one(docs, "Service", "-dicom")
+    assert dicom["spec"]["ports"][0]["port"] == 11112 and dicom["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    ingress = one(docs, "Ingress", "-platform")
+    assert ingress["spec"]["tls"] == [{"hosts": ["oncoserve.example.org"], "secretName": "oncoserve-tls"}]
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == service["metadata"]["name"]
+    # Our own settings read the rendered environment the way the pods will.
+    settings = _settings_from(api, monkeypatch, tmp_path / "api")
+    assert settings.platform_url == "https://oncoserve.example.org" and settings.host == "0.0.0.0"
+    assert settings.serve_url == "http://demo-oncoserve-gateway:8000" and settings.mlflow_url == "http://demo-oncoserve-mlflow:5000"
+    assert settings.allowed_origins == ["https://console.example.org"]
+    assert settings.signing_key_file.parent == settings.signing_public_key_file.parent == tmp_path / "api" / "platform"
+    receiving = _settings_from(receiver, monkeypatch, tmp_path / "receiver")
+    assert receiving.dicom_allowed_aes == ["PACS", "MODALITY1"] and receiving.pacs_destination == "PACS@pacs.hospital:104"
+    assert receiving.deid_salt == settings.deid_salt == "secret:oncoserve_deid_salt"
+    # The gateway pods name the same public URL to browsers and share the de-identification salt.
+    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    gateway = _settings_from(head, monkeypatch, tmp_path / "head")
+    assert gateway.platform_url == settings.platform_url and gateway.deid_salt == settings.deid_salt
+    assert gateway.signing_public_key_file == Path("/etc/oncoserve/trust/signing.pub")
+    salt = {e["name"]: e for e in head["env"]}["ONCOSERVE_DEID_SALT"]["valueFrom"]["secretKeyRef"]
+    assert salt == {"name": "oncoserve-deid", "key": "salt"}
+    # Without an ingress, an explicit publicUrl wins; without either, the in-cluster Service URL.
+    result, docs = render({"platformApi": {"publicUrl": "https://platform.example.org"}}, tmp_path / "r2")
+    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert _env(head)["ONCOSERVE_PLATFORM_PUBLIC_URL"] == "https://platform.example.org"
+    assert [c["name"] for c in one(docs, "Deployment", "-platform")["spec"]["template"]["spec"]["containers"]] == ["platform-api"]
+    assert not [d for d in docs if d["kind"] in ("Ingress",) or d["metadata"]["name"].endswith("-dicom")]
+
+
+def test_ray_addresses_and_ports_come_from_the_chart(rendered, tmp_path, monkeypatch):
+    """Defect: jobs called ray.init("127.0.0.1:6380") (the embedded head) while KubeRay's head listens on 6379."""
+    docs = rendered["gpu"][1]
+    head_group = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    gcs = {p["name"]: p["containerPort"] for p in head_group["template"]["spec"]["containers"][0]["ports"]}["gcs"]
+    assert head_group["rayStartParams"]["port"] == str(gcs) == "6379"
+    for job in (d for d in docs if d["kind"] == "RayJob"):
+        job_head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
+        assert job_head["rayStartParams"]["port"] == "6379"
+        settings = _settings_from(job_head["template"]["spec"]["containers"][0], monkeypatch, tmp_path / job["metadata"]["name"])
+        assert settings.ray_address == "auto"  # the driver joins the RayJob's own cluster (RAY_ADDRESS)
+    result, docs = render({"ray": {"headPort": 6390}}, tmp_path / "r")
+    head_group = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head_group["rayStartParams"]["port"] == "6390"
+    policy = one(docs, "NetworkPolicy", "-kuberay-operator")
+    assert 6390 in {p["port"] for p in policy["spec"]["ingress"][0]["ports"]}
+
+
+def test_the_service_account_is_the_one_the_terraform_irsa_role_trusts(rendered):
+    """Defect: the IAM role trusted `oncoserve` while the chart created `<release>-oncoserve`."""
+    import re
+
+    variables = (TERRAFORM / "variables.tf").read_text()
+    default = re.search(r'variable "service_account" \{.*?default\s*=\s*"([^"]+)"', variables, re.S).group(1)
+    outputs = (TERRAFORM / "outputs.tf").read_text()
+    helm_values = outputs[outputs.index('output "helm_values"'):]
+    assert re.search(r"name\s*=\s*var\.service_account", helm_values) and "eks.amazonaws.com/role-arn" in helm_values
+    iam = (TERRAFORM / "modules/iam/main.tf").read_text()
+    assert "system:serviceaccount:${var.namespace}:${var.service_account}" in iam
+    for name, (_, docs, _) in rendered.items():
+        account = one(docs, "ServiceAccount")["metadata"]["name"]
+        assert account == default, name
+        used = {spec["serviceAccountName"] for d in docs for spec in pod_specs(d) if "serviceAccountName" in spec}
+        assert used == {default}, (name, used)
+
+
+MLFLOW_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _mlflow_server(tmp_path: Path, extra: list[str]):
+    import socket
+    import sys
+    import time as _time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root", str(tmp_path / "a"), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    import httpx
+
+    deadline = _time.monotonic() + 120
+    while _time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "mlflow server exited"
+        _time.sleep(0.5)  # polling a starting server's health, not synchronising on a guess
+    proc.kill()
+    raise AssertionError("mlflow server did not come up")
+
+
+def test_mlflow_answers_pods_that_call_it_by_its_service_name(rendered, tmp_path):
+    """Defect: MLflow >= 3.5 answered 403 to the Service name pods use, while /health stayed green.
+    The rendered --allowed-hosts is given to a real MLflow server; requests carry the in-cluster Host."""
+    import shlex
+
+    import httpx
+
+    mlflow = one(rendered["default"][1], "Deployment", "-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    argv = shlex.split(mlflow["args"][0].split("exec ", 1)[1])
+    hosts = argv[argv.index("--allowed-hosts") + 1]
+    service = one(rendered["default"][1], "Service", "-mlflow")
+    names = [service["metadata"]["name"], f"{service['metadata']['name']}.oncoserve.svc.cluster.local"]
+    port = service["spec"]["ports"][0]["port"]
+    for extra, expected in (([], 403), (["--allowed-hosts", hosts], 200)):
+        proc, local = _mlflow_server(tmp_path / str(expected), extra)
+        try:
+            for name in names:
+                for host in (name, f"{name}:{port}"):
+                    answer = httpx.get(f"http://127.0.0.1:{local}{MLFLOW_PROBE}", headers={"host": host}, timeout=30)
+                    assert answer.status_code == expected, (extra, host, answer.status_code)
+            health = httpx.get(f"http://127.0.0.1:{local}/health", headers={"host": names[0]}, timeout=30)
+            assert health.status_code == 200  # the probe is green either way: it never caught this
+            if extra:
+                stranger = httpx.get(f"http://127.0.0.1:{local}{MLFLOW_PROBE}", headers={"host": "evil.example"}, timeout=30)
+                assert stranger.status_code == 403  # DNS rebinding protection stays on
+        finally:
+            proc.kill()
+            proc.wait()

@@ -17,8 +17,26 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* The service account: exactly serviceAccount.name, the name infra/terraform's IRSA role trusts
+(variable service_account; both default to oncoserve). */}}
 {{- define "oncoserve.serviceAccount" -}}
-{{- if .Values.serviceAccount.create -}}{{ default (include "oncoserve.fullname" .) .Values.serviceAccount.name }}{{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/* In-cluster URLs of the platform's Services. */}}
+{{- define "oncoserve.mlflowUrl" -}}
+{{- printf "http://%s-mlflow:%v" (include "oncoserve.fullname" .) .Values.mlflow.port -}}
+{{- end -}}
+{{- define "oncoserve.platformUrl" -}}
+{{- printf "http://%s-platform:%v" (include "oncoserve.fullname" .) .Values.platformApi.port -}}
+{{- end -}}
+
+{{/* The URL browsers reach the platform API at: platformApi.publicUrl, else the Ingress host, else the
+in-cluster Service (reachable from pods only: set one of the others for the console). */}}
+{{- define "oncoserve.platformPublicUrl" -}}
+{{- if .Values.platformApi.publicUrl -}}{{ .Values.platformApi.publicUrl }}
+{{- else if and .Values.platformApi.ingress.enabled .Values.platformApi.ingress.host -}}{{ printf "%s://%s" (ternary "https" "http" (ne .Values.platformApi.ingress.tlsSecret "")) .Values.platformApi.ingress.host }}
+{{- else -}}{{ include "oncoserve.platformUrl" . }}{{- end -}}
 {{- end -}}
 
 {{- define "oncoserve.image" -}}
@@ -50,7 +68,15 @@ capabilities: {drop: [ALL]}
 {{/* The platform's settings for pods (ONCOSERVE_* environment; see oncoserve/settings.py). */}}
 {{- define "oncoserve.env" -}}
 - {name: ONCOSERVE_HOME, value: /var/lib/oncoserve}
-- {name: ONCOSERVE_MLFLOW_URI, value: {{ printf "http://%s-mlflow:%v" (include "oncoserve.fullname" .) .Values.mlflow.port | quote }}}
+- {name: ONCOSERVE_MLFLOW_URI, value: {{ include "oncoserve.mlflowUrl" . | quote }}}
+- {name: ONCOSERVE_PLATFORM_PORT, value: {{ .Values.platformApi.port | quote }}}
+- {name: ONCOSERVE_PLATFORM_PUBLIC_URL, value: {{ include "oncoserve.platformPublicUrl" . | quote }}}
+- {name: ONCOSERVE_GATEWAY_URL, value: {{ printf "http://%s-gateway:%v" (include "oncoserve.fullname" .) .Values.serve.httpPort | quote }}}
+{{- if .Values.serve.publicUrl }}
+- {name: ONCOSERVE_CORS_ORIGINS, value: {{ list .Values.serve.publicUrl | toJson | quote }}}
+{{- end }}
+- name: ONCOSERVE_DEID_SALT
+  valueFrom: {secretKeyRef: {name: {{ .Values.deidentification.saltSecret }}, key: salt}}
 - {name: ONCOSERVE_S3_EXTERNAL_ENDPOINT, value: {{ .Values.s3.endpoint | quote }}}
 - {name: ONCOSERVE_S3_SECURE, value: {{ .Values.s3.secure | quote }}}
 - {name: ONCOSERVE_BUCKET_ARTIFACTS, value: {{ .Values.s3.buckets.artifacts | quote }}}
@@ -61,7 +87,6 @@ capabilities: {drop: [ALL]}
 - {name: AWS_DEFAULT_REGION, value: {{ .Values.s3.region | quote }}}
 - {name: PROMETHEUS_MULTIPROC_DIR, value: /var/lib/oncoserve/serve/metrics}
 - {name: ONCOSERVE_AUDIT_DIR, value: /var/lib/oncoserve-audit}
-- {name: ONCOSERVE_SIGNING_PUBLIC_KEY, value: /etc/oncoserve/trust/signing.pub}
 {{- if .Values.s3.credentialsSecret }}
 - name: ONCOSERVE_S3_ACCESS_KEY
   valueFrom: {secretKeyRef: {name: {{ .Values.s3.credentialsSecret }}, key: AWS_ACCESS_KEY_ID}}
@@ -130,4 +155,36 @@ applications:
         ray_actor_options: {num_cpus: {{ $d.num_cpus }}}
         logging_config: {encoding: JSON}
     {{- end }}
+{{- end -}}
+
+{{/* What the platform API and the DICOM receiver containers share (one pod): image, settings, the
+MLflow account named (args: root, account), and the home with its durable state (signing key, job table, spool). */}}
+{{- define "oncoserve.platformContainerBase" -}}
+{{- $account := .account -}}
+{{- with .root -}}
+image: {{ include "oncoserve.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+env:
+  {{- include "oncoserve.env" . | nindent 2 }}
+  {{- include "oncoserve.mlflowAccount" (dict "root" . "account" $account) | nindent 2 }}
+  # Bind the pod's interfaces (the NetworkPolicies decide who may connect), not the embedded 127.0.0.1.
+  - {name: ONCOSERVE_HOST, value: 0.0.0.0}
+  {{- if .Values.dicom.enabled }}
+  - {name: ONCOSERVE_DICOM_AE_TITLE, value: {{ .Values.dicom.aeTitle | quote }}}
+  - {name: ONCOSERVE_DICOM_PORT, value: {{ .Values.dicom.port | quote }}}
+  - {name: ONCOSERVE_DICOM_ALLOWED_AES, value: {{ toJson .Values.dicom.allowedAes | quote }}}
+  {{- if .Values.dicom.pacsDestination }}
+  - {name: ONCOSERVE_PACS_DESTINATION, value: {{ .Values.dicom.pacsDestination | quote }}}
+  {{- end }}
+  {{- end }}
+securityContext: {{- include "oncoserve.containerSecurity" . | nindent 2 }}
+volumeMounts:
+  - {name: tmp, mountPath: /tmp}
+  - {name: home, mountPath: /var/lib/oncoserve}
+  # The signing key and the job table (with its spool) outlive the pod; the rest of the home is scratch.
+  - {name: state, mountPath: /var/lib/oncoserve/platform, subPath: platform}
+  - {name: state, mountPath: /var/lib/oncoserve/jobs, subPath: jobs}
+  - {name: tokens, mountPath: /var/lib/oncoserve/auth, readOnly: true}
+  - {name: audit, mountPath: /var/lib/oncoserve-audit}
+{{- end -}}
 {{- end -}}

@@ -41,7 +41,7 @@ spec:
   rayClusterSpec:
     rayVersion: {{ $root.Values.ray.version | quote }}
     headGroupSpec:
-      rayStartParams: {num-cpus: "0"}
+      rayStartParams: {port: {{ $root.Values.ray.headPort | quote }}, num-cpus: "0"}
       template:
         spec:
           serviceAccountName: {{ include "oncoserve.serviceAccount" $root }}
@@ -55,6 +55,9 @@ spec:
                 {{- include "oncoserve.mlflowAccount" (dict "root" $root "account" "training") | nindent 16 }}
                 - name: ONCOSERVE_TOKEN
                   valueFrom: {secretKeyRef: {name: {{ $root.Values.auth.jobTokenSecret }}, key: token}}
+                # The entrypoint is this cluster's Ray job driver: it joins the cluster it runs in (RAY_ADDRESS).
+                - {name: ONCOSERVE_RAY_CLUSTER, value: auto}
+                - {name: ONCOSERVE_SIGNING_PUBLIC_KEY, value: /etc/oncoserve/trust/signing.pub}
               resources: {{- toYaml $root.Values.ray.head.resources | nindent 16 }}
               securityContext: {{- include "oncoserve.containerSecurity" $root | nindent 16 }}
               volumeMounts:
@@ -86,6 +89,7 @@ spec:
                 env:
                   {{- include "oncoserve.env" $root | nindent 18 }}
                   {{- include "oncoserve.mlflowAccount" (dict "root" $root "account" "training") | nindent 18 }}
+                  - {name: ONCOSERVE_SIGNING_PUBLIC_KEY, value: /etc/oncoserve/trust/signing.pub}
                 {{- $res := $root.Values.ray.cpuWorkers.resources }}
                 {{- if .gpu }}
                 {{- $gpu := dict "nvidia.com/gpu" 1 }}
