@@ -7,8 +7,12 @@
     s3://<models bucket>/<prefix>/<task>/<n>/sha256.json
 
 config.pbtxt is built as tritonclient's ModelConfig protobuf and printed in text format, so it always
-parses. The sha256 of every artifact is recorded at compile time on the registry version (tag
-`compiled_sha256`) and verified before any backend loads it (serving/artifacts.py).
+parses; its version policy names the served versions explicitly (champion, previous and the version
+compiled), never "the latest N", so compiling candidates cannot unload the champion or the rollback
+target. The sha256 of every artifact is recorded at compile time on the registry version (tag
+`compiled_sha256`), with the version's own config text (tag `compiled_config`), and verified before any
+backend loads it (serving/artifacts.py; serving/triton_sync.py builds Triton's local repository from
+verified files only).
 
 Runtime selection: each CPU runtime (serving/runtimes.py) runs the version's exported reference input;
 one whose outputs differ from torch's by more than the tolerance is refused, the others are timed, and
@@ -49,7 +53,6 @@ class CompileOptions:
     instance_count: int = 1
     gpu: bool = False
     tensorrt_accelerator: bool = False  # ORT's TensorRT execution accelerator on GPU instances
-    versions_kept: int = 2
     runtimes: tuple[str, ...] = RUNTIMES  # CPU runtimes to measure
     runtime_threads: int = 1  # threads each candidate gets: what one serving replica uses
     runtime_runs: int = 5  # timed runs per candidate (after one warm-up run that is also the parity run)
@@ -83,7 +86,14 @@ def triton_backend(options: CompileOptions, measured: str | None) -> str:
     return "openvino" if wanted == "openvino" else "onnxruntime"
 
 
-def model_config(task: str, signature: dict, options: CompileOptions, backend: str = "onnxruntime"):
+def served_versions(registry: Registry, task: str) -> list[str]:
+    """The versions serving may need loaded: champion and previous (the rollback target), oldest first."""
+    aliases = registry.aliases(task)
+    return sorted({aliases[a] for a in ("champion", "previous") if a in aliases}, key=int)
+
+
+def model_config(task: str, signature: dict, options: CompileOptions, backend: str = "onnxruntime",
+                 versions: list[str] | None = None):  # fmt: skip
     from tritonclient.grpc import model_config_pb2 as mc
 
     if backend == "openvino":  # the OpenVINO backend loads ONNX directly when the file is named
@@ -102,7 +112,8 @@ def model_config(task: str, signature: dict, options: CompileOptions, backend: s
     group = config.instance_group.add()
     group.count = options.instance_count
     group.kind = mc.ModelInstanceGroup.KIND_GPU if options.gpu else mc.ModelInstanceGroup.KIND_CPU
-    config.version_policy.latest.num_versions = options.versions_kept
+    if versions:  # explicit, so no compile of another version can drop a served one
+        config.version_policy.specific.versions.extend(int(v) for v in versions)
     if options.gpu and options.tensorrt_accelerator:
         accel = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
         accel.name = "tensorrt"
@@ -153,7 +164,8 @@ def compile_version(registry: Registry, store, bucket: str, prefix: str, task: s
     runtime_key = f"{task}/{version}/runtime.json"
     kept = _measured_before(store, bucket, prefix, runtime_key, info.tags.get("compiled_sha256"))
     runtime = RuntimeChoice.from_json(kept.decode()) if kept else select_runtime(model_dir, options)
-    config = model_config(task, info.signature, options, triton_backend(options, runtime.runtime))
+    versions = sorted({*served_versions(registry, task), str(version)}, key=int)
+    config = model_config(task, info.signature, options, triton_backend(options, runtime.runtime), versions)
     config_text = text_format.MessageToString(config)
     files = {f"{task}/{version}/model.onnx": onnx_bytes, f"{task}/config.pbtxt": config_text.encode(),
              runtime_key: kept or runtime.to_json().encode()}  # fmt: skip
@@ -166,6 +178,7 @@ def compile_version(registry: Registry, store, bucket: str, prefix: str, task: s
     for key, data in files.items():
         store.put_object(bucket, f"{prefix}/{key}", io.BytesIO(data), len(data))
     registry.set_tag(task, version, "compiled_sha256", json.dumps(digests))
+    registry.set_tag(task, version, "compiled_config", config_text)  # its digest is in compiled_sha256
     registry.set_tag(task, version, "compiled_repository", f"s3://{bucket}/{prefix}")
     registry.set_tag(task, version, "compiled_runtime", runtime.runtime)
     registry.set_tag(task, version, "compiled_runtime_table", "\n".join(runtime.table()))

@@ -1,4 +1,4 @@
-"""`oncoserve models list | show | promote | rollback | audit` and `oncoserve compile`."""
+"""`oncoserve models list | show | promote | rollback | audit | sync-triton` and `oncoserve compile`."""
 
 from __future__ import annotations
 
@@ -109,6 +109,35 @@ def rollback(task: str = typer.Argument(...), reason: str = typer.Option(None, "
     with user_errors(*ERRORS):
         old, new = PlatformClient(settings).rollback(task, reason)
     console.print(f"{task}: champion v{old} -> v{new}")
+
+
+@app.command("sync-triton")
+def sync_triton(
+    dest: Path = typer.Option(..., "--dest", help="Local model repository Triton reads (--model-repository=DEST)."),
+    every: float = typer.Option(0.0, "--every", min=0.0, help="Seconds between passes (a sidecar); 0: one pass."),
+    report: Path = typer.Option(None, "--report", help="Write each pass's outcome here as JSON (outside DEST)."),
+) -> None:
+    """Build Triton's local repository from verified files only: champion and previous of every model task,
+    each file checked against the sha256 recorded at compile, the versions named in config.pbtxt."""
+    import time
+
+    from oncoserve.object_store import object_store
+    from serving.triton_sync import sync_repository
+
+    settings = Settings()
+    registry, store = Registry(settings.mlflow_url), object_store(settings)
+    while True:
+        with user_errors(*ERRORS):
+            reports = sync_repository(registry, store, settings.bucket_models, settings.triton_repo_prefix, dest,
+                                      report_file=report)  # fmt: skip
+        for r in reports:
+            loaded = ", ".join(f"v{v}" for v in r.loaded) or "nothing"
+            console.print(f"{r.task}: {loaded} ({r.platform or 'no config'})", highlight=False)
+            for version, why in r.refused.items():
+                err_console.print(f"[bold red]refused[/] {r.task} v{version}: {why}", highlight=False)
+        if not every:
+            return
+        time.sleep(every)  # the sidecar's period, not a synchronisation
 
 
 @app.command()

@@ -6,6 +6,7 @@ B (A with its output pushed to background, honestly worse) is refused, forced in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -113,6 +114,9 @@ def test_compile_writes_a_parseable_triton_repository(env):
     onnx_bytes = store.get_object(s.bucket_models, f"{prefix}/{TASK}/{a}/model.onnx").read()
     graph = onnx.load_model_from_string(onnx_bytes).graph
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 4
+    assert a in [str(v) for v in config.version_policy.specific.versions]  # named, never "the latest N"
+    tags = Registry(s.mlflow_url).version(TASK, a).tags
+    assert hashlib.sha256(tags["compiled_config"].encode()).hexdigest() == json.loads(tags["compiled_sha256"])[f"{TASK}/config.pbtxt"]
     assert [i.name for i in config.input] == [i.name for i in graph.input]
     assert [o.name for o in config.output] == [o.name for o in graph.output]
     onnx_dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:]
@@ -195,8 +199,6 @@ def test_worse_version_is_refused_with_the_failing_gate_named(env, tiny_dataset)
     assert "no_regression:hd95_WT" in run.stderr and "refused" in run.stderr
     assert Registry(env["settings"].mlflow_url).alias(TASK, "champion") == env["a"]
     # The caller's ONCOSERVE_GATES_FILE (pass-all) changed nothing: the audit names the server's gates.
-    import hashlib
-
     from pipelines.platform_client import PlatformClient
 
     server = PlatformClient(env["settings"], token="").info()["gates_sha256"]
@@ -219,6 +221,65 @@ def test_forcing_needs_admin_and_a_reason_and_is_audited(env, tiny_dataset):
     assert forced.returncode == 0 and "FORCED" in forced.stdout, forced.stdout + forced.stderr
     registry = Registry(env["settings"].mlflow_url)
     assert registry.alias(TASK, "champion") == b and registry.alias(TASK, "previous") == env["a"]
+
+
+def _config(path: Path):
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_triton_repository_holds_champion_and_previous_verified_whatever_else_is_compiled(env, tmp_path):
+    """Defects: Triton read S3 unverified and kept the two newest versions, so compiling candidates
+    unloaded the champion or the rollback target."""
+    from serving.compile import served_versions
+
+    s, a, b = env["settings"], env["a"], env["b"]
+    registry, store = Registry(s.mlflow_url), object_store(s)
+    assert served_versions(registry, TASK) == [a, b]  # previous and champion after the forced promotion
+    # A third version compiled (a candidate): the repository's config names it beside the served ones ...
+    c = register_worse_copy(s, a)
+    compiled = oncoserve("compile", TASK, "--version", c, token=env["tokens"]["data-scientist"])
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    shared = store.get_object(s.bucket_models, f"{s.triton_repo_prefix}/{TASK}/config.pbtxt").read().decode()
+    from tritonclient.grpc import model_config_pb2
+
+    policy = text_format.Parse(shared, model_config_pb2.ModelConfig()).version_policy
+    assert list(policy.specific.versions) == [int(a), int(b), int(c)] and not policy.HasField("latest")
+    # ... and the local repository Triton reads holds exactly champion and previous, each file verified.
+    dest, report = tmp_path / "models", tmp_path / "sync.json"
+    run = oncoserve("models", "sync-triton", "--dest", str(dest), "--report", str(report), token=env["tokens"]["viewer"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    config = _config(dest / TASK / "config.pbtxt")
+    assert list(config.version_policy.specific.versions) == [int(a), int(b)] and config.platform == "onnxruntime_onnx"
+    assert sorted(p.name for p in (dest / TASK).iterdir() if p.is_dir()) == sorted([a, b])
+    for version in (a, b):
+        digests = json.loads(registry.version(TASK, version).tags["compiled_sha256"])
+        local = hashlib.sha256((dest / TASK / version / "model.onnx").read_bytes()).hexdigest()
+        assert local == digests[f"{TASK}/{version}/model.onnx"]
+    outcome = {t["task"]: t for t in json.loads(report.read_text())["tasks"]}[TASK]
+    assert outcome["loaded"] == [a, b] and outcome["refused"] == {}
+    # A tampered champion in S3 is never written: a copy verified before (same sha256 as recorded) stays,
+    # a fetch of the tampered bytes is refused and the version left out, with the reason.
+    key = f"{s.triton_repo_prefix}/{TASK}/{b}/model.onnx"
+    original = store.get_object(s.bucket_models, key).read()
+    tampered = original[:-1] + bytes([original[-1] ^ 0xFF])
+    store.put_object(s.bucket_models, key, io.BytesIO(tampered), len(tampered))
+    try:
+        kept = oncoserve("models", "sync-triton", "--dest", str(dest), token=env["tokens"]["viewer"])
+        assert kept.returncode == 0 and "refused" not in kept.stderr  # the local copy still matches the record
+        assert list(_config(dest / TASK / "config.pbtxt").version_policy.specific.versions) == [int(a), int(b)]
+        (dest / TASK / b / "model.onnx").unlink()  # lost: the next pass must fetch it again
+        again = oncoserve("models", "sync-triton", "--dest", str(dest), token=env["tokens"]["viewer"])
+        assert again.returncode == 0 and f"refused {TASK} v{b}" in again.stderr and "differs from the compiled" in again.stderr
+        assert not (dest / TASK / b).exists() and list(_config(dest / TASK / "config.pbtxt").version_policy.specific.versions) == [int(a)]
+        fresh = tmp_path / "fresh"
+        oncoserve("models", "sync-triton", "--dest", str(fresh), token=env["tokens"]["viewer"])
+        assert not (fresh / TASK / b).exists() and list(_config(fresh / TASK / "config.pbtxt").version_policy.specific.versions) == [int(a)]
+    finally:
+        store.put_object(s.bucket_models, key, io.BytesIO(original), len(original))
+    healed = oncoserve("models", "sync-triton", "--dest", str(dest), token=env["tokens"]["viewer"])
+    assert healed.returncode == 0 and list(_config(dest / TASK / "config.pbtxt").version_policy.specific.versions) == [int(a), int(b)]
 
 
 def test_rollback_restores_the_previous_version(env):

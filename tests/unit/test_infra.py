@@ -467,3 +467,30 @@ def test_mlflow_answers_pods_that_call_it_by_its_service_name(rendered, tmp_path
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_triton_reads_only_the_verified_local_repository(rendered):
+    """Defect: Triton read the repository from S3 unverified. Now an init container and a sidecar
+    (`oncoserve models sync-triton`) write verified files to a volume Triton reads and cannot write."""
+    import inspect
+
+    from pipelines.cli.models import sync_triton
+
+    triton = one(rendered["gpu"][1], "Deployment", "-triton")["spec"]["template"]["spec"]
+    server = next(c for c in triton["containers"] if c["name"] == "triton")
+    assert "--model-repository=/models" in server["args"] and not any("s3://" in a for a in server["args"])
+    assert not any(e["name"].startswith("AWS_ACCESS") for e in server.get("env", []))  # no S3 keys at all
+    assert {m["mountPath"]: m.get("readOnly", False) for m in server["volumeMounts"]}["/models"] is True
+    cli_options = {p.default.param_decls[0] for p in inspect.signature(sync_triton).parameters.values()}
+    syncs = [*triton["initContainers"], *(c for c in triton["containers"] if c["name"] != "triton")]
+    assert [c["name"] for c in syncs] == ["sync-models", "sync-models-watch"]
+    for container in syncs:
+        command = container["command"]
+        assert command[:3] == ["oncoserve", "models", "sync-triton"]
+        options = dict(zip(command[3::2], command[4::2]))
+        assert set(options) <= cli_options and options["--dest"] == "/models"
+        assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]}["/models"] == "models"
+        key = {e["name"]: e for e in container["env"]}["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"]
+        assert key == "reader-password"
+    assert "--every" not in syncs[0]["command"] and dict(zip(syncs[1]["command"][3::2], syncs[1]["command"][4::2]))["--every"] == "30"
+    assert {v["name"]: v for v in triton["volumes"]}["models"]["emptyDir"]

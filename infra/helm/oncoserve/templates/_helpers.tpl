@@ -188,3 +188,21 @@ volumeMounts:
   - {name: audit, mountPath: /var/lib/oncoserve-audit}
 {{- end -}}
 {{- end -}}
+
+{{/* The verified Triton repository sync (args: root, every: seconds between passes, 0 = one pass). */}}
+{{- define "oncoserve.tritonSync" -}}
+image: {{ include "oncoserve.image" .root }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+command: [oncoserve, models, sync-triton, --dest, /models{{ if .every }}, --every, {{ .every | quote }}{{ end }}, --report, /tmp/sync.json]
+env:
+  {{- include "oncoserve.env" .root | nindent 2 }}
+  {{- include "oncoserve.mlflowAccount" (dict "root" .root "account" "reader") | nindent 2 }}
+resources:
+  requests: {cpu: 100m, memory: 256Mi}
+  limits: {cpu: 500m, memory: 1Gi}
+securityContext: {{- include "oncoserve.containerSecurity" .root | nindent 2 }}
+volumeMounts:
+  - {name: models, mountPath: /models}
+  - {name: tmp, mountPath: /tmp}
+  - {name: home, mountPath: /var/lib/oncoserve}
+{{- end -}}
