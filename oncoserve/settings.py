@@ -90,7 +90,8 @@ class Settings(BaseSettings):
                                      "e.g. https://pacs.example.org/dicom-web.")
     dicomweb_username: str | None = Field(None, description="Basic-auth user for the DICOMweb server.")
     dicomweb_password: str | None = Field(None, description="Basic-auth password (from a secret).", repr=False)
-    pacs_destination: str | None = Field(None, description="Where accepted results go by C-STORE: AE_TITLE@host:port; unset: they stay here.")
+    pacs_destination: str | None = Field(None, description="Where accepted results go: AE_TITLE@host:port (C-STORE) or the "
+                                         "PACS's DICOMweb root, http(s)://... (STOW-RS, with the DICOMweb credentials); unset: they stay here.")
     pacs_auto_export: bool = Field(False, description="Send results without a clinician's review (research use; the objects say so).")
     pacs_retry_s: float = Field(30.0, gt=0, description="Seconds between delivery attempts to the PACS.")
     pacs_max_attempts: int = Field(10, ge=1, description="Delivery attempts before an export is failed.")

@@ -2,7 +2,7 @@
 
 What is sent: the gateway's SEG, a TID 1500 SR and an encapsulated PDF (pipelines.pacs.results), each filed
 under the original patient and study (pipelines.pacs.identity) and titled with its review state. A failed
-delivery is tried again every `pacs_retry_s` seconds, up to `pacs_max_attempts` times; the job's `delivery`
+delivery (C-STORE, or STOW-RS to a DICOMweb URL) is tried again every `pacs_retry_s` seconds, up to `pacs_max_attempts` times; the job's `delivery`
 says what was sent where, each attempt's outcome and when the next one is due. Object UIDs are stable per
 job, so a retry that repeats an object replaces it in the PACS.
 """
@@ -20,7 +20,7 @@ from imaging.dicom_series import read_datasets, sorted_slices
 from pipelines.jobs.store import Job
 from pipelines.pacs.identity import reidentify
 from pipelines.pacs.results import build_pdf, build_sr, mark_seg
-from pipelines.pacs.send import SendError, c_store, parse_destination
+from pipelines.pacs.send import SendError, parse_destination, send
 
 
 def _object(runner, key: str) -> bytes:
@@ -67,7 +67,7 @@ def export_job(runner, job: Job) -> None:
     jobs.update(job.id, progress=0.95, detail=f"sending SEG, SR and PDF to {destination}")
     try:
         objects = result_objects(runner, job)
-        sent = c_store(destination, settings.dicom_ae_title, objects)
+        sent = send(destination, objects, settings.dicom_ae_title, settings.dicomweb_username, settings.dicomweb_password)
     except (SendError, OSError) as exc:
         delivery["attempts"] = [*delivery["attempts"], {"time": time.time(), "ok": False, "error": str(exc)[:300]}]
         if len(delivery["attempts"]) >= settings.pacs_max_attempts:

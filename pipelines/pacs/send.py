@@ -1,4 +1,5 @@
-"""Sending result objects to a PACS by C-STORE (pynetdicom), and naming where that is."""
+"""Sending result objects to a PACS, by C-STORE (pynetdicom) or STOW-RS (dicomweb-client), and naming
+where that is: `AE_TITLE@host:port` for C-STORE, an http(s) DICOMweb root for STOW-RS."""
 
 from __future__ import annotations
 
@@ -21,11 +22,22 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-def parse_destination(text: str) -> Destination:
-    """`AET@host:port`, e.g. `ORTHANC@pacs.hospital.org:4242`."""
+@dataclass(frozen=True)
+class StowDestination:
+    url: str  # the DICOMweb root; STOW-RS posts to <url>/studies
+
+    def __str__(self) -> str:
+        return f"STOW-RS {self.url}"
+
+
+def parse_destination(text: str) -> Destination | StowDestination:
+    """`AET@host:port` (C-STORE), e.g. `ORTHANC@pacs.hospital.org:4242`, or a DICOMweb root (STOW-RS), e.g.
+    `https://pacs.hospital.org/dicom-web`."""
+    if text.strip().lower().startswith(("http://", "https://")):
+        return StowDestination(text.strip().rstrip("/"))
     match = DESTINATION.match(text.strip())
     if not match or not 0 < int(match.group("port")) < 65536:
-        raise ValueError(f"PACS destination {text!r}: expected AE_TITLE@host:port (AE title at most 16 characters)")
+        raise ValueError(f"PACS destination {text!r}: expected AE_TITLE@host:port (AE title at most 16 characters) or an http(s) DICOMweb URL")
     return Destination(match.group("aet").strip(), match.group("host").strip("[]"), int(match.group("port")))
 
 
@@ -58,3 +70,35 @@ def c_store(destination: Destination, calling_ae: str, datasets: list[Dataset], 
     finally:
         assoc.release()
     return sent
+
+
+def stow_rs(destination: StowDestination, datasets: list[Dataset], username: str | None = None,
+            password: str | None = None, timeout_s: float = 60.0) -> list[str]:  # fmt: skip
+    """Store every dataset with one STOW-RS request; returns their SOP instance UIDs. Raises SendError when
+    the server cannot be reached, answers an HTTP error, or lists an instance as failed."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_auth
+    from requests.auth import HTTPBasicAuth
+
+    session = create_session_from_auth(HTTPBasicAuth(username, password or "")) if username else None
+    client = DICOMwebClient(url=destination.url, session=session, timeout=timeout_s)
+    try:
+        response = client.store_instances(datasets)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise SendError(f"{destination} answered HTTP {status} to the STOW-RS request") from None
+    except requests.RequestException as exc:
+        raise SendError(f"{destination} could not be reached: {type(exc).__name__}") from None
+    failed = [str(item.get("ReferencedSOPInstanceUID", "?")) for item in getattr(response, "FailedSOPSequence", [])]
+    if failed:
+        raise SendError(f"{destination} refused {', '.join(failed[:3])}")
+    return [str(ds.SOPInstanceUID) for ds in datasets]
+
+
+def send(destination: Destination | StowDestination, datasets: list[Dataset], calling_ae: str,
+         username: str | None = None, password: str | None = None) -> list[str]:  # fmt: skip
+    """The results to where the settings say: C-STORE to an AE, or STOW-RS to a DICOMweb root."""
+    if isinstance(destination, StowDestination):
+        return stow_rs(destination, datasets, username, password)
+    return c_store(destination, calling_ae, datasets)

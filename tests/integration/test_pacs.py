@@ -255,6 +255,34 @@ def test_an_export_to_a_stopped_pacs_is_retried_until_it_is_back(orthanc, live_s
     assert set(results_in_pacs(orthanc, original["study"])) == {"SEG", "SR", "DOC"}
 
 
+def test_results_go_back_by_stow_rs_to_a_dicomweb_destination(orthanc, live_stack, tiny_dataset):
+    """A DICOMweb destination gets the same objects by STOW-RS (Orthanc's DICOMweb plugin, real HTTP);
+    wrong credentials and a server that is down are send errors naming the destination."""
+    from pipelines.pacs.export import result_objects
+    from pipelines.pacs.send import SendError, parse_destination, send
+
+    known = {j["id"] for j in api(live_stack, "GET", "/v1/jobs").json()}
+    orthanc_study, original = put_study(orthanc, tiny_dataset, 2)
+    send_to_platform(orthanc, orthanc_study)
+    job = received_job(live_stack, known)
+    # The objects the export builds for this job (re-identified), sent as the runner would for a URL.
+    from pipelines.jobs.runner import JobRunner
+    from pipelines.jobs.store import JobStore
+
+    jobs = JobStore(live_stack.home / "jobs" / "jobs.sqlite")
+    runner = JobRunner(live_stack, jobs, object_store(live_stack), AuditLog(live_stack.audit_file))  # never started
+    objects = result_objects(runner, jobs.get(job["id"]))
+    destination = parse_destination(f"{orthanc['url']}/dicom-web")
+    with pytest.raises(SendError, match="HTTP 401"):
+        send(destination, objects, "ONCOSERVE", AUTH[0], "wrong-password")
+    sent = send(destination, objects, "ONCOSERVE", *AUTH)
+    assert sorted(sent) == sorted(str(ds.SOPInstanceUID) for ds in objects)
+    stored = results_in_pacs(orthanc, original["study"])
+    assert set(stored) == {"SEG", "SR", "DOC"} and all(ds.PatientID == PHI["PatientID"] for ds in stored.values())
+    with pytest.raises(SendError, match="could not be reached"):
+        send(parse_destination("http://127.0.0.1:9/dicom-web"), objects, "ONCOSERVE")
+
+
 def test_a_study_pulled_over_dicomweb_is_analysed_and_sent_back(orthanc, live_stack, tiny_dataset):
     _, original = put_study(orthanc, tiny_dataset, 3)  # in the PACS, never sent to the platform
     pulled = oncoserve("pacs", "pull", original["study"])

@@ -21,7 +21,7 @@ from oncoserve.settings import Settings
 from pipelines.jobs.store import JobNotFound, JobStore
 from pipelines.pacs.identity import StudyDeidentifier, reidentify
 from pipelines.pacs.results import build_pdf, build_sr, sign_off_line
-from pipelines.pacs.send import parse_destination
+from pipelines.pacs.send import StowDestination, parse_destination
 from tests import dicom_factory as dcm
 
 FINDINGS = {
@@ -140,9 +140,12 @@ def _bytes(ds) -> bytes:
 def test_destinations_parse_or_say_what_is_expected():
     d = parse_destination("ORTHANC@127.0.0.1:4242")
     assert (d.ae_title, d.host, d.port) == ("ORTHANC", "127.0.0.1", 4242) and str(d) == "ORTHANC@127.0.0.1:4242"
-    for bad in ("ORTHANC", "127.0.0.1:4242", "WAY-TOO-LONG-AE-TITLE@h:1", "A@h:99999"):
+    for bad in ("ORTHANC", "127.0.0.1:4242", "WAY-TOO-LONG-AE-TITLE@h:1", "A@h:99999", "ftp://pacs/dicom-web"):
         with pytest.raises(ValueError, match="AE_TITLE@host:port"):
             parse_destination(bad)
+    stow = parse_destination(" https://pacs.hospital.org/dicom-web/ ")
+    assert isinstance(stow, StowDestination) and stow.url == "https://pacs.hospital.org/dicom-web"
+    assert str(stow) == "STOW-RS https://pacs.hospital.org/dicom-web"
 
 
 # -- the receiver's refusals ----------------------------------------------------------------------
