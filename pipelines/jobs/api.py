@@ -37,7 +37,8 @@ from pipelines.pacs.pull import check_uid
 
 MODALITY_FIELDS = ("t1", "t1ce", "t2", "flair")
 ARTIFACT_TYPES = {"findings": "application/json", "mask": "application/gzip", "report": "text/markdown",
-                  "report_fhir": "application/json", "dicom_seg": "application/dicom"}  # fmt: skip
+                  "report_fhir": "application/json", "dicom_seg": "application/dicom",
+                  "preview": "application/json"}  # fmt: skip
 READS_ALL_JOBS = "clinician"
 
 

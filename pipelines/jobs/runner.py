@@ -155,7 +155,9 @@ class JobRunner:
             return
         headers = {"authorization": f"Bearer {token}"} if token else {}
         try:
-            response = httpx.post(f"{self.settings.serve_url}/v1/studies:analyze", headers=headers, timeout=900, **request)
+            # preview: the model-grid images and the QC picture, kept for the reviewer's viewer in the console.
+            response = httpx.post(f"{self.settings.serve_url}/v1/studies:analyze", params={"preview": "true"}, headers=headers,
+                                  timeout=900, **request)  # fmt: skip
         except httpx.HTTPError as exc:
             return self._retry_or_fail(job, f"the serving gateway is unreachable ({type(exc).__name__})")
         if response.status_code >= 500 or response.status_code == 429 or _not_deployed(response):
@@ -204,6 +206,9 @@ class JobRunner:
         if body.get("report_markdown"):
             artifacts["report"] = self._put(job, "report.md", body["report_markdown"].encode(), "text/markdown")
             artifacts["report_fhir"] = self._put(job, "report.fhir.json", json.dumps(body["report_fhir"]).encode(), "application/json")
+        if body.get("images_nifti_gz_b64"):  # de-identified, on the model grid: what the console's viewer shows
+            preview = {"images_nifti_gz_b64": body["images_nifti_gz_b64"], "qc_png_b64": body.get("qc_png_b64")}
+            artifacts["preview"] = self._put(job, "preview.json", json.dumps(preview).encode(), "application/json")
         if body.get("dicom_seg_b64"):
             artifacts["dicom_seg"] = self._put(job, "segmentation.dcm", base64.b64decode(body["dicom_seg_b64"]), "application/dicom")
         return {"summary": findings_line(findings), "findings": findings, "artifacts": artifacts,

@@ -6,7 +6,7 @@ import { authHeaders, errorText, token } from "./api.js";
 import { el, fmt, renderMarkdown, showError, table } from "./dom.js";
 import { base64ToBuffer, readNifti } from "./nifti.js";
 import { SliceViewer } from "./viewer.js";
-import { initConsole, refreshConsole } from "./console.js";
+import { initConsole, mayReview, platformFetch, refreshConsole, refreshJobs, reviewRole, whoAmI } from "./console.js";
 
 const $ = (id) => document.getElementById(id);
 const MODALITIES = ["t1", "t1ce", "t2", "flair"];
@@ -72,6 +72,8 @@ async function studyForm() {
 async function analyse(event) {
   event.preventDefault();
   showError($("error"), "");
+  $("review-panel").hidden = true;  // a new upload is not a job under review
+  state.reviewing = null;
   const button = $("analyse");
   button.disabled = true;
   const started = performance.now();
@@ -200,6 +202,79 @@ async function loadDemoCases() {
   $("demo-fieldset").hidden = false;
 }
 
+// -- a job's stored results, and the clinician's review --------------------------------------------
+function bufferToBase64(buffer) {
+  let text = "";
+  const bytes = new Uint8Array(buffer);
+  for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(text);
+}
+
+async function jobArtifact(job, name, kind) {
+  const r = await platformFetch(`/v1/jobs/${encodeURIComponent(job.id)}/artifacts/${name}`);
+  if (r.status === 404) return null;
+  if (!r.ok) throw new Error(`${name}: ${await errorText(r)}`);
+  return kind === "json" ? r.json() : kind === "text" ? r.text() : r.arrayBuffer();
+}
+
+async function openJob(job) {
+  showError($("error"), "");
+  selectTab($("tab-viewer"));
+  $("progress").textContent = `Loading job ${job.id}…`;
+  try {
+    const [findings, mask, preview, report, fhir] = await Promise.all([
+      jobArtifact(job, "findings", "json"), jobArtifact(job, "mask", "binary"), jobArtifact(job, "preview", "json"),
+      jobArtifact(job, "report", "text"), jobArtifact(job, "report_fhir", "json")]);
+    if (!findings || !mask) throw new Error(`job ${job.id} has no results yet (${job.state})`);
+    if (!preview) throw new Error(`job ${job.id} kept no images to view (analysed before the platform stored previews); its findings: ${job.result?.summary || ""}`);
+    await showResults({ findings, mask_nifti_gz_b64: bufferToBase64(mask), images_nifti_gz_b64: preview?.images_nifti_gz_b64 || {},
+      qc_png_b64: preview?.qc_png_b64, report_markdown: report, report_fhir: fhir });
+    $("progress").textContent = `Job ${job.id} (${job.source}): ${job.state}.`;
+    showReview(job);
+  } catch (err) {
+    $("progress").textContent = "";
+    showError($("error"), err.message || String(err));
+  }
+}
+
+function showReview(job) {
+  const panel = $("review-panel");
+  state.reviewing = job.state === "awaiting review" ? job : null;
+  panel.hidden = !state.reviewing;
+  if (!state.reviewing) return;
+  $("review-job").textContent = `Job ${job.id} from ${job.source}: ${job.result?.summary || ""}. Accepted results are sent to the PACS marked as reviewed; rejected ones are not sent.`;
+  $("review-reason").value = "";
+  $("review-status").textContent = "";
+  const who = whoAmI();
+  for (const id of ["review-accept", "review-reject"]) {
+    $(id).disabled = !mayReview();
+    $(id).title = mayReview() ? "" : `needs the ${reviewRole()} role${who ? ` (you are ${who.role})` : " (enter a token)"}`;
+  }
+}
+
+async function review(decision) {
+  const job = state.reviewing;
+  const reason = $("review-reason").value.trim();
+  if (!reason) {
+    $("review-status").textContent = "Give a reason: it goes to the audit log with your decision.";
+    $("review-reason").focus();
+    return;
+  }
+  try {
+    const r = await platformFetch(`/v1/jobs/${encodeURIComponent(job.id)}:review`, {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ decision, reason }),
+    });
+    if (!r.ok) throw new Error(await errorText(r));
+    const after = await r.json();
+    $("review-status").textContent = `${decision === "accept" ? "Accepted" : "Rejected"}: job ${job.id} is now ${after.state}.`;
+    for (const id of ["review-accept", "review-reject"]) $(id).disabled = true;
+    state.reviewing = null;
+    refreshJobs();
+  } catch (err) {
+    $("review-status").textContent = `Not recorded: ${err.message}`;
+  }
+}
+
 function initViewerControls() {
   for (const id of ["window", "level", "opacity", "show-overlay", "show-box"]) $(id).addEventListener("input", () => state.viewer.draw());
   $("modality").addEventListener("change", (e) => {
@@ -220,9 +295,11 @@ async function init() {
     refreshConsole();
   });
   $("study-form").addEventListener("submit", analyse);
+  $("review-accept").addEventListener("click", () => review("accept"));
+  $("review-reject").addEventListener("click", () => review("reject"));
   const r = await fetch("../v1/ui-config");
   state.config = r.ok ? await r.json() : { platform_api: null, demo_cases: false };
-  initConsole(state.config.platform_api);
+  initConsole(state.config.platform_api, openJob);
   await loadDemoCases();
   document.body.dataset.ready = "true";
 }

@@ -1,20 +1,28 @@
 // The platform console: serving status (replicas, versions, latency and errors from the metrics),
 // registered versions with metrics, lineage and aliases, promote / roll back with the gate results,
-// and the audit log. Promotions go to the platform API, which checks the caller's role and the gates;
-// the buttons a role may not use are disabled here too, with the reason.
+// analysis jobs with their progress (refreshed while any is running) and the results awaiting a
+// clinician's review, and the audit log. Promotions and reviews go to the platform API, which checks the
+// caller's role (and the gates); the buttons a role may not use are disabled here too, with the reason.
 
 import { authHeaders, errorText, token } from "./api.js";
 import { el, fmt, showError, table } from "./dom.js";
 
 const $ = (id) => document.getElementById(id);
 const RANK = { viewer: 0, app: 1, clinician: 2, "data-scientist": 3, platform: 4, admin: 5 };
-const NEEDS = { candidate: "data-scientist", champion: "platform", rollback: "platform" };
+const NEEDS = { candidate: "data-scientist", champion: "platform", rollback: "platform", review: "clinician" };
+const RUNNING = new Set(["queued", "preprocessing", "inferring", "reporting", "accepted", "exporting"]);
+const JOBS_REFRESH_MS = 2000;
 let platform = null;
 let identity = null;
+let openJob = null;
+let jobsTimer = null;
 
-export function initConsole(platformUrl) {
+// onOpenJob(job): the viewer loads a job's stored results (app.js).
+export function initConsole(platformUrl, onOpenJob) {
   platform = platformUrl;
+  openJob = onOpenJob;
   $("refresh-console").addEventListener("click", refreshConsole);
+  $("jobs-filter").addEventListener("change", refreshJobs);
   $("task-filter").addEventListener("change", refreshRegistry);
   for (const t of ["localization", "segmentation", "classification", "survival", "reporting"]) $("task-filter").append(el("option", { value: t, text: t }));
   refreshWho();
@@ -55,8 +63,47 @@ function allowed(action) {
 export async function refreshConsole() {
   showError($("console-error"), "");
   await refreshWho();
-  await Promise.all([refreshServing(), refreshRegistry(), refreshAudit()]);
+  await Promise.all([refreshServing(), refreshRegistry(), refreshJobs(), refreshAudit()]);
 }
+
+export { platformFetch };
+
+export function mayReview() {
+  return allowed("review");
+}
+
+export function reviewRole() {
+  return NEEDS.review;
+}
+
+export function whoAmI() {
+  return identity;
+}
+
+async function refreshJobs() {
+  clearTimeout(jobsTimer);
+  try {
+    const state = $("jobs-filter").value;
+    const r = await platformFetch(`/v1/jobs${state ? `?state=${encodeURIComponent(state)}` : ""}`);
+    if (!r.ok) throw new Error(await errorText(r));
+    const jobs = await r.json();
+    const rows = jobs.map((j) => {
+      const progress = el("span", {}, el("meter", { min: 0, max: 1, value: j.progress, "aria-label": `job ${j.id} progress` }), ` ${Math.round(j.progress * 100)} %`);
+      const results = j.state === "awaiting review" || (j.result && j.result.artifacts);
+      const open = results
+        ? el("button", { type: "button", text: j.state === "awaiting review" ? "Open for review" : "Open", "aria-label": `Open job ${j.id}`, onclick: () => openJob(j) })
+        : "";
+      return [j.id, j.source, j.state, progress, j.error || j.detail || "", new Date(j.created * 1000).toISOString().replace("T", " ").slice(0, 19), open];
+    });
+    table($("jobs"), ["job", "source", "state", "progress", "detail", "submitted", ""], rows, "Analysis jobs, newest first (yours, or all for clinicians and above)");
+    // Keep following the jobs still running; stop when none is.
+    if (jobs.some((j) => RUNNING.has(j.state)) && !$("console").hidden) jobsTimer = setTimeout(refreshJobs, JOBS_REFRESH_MS);
+  } catch (err) {
+    showError($("console-error"), `jobs: ${err.message}`);
+  }
+}
+
+export { refreshJobs };
 
 async function refreshServing() {
   try {
