@@ -267,21 +267,26 @@ class RayHead(Component):
     def env(self) -> dict[str, str]:
         return {"RAY_USAGE_STATS_ENABLED": "0"}
 
+    @property
+    def address(self) -> str:
+        """This head's GCS (settings.ray_address may name another cluster: ONCOSERVE_RAY_CLUSTER)."""
+        return f"{self.settings.host}:{self.settings.ray_port}"
+
     def health(self) -> Health:
         # `ray health-check` asks the GCS over gRPC; a live PID alone proves nothing.
         try:
             result = subprocess.run(
-                [_bin("ray"), "health-check", "--address", self.settings.ray_address],
+                [_bin("ray"), "health-check", "--address", self.address],
                 capture_output=True, text=True, timeout=30,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             return Health(False, "GCS health-check timed out")
         if result.returncode == 0:
-            return Health(True, f"GCS at {self.settings.ray_address} answers")
+            return Health(True, f"GCS at {self.address} answers")
         return Health(False, f"GCS health-check failed: {(result.stderr or result.stdout).strip()[-200:]}")
 
     def url(self) -> str:
-        return self.settings.ray_address
+        return self.address
 
 
 class PostgresServer(Component):
