@@ -81,6 +81,18 @@ async function analyse(event) {
     $("progress").textContent = `Analysing… ${((performance.now() - started) / 1000).toFixed(0)} s`;
   }, 500);
   $("progress").textContent = "Uploading…";
+  if ($("as-job").checked) {
+    clearInterval(tick);
+    try {
+      await analyseAsJob(await studyForm());
+    } catch (err) {
+      $("progress").textContent = "";
+      showError($("error"), err.message || String(err));
+    } finally {
+      button.disabled = false;
+    }
+    return;
+  }
   try {
     const form = await studyForm();
     const response = await fetch("../v1/studies:analyze?preview=true", { method: "POST", body: form, headers: authHeaders() });
@@ -97,6 +109,26 @@ async function analyse(event) {
     clearInterval(tick);
     button.disabled = false;
   }
+}
+
+// A long analysis as a platform job: submitted, then followed (state, progress, detail) until it has results.
+const JOB_POLL_MS = 1000;
+const JOB_DONE = new Set(["completed", "awaiting review", "accepted", "exporting", "exported"]);
+
+async function analyseAsJob(form) {
+  if ($("job-export").checked) form.append("export", "true");
+  const r = await platformFetch("/v1/jobs", { method: "POST", body: form });
+  if (!r.ok) throw new Error(await errorText(r));
+  let job = await r.json();
+  while (!JOB_DONE.has(job.state)) {
+    if (job.state === "failed" || job.state === "rejected") throw new Error(`job ${job.id} ${job.state}: ${job.error || job.detail || ""}`);
+    $("progress").textContent = `Job ${job.id}: ${job.state}, ${Math.round(job.progress * 100)} % — ${job.detail || ""}`;
+    await new Promise((resolve) => setTimeout(resolve, JOB_POLL_MS));
+    const again = await platformFetch(`/v1/jobs/${encodeURIComponent(job.id)}`);
+    if (!again.ok) throw new Error(await errorText(again));
+    job = await again.json();
+  }
+  await openJob(job);
 }
 
 async function showResults(body) {

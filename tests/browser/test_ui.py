@@ -179,9 +179,12 @@ def test_roles_disable_what_they_may_not_do(page, served):
     assert "needs the data-scientist role (you are viewer)" in state[0][1]
 
 
-def test_a_clinician_reviews_a_job_in_the_console_viewer(page, served, tiny_dataset, tmp_path):
-    """A DICOM study submitted as a job (export on) is followed in the console, opened in the viewer with
-    its stored images and findings, and rejected with a reason; the decision is the job's and the audit's."""
+def test_a_dicom_study_runs_as_a_job_and_a_clinician_rejects_it_in_the_viewer(page, served, tiny_dataset, tmp_path):
+    """A DICOM study submitted from the viewer as a job (results to the PACS after review) shows its
+    progress, opens with its stored images and findings, and is rejected with a reason; the console lists
+    it; the decision is the job's and the audit's."""
+    from pydicom.uid import generate_uid
+
     from imaging.dataset import read_case
     from oncoserve.audit import AuditLog
     from tests.dicom_factory import series_datasets, write_zip
@@ -191,31 +194,25 @@ def test_a_clinician_reviews_a_job_in_the_console_viewer(page, served, tiny_data
     case = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[4]
     study = read_case(tiny_dataset, case.name)
     descriptions = {"t1": "T1 MPRAGE", "t1ce": "T1 post gad", "t2": "T2 TSE", "flair": "FLAIR"}
-    from pydicom.uid import generate_uid
-
-    uid = generate_uid()
-    archive = write_zip(tmp_path / "study.zip", {m: series_datasets(study.images[m], descriptions[m], uid) for m in study.present})
+    archive = write_zip(tmp_path / "study.zip", {m: series_datasets(study.images[m], descriptions[m], generate_uid()) for m in study.present})
     headers = {"authorization": f"Bearer {admin_token(settings)}"}
-    submitted = httpx.post(f"{settings.platform_url}/v1/jobs", headers=headers, timeout=120,
-                           files={"dicom": ("study.zip", archive.read_bytes(), "application/zip")}, data={"export": "true"})  # fmt: skip
-    assert submitted.status_code == 202, submitted.text
-    job_id = submitted.json()["id"]
 
     page.fill("#token", admin_token(settings))
     page.dispatch_event("#token", "change")
-    page.click("#tab-console")
-    # The console follows the job while it runs (progress meter), until it awaits review.
-    page.wait_for_selector(f"#jobs tbody tr:has-text('{job_id}') meter", timeout=30_000)
-    page.wait_for_selector(f"button[aria-label='Open job {job_id}']", timeout=300_000)
+    page.set_input_files("#file-dicom", str(archive))
+    page.check("#as-job")
+    page.check("#job-export")
+    with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST", timeout=120_000) as answer:
+        page.click("#analyse")
+    job_id = answer.value.json()["id"]
+    page.wait_for_selector(f"#progress:has-text('Job {job_id}')", timeout=30_000)  # followed while it runs
+    page.wait_for_selector("#review-panel:not([hidden])", timeout=300_000)
+    page.wait_for_selector("#results:not([hidden])", timeout=10_000)
     job = httpx.get(f"{settings.platform_url}/v1/jobs/{job_id}", headers=headers, timeout=30).json()
-    assert job["state"] == "awaiting review", job
+    assert job["state"] == "awaiting review" and job["input"]["export"] is True, job
     assert "preview" in job["result"]["artifacts"]
-    page.click(f"button[aria-label='Open job {job_id}']")
-    page.wait_for_selector("#results:not([hidden])", timeout=60_000)
-    page.wait_for_selector("#review-panel:not([hidden])", timeout=10_000)
-    assert page.is_visible("#viewer") and job_id in page.inner_text("#progress")
     wt = job["result"]["findings"]["segmentation"]["volumes_ml"]["WT"]
-    assert f"{wt:.1f}" in page.inner_text("#volumes")  # the stored findings, not a new analysis
+    assert f"{wt:.1f}" in page.inner_text("#volumes")  # the job's stored findings
     assert page.evaluate("() => document.getElementById('modality').options.length") == len(study.present)
     # A decision needs a reason; with one, the rejection is recorded and nothing will be sent.
     page.click("#review-reject")
@@ -227,6 +224,12 @@ def test_a_clinician_reviews_a_job_in_the_console_viewer(page, served, tiny_data
     assert done["state"] == "rejected" and done["review"]["decision"] == "reject" and done["review"]["reason"] == "motion artefact on FLAIR"
     assert wait_until(lambda: any(e.get("action") == "review" and e.get("job") == job_id and e.get("decision") == "reject"
                                   for e in AuditLog(settings.audit_file).entries()), timeout_s=30, interval_s=0.3)  # fmt: skip
+    # The console lists it with its state; its results open again from there.
+    page.click("#tab-console")
+    page.wait_for_selector(f"#jobs tbody tr:has-text('{job_id}'):has-text('rejected') meter", timeout=30_000)
+    page.click(f"button[aria-label='Open job {job_id}']")
+    page.wait_for_selector(f"#progress:has-text('Job {job_id} (api): rejected')", timeout=60_000)
+    assert page.is_hidden("#review-panel")  # decided: nothing more to review
     page.screenshot(path=str(ARTIFACTS / "review-rejected.png"), full_page=True)
 
 
