@@ -12,6 +12,7 @@ caller's job, review permissions.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import json
@@ -152,6 +153,13 @@ def readable(data: bytes) -> bytes:
     if data[:2] == b"PK":
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             return b"".join(readable(zf.read(n)) for n in zf.namelist())
+    if data[:8] == b"\x89PNG\r\n\x1a\n":  # a picture (the QC image): compressed pixels only
+        return b""
+    if data[:1] == b"{" and data.rstrip()[-1:] == b"}":  # JSON: its text, and any base64 file inside as above
+        try:
+            return _readable_json(json.loads(data))
+        except (UnicodeDecodeError, ValueError):
+            return data
     if data[128:132] == b"DICM":
         ds = pydicom.dcmread(io.BytesIO(data))
         for keyword in ("PixelData", "EncapsulatedDocument"):
@@ -161,6 +169,19 @@ def readable(data: bytes) -> bytes:
         ds.save_as(out)
         return out.getvalue()
     return data
+
+
+def _readable_json(value) -> bytes:
+    if isinstance(value, dict):
+        return b"".join(k.encode() + _readable_json(v) for k, v in value.items())
+    if isinstance(value, list):
+        return b"".join(_readable_json(v) for v in value)
+    if isinstance(value, str) and len(value) > 256:  # a base64 file (the job's preview images)?
+        try:
+            return readable(base64.b64decode(value, validate=True))
+        except ValueError:
+            return value.encode()
+    return json.dumps(value).encode()
 
 
 def stored_bytes(settings) -> bytes:
