@@ -72,6 +72,23 @@ def c_store(destination: Destination, calling_ae: str, datasets: list[Dataset], 
     return sent
 
 
+def as_part10(ds: Dataset) -> Dataset:
+    """`ds` as a DICOM file (preamble, File Meta with its transfer syntax): STOW-RS sends files, and a PACS
+    may keep the bytes as sent, so a bare dataset would come back unreadable (no 'DICM')."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+    from pydicom.dataset import FileMetaDataset
+
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return dcmread(BytesIO(buffer.getvalue()))
+
+
 def stow_rs(destination: StowDestination, datasets: list[Dataset], username: str | None = None,
             password: str | None = None, timeout_s: float = 60.0) -> list[str]:  # fmt: skip
     """Store every dataset with one STOW-RS request; returns their SOP instance UIDs. Raises SendError when
@@ -84,7 +101,7 @@ def stow_rs(destination: StowDestination, datasets: list[Dataset], username: str
     session = create_session_from_auth(HTTPBasicAuth(username, password or "")) if username else None
     client = DICOMwebClient(url=destination.url, session=session, timeout=timeout_s)
     try:
-        response = client.store_instances(datasets)
+        response = client.store_instances([as_part10(ds) for ds in datasets])
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise SendError(f"{destination} answered HTTP {status} to the STOW-RS request") from None

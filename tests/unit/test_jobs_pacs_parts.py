@@ -21,7 +21,7 @@ from oncoserve.settings import Settings
 from pipelines.jobs.store import JobNotFound, JobStore
 from pipelines.pacs.identity import StudyDeidentifier, reidentify
 from pipelines.pacs.results import build_pdf, build_sr, sign_off_line
-from pipelines.pacs.send import StowDestination, parse_destination
+from pipelines.pacs.send import StowDestination, as_part10, parse_destination
 from tests import dicom_factory as dcm
 
 FINDINGS = {
@@ -143,6 +143,17 @@ def test_destinations_parse_or_say_what_is_expected():
     for bad in ("ORTHANC", "127.0.0.1:4242", "WAY-TOO-LONG-AE-TITLE@h:1", "A@h:99999", "ftp://pacs/dicom-web"):
         with pytest.raises(ValueError, match="AE_TITLE@host:port"):
             parse_destination(bad)
+    # STOW-RS sends DICOM files: a bare dataset gets its preamble and File Meta, so it reads back.
+    from pydicom import dcmread, dcmwrite
+    from pydicom.dataset import Dataset
+    from pydicom.uid import EncapsulatedPDFStorage, generate_uid
+
+    bare = Dataset()
+    bare.SOPClassUID, bare.SOPInstanceUID, bare.PatientID = EncapsulatedPDFStorage, generate_uid(), "P1"
+    written = io.BytesIO()
+    dcmwrite(written, as_part10(bare))  # what dicomweb-client does with each dataset
+    back = dcmread(io.BytesIO(written.getvalue()))
+    assert written.getvalue()[128:132] == b"DICM" and back.file_meta.MediaStorageSOPInstanceUID == bare.SOPInstanceUID
     stow = parse_destination(" https://pacs.hospital.org/dicom-web/ ")
     assert isinstance(stow, StowDestination) and stow.url == "https://pacs.hospital.org/dicom-web"
     assert str(stow) == "STOW-RS https://pacs.hospital.org/dicom-web"
