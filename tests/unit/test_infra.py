@@ -421,9 +421,11 @@ def _mlflow_server(tmp_path: Path, extra: list[str]):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "mlflow"
+    # As the chart runs it: no job-execution workers (each would be another long-lived process).
+    env = {**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root", str(tmp_path / "a"), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
     import httpx
 
     deadline = _time.monotonic() + 120
@@ -435,8 +437,27 @@ def _mlflow_server(tmp_path: Path, extra: list[str]):
             pass
         assert proc.poll() is None, "mlflow server exited"
         _time.sleep(0.5)  # polling a starting server's health, not synchronising on a guess
-    proc.kill()
+    _stop(proc)
     raise AssertionError("mlflow server did not come up")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The server and every process it started (uvicorn and its workers share its process group)."""
+    import os
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+            os.killpg(proc.pid, 0)  # the leader is gone; are its children?
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
 
 
 def test_mlflow_answers_pods_that_call_it_by_its_service_name(rendered, tmp_path):
@@ -465,8 +486,7 @@ def test_mlflow_answers_pods_that_call_it_by_its_service_name(rendered, tmp_path
                 stranger = httpx.get(f"http://127.0.0.1:{local}{MLFLOW_PROBE}", headers={"host": "evil.example"}, timeout=30)
                 assert stranger.status_code == 403  # DNS rebinding protection stays on
         finally:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
 
 
 def test_triton_reads_only_the_verified_local_repository(rendered):
