@@ -121,13 +121,19 @@ def sync_triton(
     each file checked against the sha256 recorded at compile, the versions named in config.pbtxt."""
     import time
 
+    import urllib3
+    from minio.error import S3Error
+
     from oncoserve.object_store import object_store
     from serving.triton_sync import sync_repository
 
     settings = Settings()
-    registry, store = Registry(settings.mlflow_url), object_store(settings)
+    # A registry or store that cannot be reached (or no credentials for it) is a message and exit code 1.
+    failures = (*ERRORS, S3Error, urllib3.exceptions.HTTPError, FileNotFoundError)
+    with user_errors(*failures):
+        registry, store = Registry(settings.mlflow_url), object_store(settings)
     while True:
-        with user_errors(*ERRORS):
+        with user_errors(*failures):
             reports = sync_repository(registry, store, settings.bucket_models, settings.triton_repo_prefix, dest,
                                       report_file=report)  # fmt: skip
         for r in reports:

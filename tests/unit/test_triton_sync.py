@@ -98,3 +98,17 @@ def test_a_config_that_is_not_the_compiled_one_is_refused(tmp_path):
     assert report.loaded == ["1"] and "no compiled config whose sha256 was recorded" in report.refused["2"]
     assert list(read_config(tmp_path / TASK / "config.pbtxt").version_policy.specific.versions) == [1]
     assert not (tmp_path / TASK / "2").exists()
+
+
+def test_the_cli_says_what_is_missing_instead_of_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "ONCOSERVE_HOME": str(tmp_path), "ONCOSERVE_MLFLOW_URI": "http://127.0.0.1:9"}
+    exe = str(Path(sys.executable).parent / "oncoserve")
+    run = subprocess.run([exe, "models", "sync-triton", "--dest", str(tmp_path / "models")], capture_output=True, text=True,
+                         env=env, timeout=120)  # fmt: skip
+    assert run.returncode == 1 and "no credentials" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "models").exists()  # nothing written without a verified source
