@@ -28,7 +28,7 @@ export function initConsole(platformUrl, onOpenJob) {
   refreshWho();
 }
 
-async function platformFetch(path, options = {}) {
+export async function platformFetch(path, options = {}) {
   if (!platform) throw new Error("the platform API address is unknown (no /v1/ui-config)");
   let response;
   try {
@@ -66,7 +66,6 @@ export async function refreshConsole() {
   await Promise.all([refreshServing(), refreshRegistry(), refreshJobs(), refreshAudit()]);
 }
 
-export { platformFetch };
 
 export function mayReview() {
   return allowed("review");
@@ -80,7 +79,7 @@ export function whoAmI() {
   return identity;
 }
 
-async function refreshJobs() {
+export async function refreshJobs() {
   clearTimeout(jobsTimer);
   try {
     const state = $("jobs-filter").value;
@@ -103,7 +102,6 @@ async function refreshJobs() {
   }
 }
 
-export { refreshJobs };
 
 async function refreshServing() {
   try {
