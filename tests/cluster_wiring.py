@@ -25,18 +25,15 @@ from pathlib import Path
 VENV_BIN = str(Path(sys.executable).parent)
 
 
-def resolve_env(container: dict, secrets: dict[str, dict[str, str]], configmaps: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+def resolve_env(container: dict, secrets: dict[str, dict[str, str]]) -> dict[str, str]:
     """The container's environment as the kubelet would give it (a missing Secret key is an error, as there)."""
     env = {}
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = str(item["value"])
             continue
-        ref = item["valueFrom"]
-        if "secretKeyRef" in ref:
-            env[item["name"]] = secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]]
-        else:
-            env[item["name"]] = (configmaps or {})[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]]
+        ref = item["valueFrom"]["secretKeyRef"]  # the chart takes nothing else from references
+        env[item["name"]] = secrets[ref["name"]][ref["key"]]
     return env
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -310,7 +311,7 @@ def _settings_from(container: dict, monkeypatch, tmp_path):
     """oncoserve's Settings built from exactly a rendered container's environment."""
     from oncoserve.settings import Settings
 
-    for key in [k for k in __import__("os").environ if k.startswith("ONCOSERVE_")]:
+    for key in [k for k in os.environ if k.startswith("ONCOSERVE_")]:
         monkeypatch.delenv(key)
     for key, value in _env(container).items():
         monkeypatch.setenv(key, value)
@@ -422,7 +423,7 @@ def _mlflow_server(tmp_path: Path, extra: list[str]):
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "mlflow"
     # As the chart runs it: no job-execution workers (each would be another long-lived process).
-    env = {**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root", str(tmp_path / "a"), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
@@ -443,7 +444,6 @@ def _mlflow_server(tmp_path: Path, extra: list[str]):
 
 def _stop(proc: subprocess.Popen) -> None:
     """The server and every process it started (uvicorn and its workers share its process group)."""
-    import os
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
