@@ -38,6 +38,18 @@ def artifact_key(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/{name}"
 
 
+def store_unavailable(exc: BaseException) -> bool:
+    """The object store failing on its side (restarting with the stack, overloaded, unreachable), which a job
+    waits out like an unreachable gateway; a missing object or a refused request is not retried."""
+    import urllib3
+    from minio.error import S3Error, ServerError
+
+    if isinstance(exc, S3Error):
+        status = getattr(exc.response, "status", 0) or 0
+        return exc.code in {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"} or status >= 500
+    return isinstance(exc, (ServerError, urllib3.exceptions.HTTPError, ConnectionError))
+
+
 class JobRunner:
     def __init__(self, settings: Settings, jobs: JobStore, store, audit, poll_s: float = 0.5):
         self.settings, self.jobs, self.store, self.audit = settings, jobs, store, audit
@@ -73,14 +85,21 @@ class JobRunner:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            try:
-                if job.state == "exporting":
-                    self._export(job)
-                else:
-                    self._analyse(job)
-            except Exception as exc:  # a bug must fail the job it hit, never the runner
-                log.exception("job %s failed", job.id)
-                self.jobs.update(job.id, state="failed", error=f"internal error ({type(exc).__name__}: {str(exc)[:300]})")
+            self.run_one(job)
+
+    def run_one(self, job: Job) -> None:
+        """One claimed job, one step: analysis, or an export attempt."""
+        try:
+            if job.state == "exporting":
+                self._export(job)
+            else:
+                self._analyse(job)
+        except Exception as exc:  # a bug must fail the job it hit, never the runner
+            if job.state != "exporting" and store_unavailable(exc):  # export has its own delivery retries
+                self._retry_or_fail(job, f"the object store is unavailable ({type(exc).__name__}: {str(exc)[:200]})")
+                return
+            log.exception("job %s failed", job.id)
+            self.jobs.update(job.id, state="failed", error=f"internal error ({type(exc).__name__}: {str(exc)[:300]})")
 
     # -- analysis ---------------------------------------------------------------------------------
     def _token(self) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from imaging.dicom_series import read_datasets, sorted_slices
+from pipelines.jobs.runner import store_unavailable
 from pipelines.jobs.store import Job
 from pipelines.pacs.identity import reidentify
 from pipelines.pacs.results import build_pdf, build_sr, mark_seg
@@ -68,7 +69,9 @@ def export_job(runner, job: Job) -> None:
     try:
         objects = result_objects(runner, job)
         sent = send(destination, objects, settings.dicom_ae_title, settings.dicomweb_username, settings.dicomweb_password)
-    except (SendError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - narrowed on the next line
+        if not isinstance(exc, (SendError, OSError)) and not store_unavailable(exc):
+            raise
         delivery["attempts"] = [*delivery["attempts"], {"time": time.time(), "ok": False, "error": str(exc)[:300]}]
         if len(delivery["attempts"]) >= settings.pacs_max_attempts:
             delivery["next_attempt_at"] = None

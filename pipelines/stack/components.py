@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from oncoserve import credentials
 from oncoserve.credentials import S3Credentials
 from oncoserve.object_store import mlflow_env, object_store
 from oncoserve.settings import Settings
+
+HEALTH_PROBE_KEY = ".oncoserve/health-probe"  # the S3 health check's own object, rewritten on each check
 
 
 class StackError(RuntimeError):
@@ -125,7 +129,19 @@ class S3Server(Component):
         missing = [b for b in self.buckets() if b not in names]
         if missing:
             return Health(False, f"buckets missing: {', '.join(missing)}")
-        return Health(True, f"{len(names)} buckets")
+        # Buckets answer from the filer before a volume server has joined; objects need both (a GET then
+        # fails with InternalError). A write and a read back prove the data path.
+        try:
+            probe = f"up {time.time()}".encode()
+            client.put_object(self.settings.bucket_artifacts, HEALTH_PROBE_KEY, io.BytesIO(probe), len(probe))
+            response = client.get_object(self.settings.bucket_artifacts, HEALTH_PROBE_KEY)
+            try:
+                ok = response.read() == probe
+            finally:
+                response.close()
+        except Exception as exc:
+            return Health(False, f"object write/read failed: {type(exc).__name__}: {exc}"[:300])
+        return Health(ok, f"{len(names)} buckets, objects readable" if ok else "object read back differs")
 
 
 class MlflowServer(Component):

@@ -77,6 +77,49 @@ def test_interrupted_jobs_resume_where_they_can_and_review_races_lose(tmp_path):
     assert jobs.claim().id == exporting.id
 
 
+
+class _FailingStore:
+    """The object store as minio reports it failing: a server-side error while the stack restarts, or a
+    missing object."""
+
+    def __init__(self, status: int, code: str):
+        import urllib3
+
+        self.status, self.code, self.calls = status, code, 0
+        self._response = urllib3.HTTPResponse(body=b"", status=status)
+
+    def get_object(self, bucket, key):
+        from minio.error import S3Error
+
+        self.calls += 1
+        raise S3Error(self._response, self.code, "We encountered an internal error, please try again.", f"/{bucket}/{key}",
+                      "req-1", None, bucket, key)  # fmt: skip
+
+
+def test_a_restarting_object_store_is_waited_out_and_a_missing_input_fails_the_job(tmp_path):
+    from pipelines.jobs.runner import JobRunner, store_unavailable
+
+    settings = Settings(home=tmp_path, jobs_retry_for_s=60)
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    job, _ = jobs.create("alice", "api", {"kind": "nifti", "objects": {"t1": "jobs/inputs/u/t1.nii.gz"}})
+    restarting = _FailingStore(500, "InternalError")
+    runner = JobRunner(settings, jobs, restarting, audit=None)
+    runner.run_one(jobs.claim())
+    waiting = jobs.get(job.id)
+    assert restarting.calls == 1 and waiting.state == "queued" and jobs.claim() is None  # not before its pause
+    assert "object store is unavailable" in waiting.detail and "retrying in" in waiting.detail
+    # A missing input is not the store's outage: the job fails at once, saying what happened.
+    jobs.update(job.id, not_before=time.time() - 1)
+    JobRunner(settings, jobs, _FailingStore(404, "NoSuchKey"), audit=None).run_one(jobs.claim())
+    failed = jobs.get(job.id)
+    assert failed.state == "failed" and "NoSuchKey" in failed.error
+    # An outage longer than jobs_retry_for_s ends the wait.
+    late, _ = jobs.create("alice", "api", {"kind": "nifti", "objects": {"t1": "k"}})
+    runner.settings = Settings(home=tmp_path, jobs_retry_for_s=1e-6)
+    runner.run_one(jobs.claim())
+    assert jobs.get(late.id).state == "failed" and "gave up" in jobs.get(late.id).error
+    assert store_unavailable(ConnectionRefusedError()) and not store_unavailable(ValueError("bad"))
+
 # -- identity: in, and back out -------------------------------------------------------------------
 def test_received_instances_lose_their_phi_and_results_get_it_back():
     originals = series()
