@@ -28,7 +28,7 @@ define install
 	else $(1)/bin/pip install -q --disable-pip-version-check $(2) 2>&1 | $(QUIET); fi
 endef
 
-.PHONY: venv demo test bench lock clean chromium orthanc
+.PHONY: venv demo test bench lock clean chromium orthanc image test-image
 
 venv: $(STAMP)
 
@@ -84,6 +84,16 @@ test: venv chromium orthanc $(BRATS_VENV)/.installed $(INFRA_VENV)/.installed
 
 bench: venv
 	$(BIN)/python -m bench.run
+
+# The container image as an OCI layout in build/image/oci (debootstrap + the locked wheels + umoci; no Docker,
+# no registry), with its size and contents in build/image/REPORT.md. Root only (debootstrap, chroot).
+image: venv
+	infra/image/build.sh
+
+# The image's entrypoints started inside its unpacked root filesystem (tests/image); not part of `make test`
+# (the build alone takes minutes).
+test-image: image
+	$(BIN)/python -m pytest -m image tests/image $(PYTEST_ARGS)
 
 # Re-resolve the lock from requirements.in in a scratch venv (needs the registries).
 lock:

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     ray_client_port: int = 10001
     ray_dashboard_agent_port: int = 52365
     ray_num_cpus: int | None = Field(None, description="CPUs the embedded Ray declares; default: the larger of the cores and what the packaged Serve config reserves at its maximum replicas (pipelines/stack/components.py ray_cpus).")
+    ray_workers: int = Field(0, ge=0, le=8, description="Extra Ray worker nodes the embedded stack starts beside its head "
+                                                       "(`stack up --workers N`): a multi-node cluster on one machine.")
+    ray_worker_cpus: int = Field(1, ge=1, description="CPUs each embedded Ray worker node declares.")
+    ray_worker_object_store_mb: int = Field(512, ge=78, description="Object store of each embedded Ray worker node (MB).")
+    ray_worker_port_base: int = Field(6400, description="First port of the embedded Ray worker nodes; worker i takes the "
+                                                        "6 ports from base + 6 * (i - 1) (node manager, object manager, agents, metrics).")
 
     # Registry, promotion, compile.
     token: str | None = Field(None, description="API token for the CLI (else read from ONCOSERVE_HOME/token).")

@@ -34,6 +34,8 @@ class _Strict(BaseModel):
 class Training(_Strict):
     seed: int = 7
     workers: int = Field(1, ge=1)
+    placement: Literal["pack", "spread", "strict-spread"] = Field(
+        "pack", description="where the Ray Train workers go: fewest nodes, spread, or one per node (not part of the fingerprint)")
     gpu: bool = False
     epochs: dict[str, int] = Field(default_factory=dict, description="per task; a task not named trains its default")
     lr: dict[str, float] = Field(default_factory=dict, description="per-task learning-rate override")

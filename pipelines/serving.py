@@ -79,7 +79,9 @@ def up(settings, config_path=None) -> dict:
         raise ServeError(str(exc)) from None
     versions = check_champions(settings)
     with connected(settings):
-        _check_cpus(config)
+        import ray
+
+        _check_resources(config, ray.cluster_resources())
         serve.start(**proxy_options(settings))
         try:
             serve.run(build_app(settings, config), name=config.application, route_prefix="/", blocking=False)
@@ -88,11 +90,16 @@ def up(settings, config_path=None) -> dict:
     return {"http": settings.serve_url, "grpc": f"{settings.host}:{settings.serve_grpc_port}", "model_versions": versions}
 
 
-def _check_cpus(config) -> None:
-    """Refuse a config whose minimum replicas cannot all be placed (Serve would wait for them forever)."""
-    import ray
-
-    have = ray.cluster_resources().get("CPU", 0.0)
+def _check_resources(config, cluster: dict[str, float]) -> None:
+    """Refuse a config whose minimum replicas cannot all be placed on the cluster (`ray.cluster_resources()`),
+    by CPUs or custom resources (Serve would wait for them forever)."""
+    for name, spec in config.deployments.items():
+        for resource, amount in (spec.resources or {}).items():
+            if cluster.get(resource, 0.0) * (1 + 1e-9) < amount * spec.autoscaling.min_replicas:
+                raise ServeError(f"{name}: its replicas need the Ray resource {resource} ({amount:g} each, "
+                                 f"at least {spec.autoscaling.min_replicas} replica{'s' if spec.autoscaling.min_replicas != 1 else ''}) and this cluster has {cluster.get(resource, 0.0):g}"
+                                 " (embedded stack: `oncoserve stack up --workers N` adds worker nodes with oncoserve_worker)")  # fmt: skip
+    have = cluster.get("CPU", 0.0)
     need = deploy_config.cpu_reservation(config, "min_replicas")
     if need > have + 1e-9:
         raise ServeError(f"the deployment config reserves {need:g} CPUs at its minimum replicas and this Ray cluster "

@@ -91,6 +91,9 @@ class Deployment(_Strict):
     num_cpus: float | None = Field(None, ge=0, description="CPUs Ray reserves per replica; model deployments: "
                                    "backend.threads (their runtime's cores), the default")
     max_ongoing_requests: int = Field(8, ge=1)
+    resources: dict[str, float] | None = Field(None, description="custom Ray resources a replica needs, e.g. "
+                                               "{oncoserve_worker: 0.5} to keep it on the embedded stack's worker nodes "
+                                               "(or on a KubeRay worker group that declares them in rayStartParams)")
     autoscaling: Autoscaling = Autoscaling()
     batching: Batching | None = Field(None, description="model deployments only (default: Batching())")
     backend: Backend | None = Field(None, description="model deployments only (default: Backend())")
@@ -102,7 +105,7 @@ class Deployment(_Strict):
         """Keyword arguments for `serve.deployment(...).options(...)`."""
         return {"max_ongoing_requests": self.max_ongoing_requests,
                 "autoscaling_config": self.autoscaling.model_dump(),
-                "ray_actor_options": {"num_cpus": self.num_cpus},
+                "ray_actor_options": {"num_cpus": self.num_cpus, **({"resources": dict(self.resources)} if self.resources else {})},
                 # JSON log lines, each with the request id Serve assigns (also the x-request-id header).
                 "logging_config": {"encoding": "JSON"}}  # fmt: skip
 

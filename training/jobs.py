@@ -29,6 +29,7 @@ from training.loop import CHECKPOINT_FILE, train_loop_per_worker
 from training.report import calibration_plot, km_plot, model_card, overlay_plot, segmentation_prediction
 
 EXPERIMENT_PREFIX = "oncoserve-"
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")  # Ray placement group strategies for the training workers
 
 
 @dataclass
@@ -50,6 +51,7 @@ class JobConfig:
     epochs: int | None = None
     workers: int = 1
     gpu: bool = False
+    placement: str = "PACK"  # Ray Train's placement strategy for the workers: PACK, SPREAD or STRICT_SPREAD (one per node)
     resume_run: str | None = None
     seed: int = 0
     actor: str = "local"  # who asked (recorded in the audit log with the registration)
@@ -80,6 +82,8 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
     from ray.train.torch import TorchTrainer
 
     task = tasks.get(cfg.task, cfg.task_options)
+    if cfg.placement not in PLACEMENTS:
+        raise TrainingError(f"placement {cfg.placement!r}: expected one of {', '.join(PLACEMENTS)}")
     if cfg.gpu and not torch.cuda.is_available():
         raise TrainingError("--gpu asked for, but no CUDA device is visible on this machine")
     epochs = cfg.epochs or task.default_epochs
@@ -106,7 +110,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
         experiment = mlflow.set_experiment(EXPERIMENT_PREFIX + cfg.task)
         run = client.create_run(experiment.experiment_id, run_name=f"{cfg.task}-train", tags=cfg.tags)
         run_id = run.info.run_id
-        params = {"task": cfg.task, "epochs": epochs, "workers": cfg.workers, "seed": cfg.seed, "lr": task.lr,
+        params = {"task": cfg.task, "epochs": epochs, "workers": cfg.workers, "placement": cfg.placement, "seed": cfg.seed, "lr": task.lr,
                   "batch_size": task.batch_size, "lr_override": cfg.lr, "preprocessing_version": data.preprocessing,
                   "dataset_hash": data.dataset_hash, "n_train": len(split["train"]), "n_val": len(split["val"]),
                   "n_test": len(split["test"]), "gpu": cfg.gpu, "patience": patience,
@@ -123,7 +127,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
             "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
             "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "resume_from": resume_from, "lr": cfg.lr, "patience": patience, "task_options": task.options(), "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
         },
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, placement_strategy=cfg.placement),
         run_config=RunConfig(
             name=f"{cfg.task}-{run_id}", storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -131,6 +135,11 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
     )  # fmt: skip
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, logging_level="ERROR", log_to_driver=False)
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if cfg.placement == "STRICT_SPREAD" and cfg.workers > alive:  # Ray would wait forever for the nodes
+        client.set_terminated(run_id, "FAILED")
+        raise TrainingError(f"strict-spread placement needs {cfg.workers} Ray nodes, the cluster at {cfg.ray_address} has {alive}"
+                            " (oncoserve stack up --workers N adds nodes)")  # fmt: skip
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(client, run_id, epochs, stop, on_epoch), daemon=True)
     poller.start()

@@ -10,6 +10,7 @@ the same epoch.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -32,6 +33,7 @@ def _copy(state_dict: dict) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     from mlflow import MlflowClient
@@ -71,6 +73,14 @@ def train_loop_per_worker(config: dict) -> None:
 
         use_mlflow_account(Path(config["mlflow_accounts"]), "training")
     client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    # Where the workers ran (one Ray node id per rank), on the run: placement is part of what was trained.
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1 and torch.distributed.is_initialized():
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, nodes[0])
+        nodes = gathered
+    if rank == 0:
+        client.set_tag(config["run_id"], "ray_train_nodes", json.dumps(nodes))
     for epoch in range(start_epoch, config["epochs"]):
         t0 = time.monotonic()
         model.train()

@@ -11,7 +11,7 @@ from oncoserve.settings import Settings
 from pipelines.cli._console import console, user_errors
 from pipelines.stack import ComponentStatus, EmbeddedStack, StackError, is_healthy
 
-app = typer.Typer(help="Start, stop and check the embedded stack (S3, MLflow, Ray).", no_args_is_help=True)
+app = typer.Typer(help="Start, stop and check the embedded stack (S3, MLflow, Ray head and worker nodes, platform API).", no_args_is_help=True)
 
 
 def _table(parts: list[ComponentStatus]) -> Table:
@@ -27,11 +27,14 @@ def _table(parts: list[ComponentStatus]) -> Table:
 @app.command()
 def up(
     db: str = typer.Option(None, "--db", help="Registry database: sqlite (default) or postgresql."),
+    workers: int = typer.Option(None, "--workers", min=0, max=8,
+                                help="Ray worker nodes beside the head (a multi-node cluster on this machine); "
+                                     "default: keep those running. 0 stops them."),
 ) -> None:
     """Start every component that is not running and wait until all are healthy."""
     settings = Settings(db=db) if db else Settings()
     with user_errors(StackError), console.status("starting the embedded stack") as spinner:
-        parts = EmbeddedStack(settings).up(on_event=lambda n, m: spinner.console.log(f"{n}: {m}"))
+        parts = EmbeddedStack(settings).up(on_event=lambda n, m: spinner.console.log(f"{n}: {m}"), workers=workers)
     console.print(_table(parts))
 
 

@@ -22,6 +22,8 @@ def train(
     epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (default: the task's own)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers."),
     gpu: bool = typer.Option(False, "--gpu", help="Train on GPU workers (needs CUDA)."),
+    placement: str = typer.Option("pack", "--placement", help="Where the Ray Train workers go: pack (fewest nodes), "
+                                  "spread (across nodes where possible) or strict-spread (one per node, else an error)."),
     resume: str = typer.Option(None, "--resume", help="MLflow run id to resume from its last checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and training."),
     patience: int = typer.Option(None, "--patience", min=1,
@@ -43,7 +45,7 @@ def train(
         who = require(cli_identity(settings), "data-scientist",
                       "training and registering a version")  # fmt: skip
     cfg = JobConfig(task=task, data_dir=data.resolve(), tracking_uri=settings.mlflow_url, ray_address=settings.ray_address,
-                    home=settings.home, epochs=epochs, workers=workers, gpu=gpu, resume_run=resume, seed=seed, patience=patience,
+                    home=settings.home, epochs=epochs, workers=workers, gpu=gpu, placement=placement.upper().replace("-", "_"), resume_run=resume, seed=seed, patience=patience,
                     actor=who.name, audit_file=settings.audit_file,
                     task_options={"regions": regions, "augment": augment, "overlap": overlap})  # fmt: skip
     columns = (TextColumn(f"training {task}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 import shutil
@@ -21,6 +22,7 @@ from oncoserve import credentials
 from oncoserve.credentials import S3Credentials
 from oncoserve.object_store import mlflow_env, object_store
 from oncoserve.settings import Settings
+from pipelines.stack.ports import RAY_WORKER_PORTS
 
 HEALTH_PROBE_KEY = ".oncoserve/health-probe"  # the S3 health check's own object, rewritten on each check
 
@@ -241,6 +243,13 @@ def ray_cpus(configured: int | None) -> int:
     return max(os.cpu_count() or 1, math.ceil(needed))
 
 
+# The embedded cluster's Ray processes, whatever the user's environment holds. Ray 2.60 turns token auth on
+# for `ray start` whenever ~/.ray/auth_token exists (any local `ray.init()` writes one), while `ray
+# health-check` and our drivers then connect without it: the head never becomes healthy. The mode is named
+# here instead; the cluster's ports are bound to settings.host (see docs/SECURITY notes in README).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 class RayHead(Component):
     """A local Ray head node (`ray start --head --block`), temp dir under ONCOSERVE_HOME."""
 
@@ -281,7 +290,7 @@ class RayHead(Component):
         return cmd
 
     def env(self) -> dict[str, str]:
-        return {"RAY_USAGE_STATS_ENABLED": "0"}
+        return RAY_ENV
 
     @property
     def address(self) -> str:
@@ -293,7 +302,7 @@ class RayHead(Component):
         try:
             result = subprocess.run(
                 [_bin("ray"), "health-check", "--address", self.address],
-                capture_output=True, text=True, timeout=30,
+                capture_output=True, text=True, timeout=30, env={**os.environ, **RAY_ENV},
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             return Health(False, "GCS health-check timed out")
@@ -303,6 +312,76 @@ class RayHead(Component):
 
     def url(self) -> str:
         return self.address
+
+
+
+WORKER_PREFIX = "ray-worker-"
+
+
+class RayWorker(Component):
+    """An extra Ray node joining the head (`ray start --address ... --block`): with `stack up --workers N` the
+    embedded stack is a multi-node cluster on one machine, as under KubeRay, so placement, spreading and a
+    lost node are exercised for real. Worker i declares `ray_worker_cpus` CPUs and the custom resources
+    `oncoserve_worker` and `oncoserve_worker_<i>` (a job can ask for a worker node, or for one of them)."""
+
+    # One node at a time, after the head: nodes starting together pick the same socket names in the
+    # shared temp dir (seen here: the second raylet never registers).
+    blocking = True
+
+    def __init__(self, settings: Settings, creds: S3Credentials, index: int):
+        super().__init__(settings, creds)
+        self.index = index
+        self.name = f"{WORKER_PREFIX}{index}"
+
+    @property
+    def resource(self) -> str:
+        return f"oncoserve_worker_{self.index}"
+
+    def ports(self) -> list[int]:
+        base = self.settings.ray_worker_port_base + RAY_WORKER_PORTS * (self.index - 1)
+        return list(range(base, base + RAY_WORKER_PORTS))
+
+    @property
+    def data_dir(self) -> Path:
+        return RayHead(self.settings, self.creds).data_dir
+
+    def prepare(self) -> None:
+        pass  # the head's temp dir, which the head made
+
+    def command(self) -> list[str]:
+        s = self.settings
+        manager, objects, listen, grpc, runtime_env, metrics = self.ports()
+        head = RayHead(s, self.creds)
+        return [
+            _bin("ray"), "start", "--block", f"--address={head.address}",
+            f"--node-ip-address={s.host}", f"--temp-dir={head.temp_dir()}",
+            f"--node-manager-port={manager}", f"--object-manager-port={objects}",
+            f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+            # Worker processes take ports from Ray's shared range, which Ray hands out without clashes.
+            f"--num-cpus={s.ray_worker_cpus}", f"--object-store-memory={s.ray_worker_object_store_mb * 1024 * 1024}",
+            f"--resources={json.dumps({'oncoserve_worker': 1, self.resource: 1})}",
+            "--disable-usage-stats",
+        ]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        return RAY_ENV
+
+    def health(self) -> Health:
+        # The GCS's view (through the head's dashboard): a live `ray start` process proves nothing.
+        url = f"http://{self.settings.host}:{self.settings.ray_dashboard_port}/api/v0/nodes?limit=1000"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                nodes = json.loads(resp.read())["data"]["result"]["result"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+            return Health(False, f"the head's node list is unavailable: {exc}"[:300])
+        alive = [n for n in nodes if n.get("state") == "ALIVE" and self.resource in (n.get("resources_total") or {})]
+        if not alive:
+            return Health(False, "not registered with the head yet")
+        return Health(True, f"node {alive[0]['node_id'][:12]} alive, {self.settings.ray_worker_cpus} CPU")
+
+    def url(self) -> str:
+        return f"{self.settings.host}:{self.ports()[0]}"
 
 
 class PostgresServer(Component):
@@ -478,7 +557,11 @@ def components(settings: Settings, creds: S3Credentials) -> list[Component]:
     parts: list[Component] = []
     if settings.db == "postgresql":
         parts.append(PostgresServer(settings, creds))
-    parts += [S3Server(settings, creds), RayHead(settings, creds), MlflowServer(settings, creds), PlatformApi(settings, creds)]
+    head = RayHead(settings, creds)
+    head.blocking = settings.ray_workers > 0  # worker nodes join a head that answers
+    parts += [S3Server(settings, creds), head]
+    parts += [RayWorker(settings, creds, i) for i in range(1, settings.ray_workers + 1)]
+    parts += [MlflowServer(settings, creds), PlatformApi(settings, creds)]
     if settings.dicom_allowed_aes:
         parts.append(DicomReceiverComponent(settings, creds))
     return parts

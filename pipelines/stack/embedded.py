@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from oncoserve import credentials
 from oncoserve.settings import Settings
 from pipelines.stack import process
-from pipelines.stack.components import Component, Health, StackError, components
+from pipelines.stack.components import WORKER_PREFIX, Component, Health, StackError, components
 
 POLL_S = 0.5
 
@@ -63,11 +63,15 @@ class EmbeddedStack:
             handle.write(json.dumps({n: r.to_json() for n, r in state.items()}, indent=2))
         os.replace(tmp, self.state_file)  # atomic: a crash never leaves half a state file
 
-    def _components(self, state: dict | None = None, create_credentials: bool = True) -> list[Component]:
+    def _components(self, state: dict | None = None, create_credentials: bool = True, workers: int | None = None) -> list[Component]:
         settings = self.settings
-        # A stack brought up with `--db postgresql` keeps that database until it is brought down.
+        # A stack brought up with `--db postgresql` keeps that database until it is brought down, and one
+        # brought up with `--workers N` its worker nodes until another `up --workers` changes their number.
         if state and "postgres" in state and settings.db != "postgresql":
             settings = settings.model_copy(update={"db": "postgresql"})
+        count = workers if workers is not None else max(settings.ray_workers, max(_worker_indexes(state or {}), default=0))
+        if count != settings.ray_workers:
+            settings = settings.model_copy(update={"ray_workers": count})
         if create_credentials or settings.credentials_file.exists():
             creds = credentials.load_or_create(settings.credentials_file)
         else:
@@ -78,16 +82,28 @@ class EmbeddedStack:
         return self._load_state()
 
     # -- up --------------------------------------------------------------------------------------
-    def up(self, on_event: Callable[[str, str], None] = lambda name, msg: None) -> list[ComponentStatus]:
-        """Start what is not running, wait until every component is healthy; return their status."""
+    def up(self, on_event: Callable[[str, str], None] = lambda name, msg: None, workers: int | None = None) -> list[ComponentStatus]:
+        """Start what is not running, wait until every component is healthy; return their status. `workers`
+        sets the number of Ray worker nodes (extra ones are stopped); None keeps what is running (or the
+        `ray_workers` setting, when larger)."""
         old = os.umask(0o077)  # what `up` itself makes under the home (data folders, state) is the owner's only
         try:
             with self._locked():
-                return self._up(on_event)
+                return self._up(on_event, workers)
         finally:
             os.umask(old)
 
-    def _up(self, on_event: Callable[[str, str], None]) -> list[ComponentStatus]:
+    def _stop_extra_workers(self, state: dict, keep: int, on_event: Callable[[str, str], None]) -> None:
+        for index in sorted(_worker_indexes(state), reverse=True):
+            if index > keep:
+                name = f"{WORKER_PREFIX}{index}"
+                if process.find(state[name]) is not None:
+                    process.stop(state[name])
+                on_event(name, "stopped (fewer worker nodes asked for)")
+                del state[name]
+                self._save_state(state)
+
+    def _up(self, on_event: Callable[[str, str], None], workers: int | None = None) -> list[ComponentStatus]:
         home = self.settings.home
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         home.chmod(0o700 | (home.stat().st_mode & 0o001))  # keep o+x only where PostgreSQL needs to pass through
@@ -100,8 +116,10 @@ class EmbeddedStack:
                 what = "?"
             on_event("stack", f"WARNING: process {proc.pid} ({what}) runs in this home but is not recorded; "
                               "stop it by hand (kill) if it is a leftover")  # fmt: skip
+        if workers is not None:
+            self._stop_extra_workers(state, workers, on_event)
         waiting: list[Component] = []
-        for comp in self._components(state):
+        for comp in self._components(state, workers=workers):
             record = state.get(comp.name)
             if record and process.find(record):
                 on_event(comp.name, "already running")
@@ -203,6 +221,11 @@ class EmbeddedStack:
             "home": str(self.settings.home),
             "components": {p.name: asdict(p) for p in parts},
         }
+
+
+def _worker_indexes(state: dict) -> list[int]:
+    """The Ray worker nodes a stack's state records (`ray-worker-<i>`)."""
+    return [int(name.removeprefix(WORKER_PREFIX)) for name in state if name.startswith(WORKER_PREFIX)]
 
 
 def is_healthy(parts: list[ComponentStatus]) -> bool:

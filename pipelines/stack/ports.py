@@ -9,6 +9,7 @@ from pathlib import Path
 from pipelines.stack.process import port_free
 
 S3_OFFSETS = [0, 1, 2, 3, 4, 5, 10000, 10001, 10002, 10003, 10005]  # weed mini's servers and their gRPC ports
+RAY_WORKER_PORTS = 6  # ports each embedded Ray worker node takes (pipelines/stack/components.py RayWorker)
 
 
 def _free_block(host: str, offsets: list[int], rng: random.Random, taken: frozenset[int] = frozenset()) -> int:
@@ -26,6 +27,8 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
     s3 = _free_block(host, S3_OFFSETS, rng)
     # The two blocks are picked independently; the second must not land on the first (both are free now).
     other = _free_block(host, list(range(10)), rng, frozenset(s3 + off for off in S3_OFFSETS))
+    taken = frozenset([s3 + off for off in S3_OFFSETS] + [other + off for off in range(10)])
+    workers = _free_block(host, list(range(RAY_WORKER_PORTS * 4)), rng, taken)  # room for four worker nodes
     return {
         "ONCOSERVE_HOME": str(home),
         "ONCOSERVE_S3_PORT": str(s3),
@@ -39,6 +42,7 @@ def private_stack_env(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
         "ONCOSERVE_SERVE_GRPC_PORT": str(other + 7),
         "ONCOSERVE_PLATFORM_PORT": str(other + 8),
         "ONCOSERVE_DICOM_PORT": str(other + 9),
+        "ONCOSERVE_RAY_WORKER_PORT_BASE": str(workers),
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -43,10 +44,20 @@ def stack_pids(stack: EmbeddedStack) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def stack(stack_settings):
+def stack(stack_settings, tmp_path_factory):
+    # A user who once ran a local `ray.init()` has ~/.ray/auth_token, which switches `ray start` to token auth
+    # unless told otherwise: the stack's Ray must come up and answer all the same.
+    user_home = tmp_path_factory.mktemp("user-home")
+    (user_home / ".ray").mkdir()
+    (user_home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    saved_home = os.environ["HOME"]
+    os.environ["HOME"] = str(user_home)
     s = EmbeddedStack(stack_settings)
-    yield s
-    s.down()
+    try:
+        yield s
+    finally:
+        s.down()
+        os.environ["HOME"] = saved_home
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,25 @@ def test_packaged_deployment_config_is_valid_and_complete():
     assert options["ray_actor_options"]["num_cpus"] > 0
     window = config.deployments["segmentation"].sliding_window
     assert window is not None and window.mirror is False and window.overlap is None  # the version's own overlap
+    assert "resources" not in options["ray_actor_options"]  # anywhere in the cluster unless a config says otherwise
+
+
+def test_a_deployment_can_ask_for_custom_ray_resources_and_a_cluster_without_them_is_refused(tmp_path):
+    from pipelines.serving import ServeError, _check_resources
+
+    path = tmp_path / "deployments.yaml"
+    text = deploy_config.DEFAULT_FILE.read_text().replace("  segmentation:\n", "  segmentation:\n    resources: {oncoserve_worker: 2}\n", 1)
+    path.write_text(text)
+    config = deploy_config.load(path)
+    options = config.deployments["segmentation"].serve_options()
+    assert options["ray_actor_options"]["resources"] == {"oncoserve_worker": 2}
+    assert config.document()["deployments"]["segmentation"]["resources"] == {"oncoserve_worker": 2}  # the chart's too
+    # A replica needs two worker nodes' worth, the cluster has one: Serve would wait forever.
+    with pytest.raises(ServeError, match="need the Ray resource oncoserve_worker .2 each, at least 1 replica. and this cluster has 1"):
+        _check_resources(config, {"CPU": 64.0, "oncoserve_worker": 1.0})
+    _check_resources(config, {"CPU": 64.0, "oncoserve_worker": 2.0})
+    with pytest.raises(ServeError, match="reserves .* CPUs at its minimum replicas"):
+        _check_resources(config, {"CPU": 1.0, "oncoserve_worker": 2.0})
 
 
 @pytest.mark.parametrize(

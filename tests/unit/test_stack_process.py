@@ -77,3 +77,31 @@ def test_private_port_blocks_never_overlap():
         env = private_stack_env(Path("/tmp/unused"))
         s3, other = int(env["ONCOSERVE_S3_PORT"]), int(env["ONCOSERVE_MLFLOW_PORT"])
         assert not {s3 + off for off in S3_OFFSETS} & set(range(other, other + 9))
+        workers = int(env["ONCOSERVE_RAY_WORKER_PORT_BASE"])
+        assert not set(range(workers, workers + 24)) & ({s3 + off for off in S3_OFFSETS} | set(range(other, other + 10)))
+
+
+def test_worker_nodes_join_the_head_on_ports_of_their_own_and_stay_until_asked_otherwise(tmp_path):
+    from pipelines.stack import EmbeddedStack
+    from pipelines.stack.components import RayWorker, components
+
+    creds = S3Credentials("a", "b")
+    s = Settings(home=tmp_path, ray_port=21001, ray_dashboard_agent_port=21004, ray_worker_port_base=22000, ray_workers=2,
+                 ray_worker_cpus=3, dicom_allowed_aes=[])  # fmt: skip
+    parts = components(s, creds)
+    assert [p.name for p in parts] == ["s3", "ray", "ray-worker-1", "ray-worker-2", "mlflow", "platform"]
+    head, one, two = parts[1], parts[2], parts[3]
+    assert head.blocking and one.blocking  # nodes starting together collide on socket names in the shared temp dir
+    taken = [port for part in parts for port in part.ports()]
+    assert len(taken) == len(set(taken)), "two components share a port"
+    command = " ".join(two.command())
+    assert "--address=127.0.0.1:21001" in command and f"--temp-dir={head.temp_dir()}" in command and "--head" not in command
+    assert "--num-cpus=3" in command and '"oncoserve_worker_2": 1' in command and "--block" in command
+    # No worker node: the head need not wait before MLflow starts.
+    assert not components(s.model_copy(update={"ray_workers": 0}), creds)[1].blocking
+    # A stack's recorded worker nodes are kept by a plain `up`, and `up --workers N` sets their number.
+    stack = EmbeddedStack(s.model_copy(update={"ray_workers": 0}))
+    state = {"ray-worker-1": None, "ray-worker-3": None}
+    assert [p.name for p in stack._components(state, create_credentials=False) if isinstance(p, RayWorker)] == \
+        ["ray-worker-1", "ray-worker-2", "ray-worker-3"]  # fmt: skip
+    assert not [p for p in stack._components(state, create_credentials=False, workers=0) if isinstance(p, RayWorker)]
