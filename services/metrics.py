@@ -12,6 +12,11 @@ import os
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Set only for the replicas (their runtime_env, services/app.py), never for a whole pod: Ray's own processes
+# use prometheus_client too and die when the folder is missing. A replica on a node whose home lacks the
+# folder (another pod, another worker node) makes it before the first metric is created.
+if os.environ.get(MULTIPROC_ENV):
+    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 REQUESTS = Counter("oncoserve_requests", "API requests by route and HTTP/gRPC status", ["route", "status"])

@@ -62,6 +62,32 @@ def workload(name: str, pod: dict, container: dict, secrets: dict[str, dict[str,
                       "env": resolve_env(container, secrets), "files": files, "dirs": dirs, "ready": ready}}  # fmt: skip
 
 
+def kuberay_argv(group: dict, head_address: str | None = None, overrides: dict[str, str] | None = None) -> list[str]:
+    """The `ray start` command KubeRay's operator generates for a head or worker group from its
+    rayStartParams: `--head` (or `--address=<head Service>:<port>` for workers), every param as `--k=v`,
+    the dashboard on all interfaces and the agent on 52365 unless given, and `--block`. `overrides`
+    changes per-node ports where several nodes share one network namespace here (pods each have an IP)."""
+    params = {"dashboard-agent-listen-port": "52365", **group["rayStartParams"], **(overrides or {})}
+    if head_address is None:
+        params = {"dashboard-host": "0.0.0.0", **params}
+    argv = ["ray", "start", "--head"] if head_address is None else ["ray", "start", f"--address={head_address}"]
+    return [*argv, *(f"--{k}={v}" for k, v in params.items()), "--block", "--disable-usage-stats"]
+
+
+def ray_node(name: str, group: dict, secrets: dict[str, dict[str, str]], ready_url: str | None,
+             head_address: str | None = None, overrides: dict[str, str] | None = None) -> dict:
+    """A Ray head or worker pod of a RayService / RayJob group, as KubeRay starts it."""
+    pod = group["template"]["spec"]
+    step = workload(name, pod, pod["containers"][0], secrets, "127.0.0.1")
+    # Only the namespace's own /var/lib is writable here: the data claim and ConfigMaps (at /data, /etc/...)
+    # are not made on the host (a driver that only joins the cluster reads none of them).
+    step["start"]["dirs"] = [d for d in step["start"]["dirs"] if d.startswith("/var/lib/")]
+    step["start"]["files"] = {f: c for f, c in step["start"]["files"].items() if f.startswith("/var/lib/")}
+    step["start"]["argv"] = kuberay_argv(group, head_address, overrides)
+    step["start"]["ready"] = {"http": ready_url} if ready_url else None
+    return step
+
+
 def job(name: str, container: dict, secrets: dict[str, dict[str, str]]) -> dict:
     return {"run": {"name": name, "argv": [*container.get("command", []), *container.get("args", [])],
                     "env": resolve_env(container, secrets)}}  # fmt: skip
@@ -110,7 +136,10 @@ def _ready(check: dict | None, deadline: float, proc: subprocess.Popen) -> bool:
 
 
 def _environ(env: dict[str, str]) -> dict[str, str]:
-    return {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": "/var/lib/wiring-home", "LANG": "C.UTF-8", **env}
+    # RAY_TMPDIR: Ray's default temp dir (/tmp/ray in a pod) inside the namespace's own /var/lib tmpfs, since
+    # the host's /tmp stands in for the pods' here.
+    return {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": "/var/lib/wiring-home", "LANG": "C.UTF-8",
+            "RAY_TMPDIR": "/var/lib/wiring-ray", **env}  # fmt: skip
 
 
 def main(spec_path: str, report_path: str) -> None:
@@ -120,6 +149,7 @@ def main(spec_path: str, report_path: str) -> None:
     scratch = Path(spec_path).parent
     _setup(spec, scratch)
     Path("/var/lib/wiring-home").mkdir(parents=True)
+    Path("/var/lib/wiring-ray").mkdir(parents=True)
     procs: list[subprocess.Popen] = []
     results = []
     try:

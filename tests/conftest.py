@@ -113,6 +113,16 @@ def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES, extra_e
 PACS = {"aet": "TESTPACS", "user": "pacs-admin", "password": "pacs-secret"}
 
 
+RUN_LAST = ("tests/integration/test_multinode.py",)  # they reshape the shared stack and leave it so
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules that turn the shared stack into a multi-node cluster with a Serve config of their own run
+    after every other test: nothing needs the session's shape back afterwards (a restore costs minutes)."""
+    last = [item for item in items if item.nodeid.startswith(RUN_LAST)]
+    items[:] = [item for item in items if not item.nodeid.startswith(RUN_LAST)] + last
+
+
 @pytest.fixture(scope="session")
 def live_stack():
     """One private embedded stack shared by the integration tests that only use it (never stop it). Its

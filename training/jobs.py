@@ -76,6 +76,22 @@ def _poll_progress(client: MlflowClient, run_id: str, epochs: int, stop: threadi
             on_epoch(seen + 1, epochs, history[-1].value)
 
 
+def require_cluster(address: str) -> None:
+    """A GCS `host:port` that nobody listens on fails at once: `ray.init` would retry it for ever (a driver
+    aimed at the wrong cluster hangs instead of saying so). `auto` and `ray://` are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except OSError as exc:
+        raise TrainingError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start the embedded stack "
+                            "(oncoserve stack up) or name the cluster (ONCOSERVE_RAY_CLUSTER)") from None
+
+
 def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda done, total, val: None) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -84,6 +100,8 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
     task = tasks.get(cfg.task, cfg.task_options)
     if cfg.placement not in PLACEMENTS:
         raise TrainingError(f"placement {cfg.placement!r}: expected one of {', '.join(PLACEMENTS)}")
+    if not ray.is_initialized():
+        require_cluster(cfg.ray_address)  # before anything is created in MLflow
     if cfg.gpu and not torch.cuda.is_available():
         raise TrainingError("--gpu asked for, but no CUDA device is visible on this machine")
     epochs = cfg.epochs or task.default_epochs

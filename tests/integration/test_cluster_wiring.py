@@ -4,21 +4,27 @@ network namespace where every Service name resolves, then called as other pods a
 (tests/cluster_wiring.py). Reverting a wiring fix makes it fail: the run without MLflow's allowed hosts
 is part of the test.
 
-Not covered here yet (issue 24): the RayService and RayJobs (Ray head on the chart's port, the pipeline
-job training and promoting, a study through the gateway Service) and the container image.
+The pipeline RayJob's cluster is started as KubeRay starts it (head and train worker from their
+rayStartParams, the worker joining the head by its Service name) and a driver is submitted to it with
+`ray job submit`, as KubeRay's submitter does: it must reach the cluster from the pod's own settings
+(ONCOSERVE_RAY_CLUSTER=auto, the head on the chart's port). Not covered yet: the pipeline job training and
+promoting on that cluster, and the RayService's Serve app answering a study through the gateway Service
+(tests/integration/test_multinode.py runs Serve and Ray Train on a multi-node cluster of the embedded stack).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.cluster_wiring import job, run_in_cluster_namespace, workload
+from tests.cluster_wiring import job, ray_node, run_in_cluster_namespace, workload
 from tests.unit.test_infra import one, render
 
 pytestmark = pytest.mark.integration
@@ -121,3 +127,91 @@ def test_without_mlflow_allowed_hosts_the_accounts_job_and_the_registry_fail(ren
     assert report["get mlflow by its Service name"]["status"] == 403  # ... the API is not
     assert not report["run mlflow-accounts"]["ok"] and "403" in report["run mlflow-accounts"]["log"]
     assert report["get registry through the platform API"]["status"] != 200
+
+
+# What `oncoserve train` and `oncoserve pipeline run` do first (training/jobs.py run_job): check the cluster
+# named by the pod's settings answers, then ray.init on it.
+RAY_DRIVER = """
+import json, time, ray
+from oncoserve.settings import Settings
+from training.jobs import require_cluster
+address = Settings().ray_address
+require_cluster(address)
+ray.init(address, logging_level="ERROR", log_to_driver=False)
+deadline = time.monotonic() + 90
+while time.monotonic() < deadline and sum(n["Alive"] for n in ray.nodes()) < 2:
+    time.sleep(0.5)  # the train worker registering with the head
+alive = [n for n in ray.nodes() if n["Alive"]]
+print("DRIVER " + json.dumps({"address": address, "alive": len(alive), "cpus": ray.cluster_resources().get("CPU", 0)}))
+"""
+
+
+# KubeRay's submitter: the entrypoint through the head's job API, then its status until it ends (by HTTP
+# polling: `ray job submit`'s log tailing over a WebSocket closes at once in this namespace).
+SUBMITTER = """
+import sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+client = JobSubmissionClient(sys.argv[1])
+job = client.submit_job(entrypoint=sys.argv[2])
+deadline = time.monotonic() + 240
+while not (status := client.get_job_status(job)).is_terminal() and time.monotonic() < deadline:
+    time.sleep(1)  # polling the job's state, as the submitter does
+print(client.get_job_logs(job))
+print("JOB", status)
+sys.exit(0 if status == JobStatus.SUCCEEDED else 1)
+"""
+
+
+def rayjob_spec(docs: list[dict], values_secrets: dict) -> dict:
+    rayjob = one(docs, "RayJob", "-pipeline")
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    head, train = cluster["headGroupSpec"], cluster["workerGroupSpecs"][0]
+    head_svc = f"{rayjob['metadata']['name']}-head-svc"  # the head Service KubeRay makes for the job's cluster
+    gcs = f"{head_svc}:{head['rayStartParams']['port']}"
+    # The worker shares this namespace with the head (pods would each have an IP): its fixed ports move.
+    moved = {"metrics-export-port": "8081", "dashboard-agent-listen-port": "52366"}
+    return {"hosts": [head_svc, f"{head_svc}.oncoserve.svc.cluster.local"], "steps": [
+        ray_node("rayjob-head", head, values_secrets, "http://127.0.0.1:8265/api/gcs_healthz"),
+        ray_node("rayjob-train-worker", train, values_secrets, None, head_address=gcs, overrides=moved),
+        {"run": {"name": "driver", "env": {},
+                 "argv": ["python", "-c", SUBMITTER, f"http://{head_svc}:8265", f"python -c {shlex.quote(RAY_DRIVER)}"]}},
+    ]}  # fmt: skip
+
+
+def without_ray_cluster_setting(docs: list[dict]) -> list[dict]:
+    """The chart before the fix: the job's pods do not name their cluster, so the driver aims at the embedded
+    stack's default head (127.0.0.1:6380)."""
+    docs = copy.deepcopy(docs)
+    for group in [one(docs, "RayJob", "-pipeline")["spec"]["rayClusterSpec"]["headGroupSpec"]]:
+        container = group["template"]["spec"]["containers"][0]
+        container["env"] = [e for e in container["env"] if e["name"] != "ONCOSERVE_RAY_CLUSTER"]
+    return docs
+
+
+@pytest.fixture(scope="module")
+def rendered_pipeline(tmp_path_factory):
+    result, docs = render({**VALUES, "pipeline": {"enabled": True}}, tmp_path_factory.mktemp("chart-pipeline"))
+    assert "error" not in result, result
+    return docs
+
+
+def test_the_pipeline_rayjob_driver_reaches_its_cluster_on_the_charts_port(rendered_pipeline, tmp_path):
+    values_secrets, _ = secrets(tmp_path)
+    values_secrets |= {"oncoserve-job-token": {"token": "unused-here"}}
+    report = by_step(run_in_cluster_namespace(rayjob_spec(rendered_pipeline, values_secrets), tmp_path))
+    assert report["start rayjob-head"]["ok"], report["start rayjob-head"]["log"]
+    assert report["start rayjob-train-worker"]["ok"], report["start rayjob-train-worker"]["log"]
+    driver = report["run driver"]
+    assert driver["ok"], driver["log"]
+    seen = json.loads(next(line for line in driver["log"].splitlines() if line.startswith("DRIVER {"))[len("DRIVER "):])
+    # `auto`: the job's own cluster; the head (no CPUs) and the train worker that joined it by Service name.
+    assert seen["address"] == "auto" and seen["alive"] == 2 and seen["cpus"] > 0, seen
+
+
+def test_without_the_ray_cluster_setting_the_pipeline_driver_fails(rendered_pipeline, tmp_path):
+    values_secrets, _ = secrets(tmp_path)
+    values_secrets |= {"oncoserve-job-token": {"token": "unused-here"}}
+    report = by_step(run_in_cluster_namespace(rayjob_spec(without_ray_cluster_setting(rendered_pipeline), values_secrets), tmp_path))
+    assert report["start rayjob-head"]["ok"]
+    driver = report["run driver"]
+    assert not driver["ok"] and "no Ray cluster answers at 127.0.0.1:6380" in driver["log"], driver["log"][-1500:]

@@ -3,8 +3,8 @@ stack's head, Ray Train spreads its workers over two nodes, Serve places replica
 killed worker node's replicas are replaced on the survivors while studies keep being answered (a request
 lost with its replica is a 503 that says to retry, the documented behaviour; its retry succeeds).
 
-Runs on the session's shared stack and served champions; the module stops its worker nodes and redeploys
-the session's Serve config when it ends.
+Runs on the session's shared stack and served champions, after every other test (tests/conftest.py
+RUN_LAST): it stops its worker nodes when it ends but leaves its own Serve config deployed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from ray.util.state import list_actors
 
 from pipelines.stack import EmbeddedStack
-from tests.conftest import SERVE_TEST_CONFIG, TASKS, auth_headers, oncoserve
+from tests.conftest import TASKS, auth_headers, oncoserve
 from tests.helpers import study_files, wait_until
 
 pytestmark = pytest.mark.integration
@@ -59,10 +59,8 @@ def replica_nodes(settings, deployment: str) -> dict[int, str]:
 @pytest.fixture(scope="module")
 def cluster(served, trained, tiny_dataset, tmp_path_factory):
     settings = served["settings"]
-    folder = tmp_path_factory.mktemp("multinode")
-    config, restore = folder / "deployments.yaml", folder / "served.yaml"
+    config = tmp_path_factory.mktemp("multinode") / "deployments.yaml"
     config.write_text(MULTINODE_CONFIG)
-    restore.write_text(SERVE_TEST_CONFIG)
     os.environ["ONCOSERVE_RAY_WORKER_CPUS"] = "4"
     try:
         up = oncoserve("stack", "up", "--workers", str(WORKERS))
@@ -75,8 +73,7 @@ def cluster(served, trained, tiny_dataset, tmp_path_factory):
         down = oncoserve("stack", "up", "--workers", "0")  # worker nodes stopped, the rest kept
         assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
         assert not any(name.startswith("ray-worker-") for name in EmbeddedStack(settings).records())
-        back = oncoserve("serve", "up", "--config", str(restore))  # the session's Serve config, on the head again
-        assert back.returncode == 0, back.stdout[-2000:] + back.stderr[-2000:]
+        assert wait_until(lambda: [n["is_head_node"] for n in nodes(settings)] == [True], timeout_s=60, interval_s=0.5)
 
 
 def test_worker_nodes_join_the_head_and_training_spreads_over_two_nodes(cluster):

@@ -368,3 +368,21 @@ def test_survival_evaluation_reports_the_c_index_interval_beside_age_only_and_cl
     assert m["c_index_over_clinical"] == pytest.approx(m["c_index"] - m["c_index_clinical_only"])
     assert m["c_index_over_clinical_ci_low"] <= m["c_index_over_clinical"] <= m["c_index_over_clinical_ci_high"]
     assert 0 <= m["c_index_age_only"] <= 1 and m["c_index_clinical_only"] > 0.5  # age and grade carry this cohort's hazard
+
+
+def test_a_driver_aimed_at_no_cluster_fails_at_once_naming_it():
+    import socket
+
+    from training.errors import TrainingError
+    from training.jobs import require_cluster
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(TrainingError, match=f"no Ray cluster answers at 127.0.0.1:{port}.*ONCOSERVE_RAY_CLUSTER"):
+        require_cluster(f"127.0.0.1:{port}")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        require_cluster(f"127.0.0.1:{listening.getsockname()[1]}")
+    require_cluster("auto")  # Ray finds the cluster itself (a RayJob's driver)

@@ -85,7 +85,6 @@ capabilities: {drop: [ALL]}
 - {name: ONCOSERVE_TRITON_REPO_PREFIX, value: {{ .Values.s3.tritonRepoPrefix | quote }}}
 - {name: ONCOSERVE_SERVE_MAX_REQUEST_MB, value: {{ .Values.serve.maxRequestMb | quote }}}
 - {name: AWS_DEFAULT_REGION, value: {{ .Values.s3.region | quote }}}
-- {name: PROMETHEUS_MULTIPROC_DIR, value: /var/lib/oncoserve/serve/metrics}
 - {name: ONCOSERVE_AUDIT_DIR, value: /var/lib/oncoserve-audit}
 {{- if .Values.s3.credentialsSecret }}
 - name: ONCOSERVE_S3_ACCESS_KEY
