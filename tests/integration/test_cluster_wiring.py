@@ -162,7 +162,7 @@ sys.exit(0 if status == JobStatus.SUCCEEDED else 1)
 """
 
 
-def rayjob_spec(docs: list[dict], values_secrets: dict) -> dict:
+def rayjob_spec(docs: list[dict], values_secrets: dict, worker: bool = True) -> dict:
     rayjob = one(docs, "RayJob", "-pipeline")
     cluster = rayjob["spec"]["rayClusterSpec"]
     head, train = cluster["headGroupSpec"], cluster["workerGroupSpecs"][0]
@@ -172,7 +172,7 @@ def rayjob_spec(docs: list[dict], values_secrets: dict) -> dict:
     moved = {"metrics-export-port": "8081", "dashboard-agent-listen-port": "52366"}
     return {"hosts": [head_svc, f"{head_svc}.oncoserve.svc.cluster.local"], "steps": [
         ray_node("rayjob-head", head, values_secrets, "http://127.0.0.1:8265/api/gcs_healthz"),
-        ray_node("rayjob-train-worker", train, values_secrets, None, head_address=gcs, overrides=moved),
+        *([ray_node("rayjob-train-worker", train, values_secrets, None, head_address=gcs, overrides=moved)] if worker else []),
         {"run": {"name": "driver", "env": {},
                  "argv": ["python", "-c", SUBMITTER, f"http://{head_svc}:8265", f"python -c {shlex.quote(RAY_DRIVER)}"]}},
     ]}  # fmt: skip
@@ -211,7 +211,8 @@ def test_the_pipeline_rayjob_driver_reaches_its_cluster_on_the_charts_port(rende
 def test_without_the_ray_cluster_setting_the_pipeline_driver_fails(rendered_pipeline, tmp_path):
     values_secrets, _ = secrets(tmp_path)
     values_secrets |= {"oncoserve-job-token": {"token": "unused-here"}}
-    report = by_step(run_in_cluster_namespace(rayjob_spec(without_ray_cluster_setting(rendered_pipeline), values_secrets), tmp_path))
+    spec = rayjob_spec(without_ray_cluster_setting(rendered_pipeline), values_secrets, worker=False)
+    report = by_step(run_in_cluster_namespace(spec, tmp_path))
     assert report["start rayjob-head"]["ok"]
     driver = report["run driver"]
     assert not driver["ok"] and "no Ray cluster answers at 127.0.0.1:6380" in driver["log"], driver["log"][-1500:]
