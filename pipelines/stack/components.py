@@ -246,7 +246,7 @@ def ray_cpus(configured: int | None) -> int:
 # The embedded cluster's Ray processes, whatever the user's environment holds. Ray 2.60 turns token auth on
 # for `ray start` whenever ~/.ray/auth_token exists (any local `ray.init()` writes one), while `ray
 # health-check` and our drivers then connect without it: the head never becomes healthy. The mode is named
-# here instead; the cluster's ports are bound to settings.host (see docs/SECURITY notes in README).
+# here instead (README, "Known limits" of the embedded stack).
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
@@ -312,7 +312,6 @@ class RayHead(Component):
 
     def url(self) -> str:
         return self.address
-
 
 
 WORKER_PREFIX = "ray-worker-"
