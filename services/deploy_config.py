@@ -94,6 +94,8 @@ class Deployment(_Strict):
     resources: dict[str, float] | None = Field(None, description="custom Ray resources a replica needs, e.g. "
                                                "{oncoserve_worker: 0.5} to keep it on the embedded stack's worker nodes "
                                                "(or on a KubeRay worker group that declares them in rayStartParams)")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="at most this many replicas on one Ray node "
+                                              "(Serve's spreading is otherwise best effort)")
     autoscaling: Autoscaling = Autoscaling()
     batching: Batching | None = Field(None, description="model deployments only (default: Batching())")
     backend: Backend | None = Field(None, description="model deployments only (default: Backend())")
@@ -104,6 +106,7 @@ class Deployment(_Strict):
     def serve_options(self) -> dict:
         """Keyword arguments for `serve.deployment(...).options(...)`."""
         return {"max_ongoing_requests": self.max_ongoing_requests,
+                **({"max_replicas_per_node": self.max_replicas_per_node} if self.max_replicas_per_node else {}),
                 "autoscaling_config": self.autoscaling.model_dump(),
                 "ray_actor_options": {"num_cpus": self.num_cpus, **({"resources": dict(self.resources)} if self.resources else {})},
                 # JSON log lines, each with the request id Serve assigns (also the x-request-id header).

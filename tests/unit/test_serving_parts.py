@@ -33,11 +33,13 @@ def test_a_deployment_can_ask_for_custom_ray_resources_and_a_cluster_without_the
     from pipelines.serving import ServeError, _check_resources
 
     path = tmp_path / "deployments.yaml"
-    text = deploy_config.DEFAULT_FILE.read_text().replace("  segmentation:\n", "  segmentation:\n    resources: {oncoserve_worker: 2}\n", 1)
+    text = deploy_config.DEFAULT_FILE.read_text().replace(
+        "  segmentation:\n", "  segmentation:\n    resources: {oncoserve_worker: 2}\n    max_replicas_per_node: 1\n", 1)
     path.write_text(text)
     config = deploy_config.load(path)
     options = config.deployments["segmentation"].serve_options()
-    assert options["ray_actor_options"]["resources"] == {"oncoserve_worker": 2}
+    assert options["ray_actor_options"]["resources"] == {"oncoserve_worker": 2} and options["max_replicas_per_node"] == 1
+    assert "max_replicas_per_node" not in config.deployments["survival"].serve_options()  # Serve's default
     assert config.document()["deployments"]["segmentation"]["resources"] == {"oncoserve_worker": 2}  # the chart's too
     # A replica needs two worker nodes' worth, the cluster has one: Serve would wait forever.
     with pytest.raises(ServeError, match="need the Ray resource oncoserve_worker .2 each, at least 1 replica. and this cluster has 1"):
