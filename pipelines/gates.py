@@ -173,11 +173,31 @@ def fair_metrics(registry: Registry, task: str, versions: tuple[str, ...], datas
     return figures, f"the pipeline's comparison data ({' + '.join(parts)} cases; cases either version saw left out)"
 
 
+def shadow_gate(spec: dict, entries: list[dict] | None) -> GateResult:
+    """The change-control gate on shadow evidence (`shadow = { min_studies = N, min_agreement = x }` in a
+    task's gates): at least N shadowed studies answered without error, and their mean headline agreement
+    with the champion (services.agreement) at or above x. Its 95 % interval is stated beside it."""
+    from serving.rollout_report import summarise
+
+    need, floor = int(spec.get("min_studies", 1)), float(spec.get("min_agreement", 0.0))
+    ok_entries = [e for e in entries or [] if not e.get("error") and e.get("agreement")]
+    threshold = f">= {floor} over >= {need} shadowed studies"
+    if len(ok_entries) < need:
+        return GateResult("shadow_agreement", False, None, threshold,
+                          f"{len(ok_entries)} shadowed studies answered without error; {need} needed (oncoserve rollout set --shadow)")  # fmt: skip
+    headline = summarise(ok_entries)["overall"]["agreement"]["agreement"]
+    low, high = headline["ci95"]
+    return GateResult("shadow_agreement", headline["mean"] >= floor, headline["mean"], threshold,
+                      f"{len(ok_entries)} shadowed studies, 95 % CI {low:.3f}-{high:.3f}")  # fmt: skip
+
+
 def run_gates(registry: Registry, info: VersionInfo, gates: dict, eval_data: Path | None, cache_dir: Path,
-              champion: str | None = ..., regression_data: list[Path] | None = None) -> list[GateResult]:  # fmt: skip
+              champion: str | None = ..., regression_data: list[Path] | None = None,
+              shadow_evidence: list[dict] | None = None) -> list[GateResult]:  # fmt: skip
     """`champion`: the version to compare with (the platform passes its signed champion, so an alias moved
     behind its back cannot lower the bar); default: the registry's champion alias. `regression_data`:
-    datasets the no-regression gate compares both versions on (the pipeline's comparison data)."""
+    datasets the no-regression gate compares both versions on (the pipeline's comparison data).
+    `shadow_evidence`: the version's shadow comparisons, for a task whose gates ask for them."""
     task = info.task
     if task == "reporting":
         return _reporting_gates(registry, info, gates.get(task, {}))
@@ -217,6 +237,8 @@ def run_gates(registry: Registry, info: VersionInfo, gates: dict, eval_data: Pat
             champion_metrics = registry.version(task, champion).metrics
             source = "registered held-out metrics (each version's own test split; pass --eval-data to compare on one set)"
         results += _regression_gates(candidate_metrics, champion_metrics, spec, champion, source)
+    if "shadow" in spec:
+        results.append(shadow_gate(spec["shadow"], shadow_evidence))
     if problems:
         results.append(GateResult("latency_p50_ms", False, None, defaults.get("latency_budget_ms"), "not run: signature incompatible"))
     else:

@@ -4,7 +4,9 @@
 It owns, server side: the gates file (loaded at start; its sha256 goes with every decision), the token
 store and roles, the Ed25519 signing key of promotion records, and the audit log. The CLI
 (`models promote|rollback`, `compile`, `pipeline run --promote`) and the web console are its clients;
-nothing promotes in-process any more.
+nothing promotes in-process any more. It also signs each task's traffic policy (`/v1/rollouts`: shadow
+and canary candidates beside the champion, pipelines.rollouts) and withdraws a canary that breaches
+its limits.
 
 Every call is authenticated with `Authorization: Bearer <token>` and role-checked (reads need
 `viewer`). Domain errors become HTTP errors here, at the edge: 401/403 auth, 404 unknown task/version,
@@ -31,9 +33,11 @@ from oncoserve import __version__
 from oncoserve.audit import AuditLog
 from oncoserve.auth import AuthError, Identity, TokenStore, require
 from oncoserve.settings import Settings
-from oncoserve.signing import Signer
+from oncoserve.signing import Signer, UntrustedRecord
 from pipelines.promotion import Promoter, PromotionRefused
+from pipelines.rollouts import Rollouts
 from serving import promotion_ledger as ledger
+from serving import rollout_ledger
 from serving.registry import TASKS, Registry, RegistryError, RegistryUnavailable
 
 log = logging.getLogger("oncoserve.platform")
@@ -58,6 +62,15 @@ class RollbackRequest(BaseModel):
 class GateRequest(BaseModel):
     eval_data: str | None = Field(None, description="s3://<data bucket>/<prefix>/")
     regression_data: list[str] = Field(default_factory=list, max_length=8, description="as in PromoteRequest")
+
+
+class RolloutRequest(BaseModel):
+    mode: Literal["shadow", "canary", "champion"] = Field(..., description="champion: the champion answers everything (off)")
+    version: str | None = Field(None, description="the candidate (shadow, canary)")
+    share: float = Field(0.0, ge=0.0, le=1.0, description="shadow: the sampled share of studies; canary: the weight")
+    reason: str | None = None
+    limits: dict[str, float | int | None] = Field(default_factory=dict,
+                                                  description="min_studies, max_error_rate, max_p95_ms, min_agreement")
 
 
 class CompileRequest(BaseModel):
@@ -136,12 +149,20 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
     stop = threading.Event()
     seen: dict[str, str] = {}
 
+    # Canaries are watched on the same beat: one that breaches its limits is withdrawn (pipelines.rollouts).
+    rollouts = Rollouts(promoter, store, settings.bucket_models, audit)
+
     def watch() -> None:
         while not stop.wait(reconcile_interval_s):
             try:
                 promoter.reconcile((*TASKS, "reporting"), seen)
             except Exception as exc:  # the registry or S3 briefly unreachable: look again next time
                 log.warning("alias reconcile failed: %s: %s", type(exc).__name__, str(exc)[:200])
+            try:
+                for w in rollouts.check(TASKS):
+                    log.warning("%s: canary v%s withdrawn: %s", w["task"], w["version"], w["reason"])
+            except Exception as exc:
+                log.warning("canary check failed: %s: %s", type(exc).__name__, str(exc)[:200])
 
     threading.Thread(target=watch, name="alias-reconcile", daemon=True).start()
     app.router.on_shutdown.append(stop.set)
@@ -176,6 +197,10 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
     @app.exception_handler(ValueError)
     async def _bad(request: Request, exc: ValueError):
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(UntrustedRecord)
+    async def _untrusted(request: Request, exc: UntrustedRecord):  # a ledger head that does not verify
+        return JSONResponse({"error": f"untrusted record: {exc}"}, status_code=409)
 
     @app.exception_handler(PromotionRefused)
     async def _refused(request: Request, exc: PromotionRefused):
@@ -256,6 +281,30 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
                  "actor": r["actor"], "forced": r["forced"], "gates_sha256": r["gates_sha256"], "signed": True} for r in records] + \
                [{"seq": None, "time": e["time"], "alias": "champion", "version": e.get("version"), "action": "untrusted_alias",
                  "actor": e.get("actor"), "forced": False, "gates_sha256": None, "signed": False} for e in moves]  # fmt: skip
+
+    def _model_task(task: str) -> None:
+        if task not in TASKS:
+            raise RegistryError(f"unknown task {task!r}; rollouts are for {', '.join(TASKS)}")
+
+    @app.get("/v1/rollouts/{task}", summary="The traffic policy in force (champion, shadow or canary) and its history")
+    def rollout(task: str, who: Identity | None = Depends(caller)) -> dict:
+        require(who, "viewer", "reading traffic policies")
+        _model_task(task)
+        history = [s["record"] for s in rollout_ledger.history(store, settings.bucket_models, task)]
+        return {"task": task, "policy": rollouts.policy(task).describe(), "champion": promoter.signed_champion(task),
+                "history": [{k: r.get(k) for k in ("seq", "mode", "version", "share", "actor", "reason", "time")} for r in history]}  # fmt: skip
+
+    @app.post("/v1/rollouts/{task}", summary="Set a task's traffic policy (role: platform; signed and audited)")
+    def rollout_set(task: str, body: RolloutRequest, who: Identity | None = Depends(caller)) -> dict:
+        _model_task(task)
+        policy = rollouts.set(who, task, body.mode, body.version, body.share, body.reason, body.limits)
+        return {"task": task, "policy": policy.describe(), "limits": policy.limits}
+
+    @app.get("/v1/rollouts/{task}/report", summary="Candidate vs champion evidence under a policy, with 95% intervals")
+    def rollout_report(task: str, seq: int | None = None, who: Identity | None = Depends(caller)) -> dict:
+        require(who, "viewer", "reading rollout evidence")
+        _model_task(task)
+        return rollouts.report(task, seq)
 
     @app.get("/v1/audit")
     def audit_log(task: str | None = None, who: Identity | None = Depends(caller)) -> list[dict]:

@@ -84,6 +84,17 @@ class PlatformClient:
     def history(self, task: str) -> list[dict]:
         return self._call("GET", f"/v1/models/{task}/history")
 
+    def rollout(self, task: str) -> dict:
+        return self._call("GET", f"/v1/rollouts/{task}")
+
+    def set_rollout(self, task: str, mode: str, version: str | None = None, share: float = 0.0, reason: str | None = None,
+                    limits: dict | None = None) -> dict:  # fmt: skip
+        return self._call("POST", f"/v1/rollouts/{task}", {"mode": mode, "version": version, "share": share, "reason": reason,
+                                                           "limits": limits or {}})  # fmt: skip
+
+    def rollout_report(self, task: str, seq: int | None = None) -> dict:
+        return self._call("GET", f"/v1/rollouts/{task}/report" + (f"?seq={seq}" if seq is not None else ""))
+
     def info(self) -> dict:
         return self._call("GET", "/v1/platform")
 

@@ -71,7 +71,7 @@ class Promoter:
         head = ledger.head(self.store, self.bucket, task) if self.store is not None else None
         return str(head["record"]["version"]) if head else None
 
-    def _artifact_digests(self, task: str, version: str) -> dict[str, str]:
+    def artifact_digests(self, task: str, version: str) -> dict[str, str]:
         """What serving will verify before loading `version`, checked against the bytes now."""
         from serving.artifacts import TamperedArtifact, expected_digests, fetch_verified
 
@@ -94,7 +94,7 @@ class Promoter:
 
     def _sign(self, who: Identity, task: str, version: str, action: str, forced: bool, intent_id: str) -> dict:
         record = {"task": task, "alias": "champion", "version": str(version), "action": action,
-                  "artifact_sha256": self._artifact_digests(task, version), "gates_sha256": self.gates_sha256,
+                  "artifact_sha256": self.artifact_digests(task, version), "gates_sha256": self.gates_sha256,
                   "gates_version": self.gates["version"], "actor": who.name, "role": who.role, "forced": forced,
                   "time": time.time(), "seq": ledger.next_seq(self.store, self.bucket, task), "audit_action_id": intent_id}  # fmt: skip
         return self.signer.sign(record)
@@ -103,12 +103,18 @@ class Promoter:
     def check(self, task: str, version: str, eval_data: Path | None = None,
               regression_data: list[Path] | None = None) -> list[GateResult]:  # fmt: skip
         champion = self.signed_champion(task) if self.store is not None else ...
-        key = (task, str(version), str(champion), str(eval_data), tuple(str(p) for p in regression_data or ()))
+        shadow = None
+        if "shadow" in self.gates.get(task, {}) and self.store is not None:
+            from serving.rollout_ledger import shadow_evidence
+
+            shadow = shadow_evidence(self.store, self.bucket, task, version)
+        # (more shadow evidence since the last decision is a different decision)
+        key = (task, str(version), str(champion), str(eval_data), tuple(str(p) for p in regression_data or ()), len(shadow or ()))
         cached = self._decisions.get(key)
         if cached and time.monotonic() - cached[0] < DECISION_TTL_S:
             return cached[1]
         gates = run_gates(self.registry, self.registry.version(task, version), self.gates, eval_data, self.cache_dir,
-                          champion, regression_data)  # fmt: skip
+                          champion, regression_data, shadow)  # fmt: skip
         self._decisions = {k: v for k, v in self._decisions.items() if time.monotonic() - v[0] < DECISION_TTL_S}
         self._decisions[key] = (time.monotonic(), gates)
         return gates

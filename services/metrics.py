@@ -38,6 +38,13 @@ SWAPS = Counter("oncoserve_model_swaps", "Hot-swaps to a new champion, by outcom
 UNTRUSTED_ALIAS = Counter("oncoserve_untrusted_alias", "Champion alias moves refused: no valid signed promotion record for "
                           "that version (counted once per version refused)", ["task"])  # fmt: skip
 
+ROLLOUT_STUDIES = Counter("oncoserve_rollout_studies", "Studies under a shadow or canary policy, by candidate version and outcome "
+                          "(shadowed, canary_answered, canary_failed: answered by the champion instead)", ["task", "mode", "candidate", "outcome"])  # fmt: skip
+SHADOW_AGREEMENT = Histogram("oncoserve_shadow_agreement", "Candidate-vs-champion agreement per shadowed study (services.agreement)",
+                             ["task", "candidate"], buckets=(0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))  # fmt: skip
+UNTRUSTED_ROLLOUT = Counter("oncoserve_untrusted_rollout", "Traffic policies refused: not signed by the platform, for another "
+                            "task, or older than the one followed", ["task"])  # fmt: skip
+
 
 def exposition() -> tuple[bytes, str]:
     """The metrics text of every serving process on this machine (or this process alone)."""

@@ -2,7 +2,8 @@
 
   preprocess  once, in a worker thread (the same `imaging` code as training); a failed quality check
               is a 422 naming it
-  fan out     one copy in Ray's object store, every task deployment called in parallel
+  fan out     one copy in Ray's object store, every task deployment called in parallel, with the
+              study's place in each task's traffic policy (serving.traffic: canary and shadow routing)
   assemble    the per-task sections into the published findings and the mask (services.analyzer)
   report      the reporting deployment's grounded report; its failure never loses the analysis
   encode      the mask as .nii.gz (gzip level 1) and, for DICOM input, a DICOM SEG, in worker threads
@@ -25,6 +26,7 @@ import ray
 
 from imaging.errors import StudyError
 from imaging.preprocess import PreparedStudy, preprocess
+from serving.traffic import study_fraction
 from services import metrics, remote_errors
 from services.analyzer import Analysis, assemble
 from services.study_input import InputError, StudyInput
@@ -69,7 +71,8 @@ class StudyAnalysis:
         metrics.STAGE_SECONDS.labels("study", "preprocess", "-").observe(time.perf_counter() - t0)
         ref = await asyncio.to_thread(ray.put, prepared)  # serialising ~16 MB: off the event loop
         t1 = time.perf_counter()
-        calls = {task: self.tasks[task].predict.remote(ref, source.study.age) for task in tasks}
+        route = {"fraction": study_fraction(source.study.case_id), "case_ref": self.case_ref(source), "site": source.study.site}
+        calls = {task: self.tasks[task].predict.remote(ref, source.study.age, route) for task in tasks}
         results = {task: await remote_errors.call(task, c) for task, c in calls.items()}
         metrics.STAGE_SECONDS.labels("study", "fanout", "-").observe(time.perf_counter() - t1)
         return results, prepared
@@ -111,14 +114,20 @@ class StudyAnalysis:
                 "result": result["section"], "preprocessing_version": prepared.version,
                 "preprocessing": prepared.record, "quality_flags": prepared.flags,
                 "implausible": result.get("implausible", []), "missing_modalities": source.study.missing}  # fmt: skip
+        if "rollout" in result:  # answered by a canary candidate
+            body["rollout"] = result["rollout"]
         if "mask" in result:
             body["mask_nifti_gz"] = await asyncio.to_thread(mask_nifti_gz, result["mask"])
         await self.record(identity, request_id, source, {task: result["version"]}, route)
         return body
 
+    def case_ref(self, source: StudyInput) -> str:
+        """The case as a salted hash: what the audit log and rollout evidence keep instead of its id."""
+        return hashlib.sha256(f"{self._salt}:{source.study.case_id}".encode()).hexdigest()[:16]
+
     async def record(self, identity, request_id: str, source: StudyInput, versions: dict, route: str) -> None:
         """The audit record (fsynced) is on disk before this returns; the write runs in a worker thread."""
-        case_ref = hashlib.sha256(f"{self._salt}:{source.study.case_id}".encode()).hexdigest()[:16]
+        case_ref = self.case_ref(source)
         await asyncio.to_thread(self.audit.event, identity.name if identity else "anonymous",
                                 identity.role if identity else "none", "analyze", request_id=request_id, route=route,
                                 input=source.kind, model_versions=versions, case_ref=case_ref)  # fmt: skip

@@ -14,6 +14,10 @@ Every task deployment has the same lifecycle, in this order:
   postprocess  outputs -> this task's findings section, back on the input's grid
 Each stage is timed into `oncoserve_stage_seconds{task, stage, version}`.
 
+Rollouts (services.rollout_follower): the replica also follows its task's signed traffic policy; a
+shadow or canary candidate is loaded beside the champion, and `predict` routes each study by its
+place in the policy (serving.traffic), recording the evidence in the rollout ledger.
+
 Hot-swap: a background thread polls the alias; a new version is loaded beside the old one and then
 swapped in with one reference assignment. A batch takes the model reference once when it starts, so
 in-flight requests finish on the version they began with and no request sees a half-loaded model.
@@ -94,6 +98,12 @@ class TaskService:
                                      on_same=lambda alias: self._trust.settled(alias, self.model.version))  # fmt: skip
         self._watcher.current = self.model.version
         self._watcher.start()
+        from oncoserve.signing import Verifier
+        from services.rollout_follower import RolloutFollower
+
+        self._background: set[asyncio.Task] = set()
+        self._rollout = RolloutFollower(task, self._store, self._bucket, Verifier.from_file(settings.signing_public_key_file),
+                                        self._load).start(lambda: self.model.version, watch_interval_s)  # fmt: skip
 
     # -- load -------------------------------------------------------------------------------------
     def _load(self, version: str, record: dict) -> LoadedModel:
@@ -155,29 +165,96 @@ class TaskService:
         return model.version, out
 
     # -- the methods the gateway calls ------------------------------------------------------------
-    async def predict(self, prepared, age: float | None) -> dict:
-        """preprocess -> infer -> postprocess for one prepared study; returns its findings section."""
+    async def predict(self, prepared, age: float | None, route: dict | None = None) -> dict:
+        """preprocess -> infer -> postprocess for one prepared study; returns its findings section.
+
+        `route` (from the gateway): {"fraction", "case_ref", "site"}, where the study falls in the task's
+        traffic policy (serving.traffic). A canary study is answered by the candidate (by the champion
+        if the candidate fails, which is recorded); a shadowed study is answered by the champion and
+        analysed by the candidate afterwards, off the response's path."""
         metrics.QUEUE_DEPTH.labels(self.task).inc()
         try:
-            t0 = time.perf_counter()
             inputs = feeds(self.task, prepared, age)
-            model = self.model
-            if self._windowed(model):
-                # A patch network: its windows are the batch (one study's windows per model call).
-                version = model.version
-                outputs = await asyncio.to_thread(infer, self.task, model.backend.infer, inputs, model.extras, self._window)
-                metrics.STAGE_SECONDS.labels(self.task, "infer", version).observe(time.perf_counter() - t0)
-            else:
-                version, outputs = await self._batcher.submit(inputs)
-            t1 = time.perf_counter()
-            extras = self.model.extras if self.model.version == version else self._extras_of(version)
-            result = await asyncio.to_thread(postprocess, self.task, outputs, prepared, extras)
-            t2 = time.perf_counter()
+            policy, candidate = self._rollout.current  # one pair for the whole study
+            fraction = (route or {}).get("fraction")
+            if candidate is not None and policy.candidate_answers(fraction):
+                answered = await self._canary(policy, candidate, inputs, prepared, route)
+                if answered is not None:
+                    return answered
+            t0 = time.perf_counter()
+            result = await self._answer(self.model, inputs, prepared, batched=True)
+            if candidate is not None and policy.shadows(fraction):
+                champion_ms = (time.perf_counter() - t0) * 1000
+                shadow = asyncio.get_running_loop().create_task(self._shadow(policy, candidate, inputs, prepared, result, champion_ms, route))
+                self._background.add(shadow)  # a strong reference until it is done
+                shadow.add_done_callback(self._background.discard)
+            return result
         finally:
             metrics.QUEUE_DEPTH.labels(self.task).dec()
+
+    async def _answer(self, model: LoadedModel, inputs: dict, prepared, batched: bool) -> dict:
+        t0 = time.perf_counter()
+        if self._windowed(model):
+            # A patch network: its windows are the batch (one study's windows per model call).
+            version = model.version
+            outputs = await asyncio.to_thread(infer, self.task, model.backend.infer, inputs, model.extras, self._window)
+            metrics.STAGE_SECONDS.labels(self.task, "infer", version).observe(time.perf_counter() - t0)
+        elif batched:
+            version, outputs = await self._batcher.submit(inputs)
+        else:  # a candidate: its own model call, outside the champion's batches
+            version = model.version
+            outputs = await asyncio.to_thread(model.backend.infer, inputs)
+            metrics.STAGE_SECONDS.labels(self.task, "infer", version).observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        extras = model.extras if model.version == version else self._extras_of(version)
+        result = await asyncio.to_thread(postprocess, self.task, outputs, prepared, extras)
+        t2 = time.perf_counter()
         metrics.STAGE_SECONDS.labels(self.task, "postprocess", version).observe(t2 - t1)
         metrics.STAGE_SECONDS.labels(self.task, "total", version).observe(t2 - t0)
         return {**result, "version": version}
+
+    async def _canary(self, policy, candidate: LoadedModel, inputs: dict, prepared, route: dict) -> dict | None:
+        """The candidate's answer, or None (the champion answers) when it fails; both recorded."""
+        t0 = time.perf_counter()
+        try:
+            result = await self._answer(candidate, inputs, prepared, batched=False)
+        except Exception as exc:
+            log.error("%s: canary v%s failed on a study (%s: %s); the champion answers it", self.task, candidate.version,
+                      type(exc).__name__, str(exc)[:200])  # fmt: skip
+            metrics.ROLLOUT_STUDIES.labels(self.task, "canary", candidate.version, "canary_failed").inc()
+            await self._evidence(policy, route, {"answered_by": "champion", "candidate_ms": None,
+                                                 "error": f"{type(exc).__name__}: {str(exc)[:300]}"})  # fmt: skip
+            return None
+        metrics.ROLLOUT_STUDIES.labels(self.task, "canary", candidate.version, "canary_answered").inc()
+        await self._evidence(policy, route, {"answered_by": "candidate", "candidate_ms": round((time.perf_counter() - t0) * 1000, 1), "error": None})
+        return {**result, "rollout": {"mode": "canary", "policy_seq": policy.seq}}
+
+    async def _shadow(self, policy, candidate: LoadedModel, inputs: dict, prepared, champion: dict, champion_ms: float,
+                      route: dict) -> None:  # fmt: skip
+        """The candidate on a study the champion answered; only the comparison is kept."""
+        from services.agreement import agreement
+
+        t0 = time.perf_counter()
+        entry = {"answered_by": "champion", "champion_ms": round(champion_ms, 1)}
+        try:
+            result = await self._answer(candidate, inputs, prepared, batched=False)
+            entry |= {"candidate_ms": round((time.perf_counter() - t0) * 1000, 1), "error": None,
+                      "agreement": await asyncio.to_thread(agreement, self.task, champion, result)}  # fmt: skip
+            metrics.SHADOW_AGREEMENT.labels(self.task, candidate.version).observe(entry["agreement"]["agreement"])
+        except Exception as exc:
+            entry |= {"candidate_ms": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        metrics.ROLLOUT_STUDIES.labels(self.task, "shadow", candidate.version, "shadowed" if not entry["error"] else "shadow_failed").inc()
+        await self._evidence(policy, route, entry, champion_version=champion["version"])
+
+    async def _evidence(self, policy, route: dict, entry: dict, champion_version: str | None = None) -> None:
+        from serving.rollout_ledger import record_evidence
+
+        entry = {"time": time.time(), "case_ref": route.get("case_ref"), "site": route.get("site"), "mode": policy.mode,
+                 "champion": champion_version or self.model.version, "candidate": policy.version, **entry}  # fmt: skip
+        try:
+            await asyncio.to_thread(record_evidence, self._store, self._bucket, self.task, policy.seq, entry)
+        except Exception as exc:  # the study was answered; only its evidence is lost, and that is said
+            log.error("%s: could not record rollout evidence (%s: %s)", self.task, type(exc).__name__, str(exc)[:200])
 
     def _windowed(self, model: LoadedModel) -> bool:
         return self.task == "segmentation" and sliding_window.WindowSpec.of_version(model.extras) is not None
@@ -200,7 +277,8 @@ class TaskService:
     def describe(self) -> dict:
         model = self.model
         return {"task": self.task, "version": model.version, "backend": model.backend.name,
-                "ready": model.backend.ready(), "untrusted_alias": self._trust.refused, **model.backend.metadata()}  # fmt: skip
+                "ready": model.backend.ready(), "untrusted_alias": self._trust.refused, "rollout": self._rollout.describe(),
+                **model.backend.metadata()}  # fmt: skip
 
     def _extras_of(self, version: str) -> dict:
         return json.loads(self._registry.artifact_text(self.task, version, "extras.json") or "{}")
@@ -211,9 +289,9 @@ class TaskService:
             raise ServingError(f"{self.task}: model not ready")
 
     def __del__(self):
-        watcher = getattr(self, "_watcher", None)
-        if watcher is not None:
-            watcher.stop()
+        for follower in (getattr(self, "_watcher", None), getattr(self, "_rollout", None)):
+            if follower is not None:
+                follower.stop()
 
 
 def task_deployment(task: str, options: dict):

@@ -26,7 +26,7 @@ def _key(task: str, name: str) -> str:
     return f"{PREFIX}/{task}/{name}.json"
 
 
-def _read(store, bucket: str, key: str) -> dict | None:
+def read_json(store, bucket: str, key: str) -> dict | None:
     from minio.error import S3Error
 
     try:
@@ -44,20 +44,20 @@ def _read(store, bucket: str, key: str) -> dict | None:
         response.release_conn()
 
 
-def _write(store, bucket: str, key: str, data: dict) -> None:
+def write_json(store, bucket: str, key: str, data: dict) -> None:
     body = json.dumps(data, sort_keys=True).encode()
     store.put_object(bucket, key, io.BytesIO(body), len(body), content_type="application/json")
 
 
 def head(store, bucket: str, task: str) -> dict | None:
-    return _read(store, bucket, _key(task, "head"))
+    return read_json(store, bucket, _key(task, "head"))
 
 
 def publish(store, bucket: str, signed: dict) -> None:
     """Write a signed record to the history, then make it the head (the platform only)."""
     record = signed["record"]
-    _write(store, bucket, _key(record["task"], f"{int(record['seq']):06d}"), signed)
-    _write(store, bucket, _key(record["task"], "head"), signed)
+    write_json(store, bucket, _key(record["task"], f"{int(record['seq']):06d}"), signed)
+    write_json(store, bucket, _key(record["task"], "head"), signed)
 
 
 def restore_head(store, bucket: str, task: str, signed: dict | None) -> None:
@@ -65,13 +65,13 @@ def restore_head(store, bucket: str, task: str, signed: dict | None) -> None:
     if signed is None:
         store.remove_object(bucket, _key(task, "head"))
     else:
-        _write(store, bucket, _key(task, "head"), signed)
+        write_json(store, bucket, _key(task, "head"), signed)
 
 
 def history(store, bucket: str, task: str) -> list[dict]:
     names = sorted(o.object_name for o in store.list_objects(bucket, prefix=f"{PREFIX}/{task}/")
                    if not o.object_name.endswith("/head.json"))  # fmt: skip
-    return [r for r in (_read(store, bucket, n) for n in names) if r is not None]
+    return [r for r in (read_json(store, bucket, n) for n in names) if r is not None]
 
 
 def next_seq(store, bucket: str, task: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 
@@ -61,3 +62,29 @@ def start_v2_server(repo, log, probe_task: str, probe_version: str):
         proc.kill()
         raise RuntimeError(f"the v2 server did not start: {Path(log).read_text()[-2000:]}")
     return url, proc
+
+
+class MemoryStore:
+    """Just the S3 calls the ledger makes, in memory."""
+
+    def __init__(self):
+        self.objects: dict[str, bytes] = {}
+
+    def put_object(self, bucket, key, data, length, content_type=None):
+        self.objects[key] = data.read()
+
+    def get_object(self, bucket, key):
+        from minio.error import S3Error
+
+        if key not in self.objects:
+            raise S3Error(None, "NoSuchKey", "missing", key, "r", "h")
+        body = io.BytesIO(self.objects[key])
+        body.release_conn = lambda: None
+        return body
+
+    def remove_object(self, bucket, key):
+        self.objects.pop(key, None)
+
+    def list_objects(self, bucket, prefix="", recursive=False):
+        return [type("O", (), {"object_name": k, "is_dir": False, "size": len(v)}) for k, v in sorted(self.objects.items())
+                if k.startswith(prefix)]  # fmt: skip

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from oncoserve import credentials
@@ -94,14 +95,21 @@ class EmbeddedStack:
             os.umask(old)
 
     def _stop_extra_workers(self, state: dict, keep: int, on_event: Callable[[str, str], None]) -> None:
-        for index in sorted(_worker_indexes(state), reverse=True):
-            if index > keep:
-                name = f"{WORKER_PREFIX}{index}"
-                if process.find(state[name]) is not None:
-                    process.stop(state[name])
-                on_event(name, "stopped (fewer worker nodes asked for)")
-                del state[name]
-                self._save_state(state)
+        extra = [f"{WORKER_PREFIX}{i}" for i in sorted(_worker_indexes(state), reverse=True) if i > keep]
+        self._stop_together(state, extra, on_event, "stopped (fewer worker nodes asked for)")
+
+    def _stop_together(self, state: dict, names: list[str], on_event: Callable[[str, str], None], said: str) -> None:
+        """Stop worker nodes at the same time: each can take its whole grace period (a raylet drains
+        before it exits), and nothing depends on the order they leave in."""
+        if not names:
+            return
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            running = [n for n in names if process.find(state[n]) is not None]
+            list(pool.map(lambda n: process.stop(state[n]), running))
+        for name in names:
+            on_event(name, said if name in running else "was not running")
+            del state[name]
+        self._save_state(state)
 
     def _up(self, on_event: Callable[[str, str], None], workers: int | None = None) -> list[ComponentStatus]:
         home = self.settings.home
@@ -179,7 +187,8 @@ class EmbeddedStack:
     def _down(self, on_event: Callable[[str, str], None]) -> None:
         state = self._load_state()
         by_name = {c.name: c for c in self._components(state)}
-        # Reverse start order: MLflow before the stores it writes to.
+        # Worker nodes first, all together; then reverse start order: MLflow before the stores it writes to.
+        self._stop_together(state, [n for n in state if n.startswith(WORKER_PREFIX)], on_event, "stopped")
         for name in reversed(list(state)):
             record = state[name]
             comp = by_name.get(name)

@@ -13,7 +13,7 @@ from oncoserve.audit import AuditLog
 from oncoserve.auth import AuthError, Identity, TokenStore
 from oncoserve.signing import Signer, UntrustedRecord, Verifier
 from serving import promotion_ledger as ledger
-from tests.helpers import wait_until
+from tests.helpers import MemoryStore, wait_until
 
 
 def _log(tmp_path) -> AuditLog:
@@ -121,31 +121,6 @@ def test_signed_records_verify_and_any_edit_or_other_key_fails(tmp_path):
         verifier.verify(other.sign({"task": "segmentation", "version": "7", "seq": 9}))
     with pytest.raises(UntrustedRecord, match="not a signed"):
         verifier.verify({"record": "x"})
-
-
-class MemoryStore:
-    """Just the S3 calls the ledger makes, in memory."""
-
-    def __init__(self):
-        self.objects: dict[str, bytes] = {}
-
-    def put_object(self, bucket, key, data, length, content_type=None):
-        self.objects[key] = data.read()
-
-    def get_object(self, bucket, key):
-        from minio.error import S3Error
-
-        if key not in self.objects:
-            raise S3Error(None, "NoSuchKey", "missing", key, "r", "h")
-        body = io.BytesIO(self.objects[key])
-        body.release_conn = lambda: None
-        return body
-
-    def remove_object(self, bucket, key):
-        self.objects.pop(key, None)
-
-    def list_objects(self, bucket, prefix=""):
-        return [type("O", (), {"object_name": k}) for k in sorted(self.objects) if k.startswith(prefix)]
 
 
 def _record(task="segmentation", version="3", seq=1):
