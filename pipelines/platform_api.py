@@ -65,7 +65,8 @@ class GateRequest(BaseModel):
 
 
 class RolloutRequest(BaseModel):
-    mode: Literal["shadow", "canary", "champion"] = Field(..., description="champion: the champion answers everything (off)")
+    # (optional here so that a caller without the role hears 403 before any word about the body)
+    mode: Literal["shadow", "canary", "champion"] | None = Field(None, description="champion: the champion answers everything (off)")
     version: str | None = Field(None, description="the candidate (shadow, canary)")
     share: float = Field(0.0, ge=0.0, le=1.0, description="shadow: the sampled share of studies; canary: the weight")
     reason: str | None = None

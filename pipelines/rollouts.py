@@ -37,9 +37,11 @@ class Rollouts:
             return TrafficPolicy(task)
         return rollout_ledger.verified_policy(Verifier(self.promoter.signer.public_pem), signed, task)
 
-    def set(self, who: Identity | None, task: str, mode: str, version: str | None = None, share: float = 0.0,
+    def set(self, who: Identity | None, task: str, mode: str | None, version: str | None = None, share: float = 0.0,
             reason: str | None = None, limits: dict | None = None, actor_action: str = "rollout_set") -> TrafficPolicy:  # fmt: skip
         require(who, ROLE, "setting a traffic policy")
+        if mode is None:
+            raise ValueError(f"a traffic policy needs a mode: one of {', '.join(MODES)}")
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         if mode == "champion":

@@ -274,7 +274,8 @@ class StudyGateway:
     async def models(self):
         described = await self._describe_all()
         return {"model_versions": {t: d["version"] for t, d in described.items()},
-                "deployments": {t: {k: d[k] for k in ("version", "backend", "ready")} for t, d in described.items()}}  # fmt: skip
+                "deployments": {t: {k: d[k] for k in ("version", "backend", "ready")} for t, d in described.items()},
+                "rollouts": {t: d["rollout"] for t, d in described.items() if "rollout" in d}}  # fmt: skip
 
     @api.get("/healthz", summary="Liveness of the gateway")
     def health(self):

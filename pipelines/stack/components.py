@@ -51,6 +51,7 @@ def _bin(name: str) -> str:
 class Component:
     name: str = ""
     stop_signal: int = signal.SIGTERM
+    stop_grace_s: float = 20.0  # after the stop signal, how long before SIGKILL
     # A component others need before they can start (the database before MLflow).
     blocking: bool = False
 
@@ -326,6 +327,9 @@ class RayWorker(Component):
     # One node at a time, after the head: nodes starting together pick the same socket names in the
     # shared temp dir (seen here: the second raylet never registers).
     blocking = True
+    # A worker node keeps nothing durable (its objects die with it), and `ray start --block` was seen to
+    # outwait a 20 s grace on SIGTERM: it is not waited for as long as a store.
+    stop_grace_s = 5.0
 
     def __init__(self, settings: Settings, creds: S3Credentials, index: int):
         super().__init__(settings, creds)

@@ -103,9 +103,10 @@ class EmbeddedStack:
         before it exits), and nothing depends on the order they leave in."""
         if not names:
             return
+        grace = {c.name: c.stop_grace_s for c in self._components(state)}
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             running = [n for n in names if process.find(state[n]) is not None]
-            list(pool.map(lambda n: process.stop(state[n]), running))
+            list(pool.map(lambda n: process.stop(state[n], grace_s=grace.get(n, 20.0)), running))
         for name in names:
             on_event(name, said if name in running else "was not running")
             del state[name]
@@ -195,7 +196,7 @@ class EmbeddedStack:
             if process.find(record) is None:
                 on_event(name, "was not running")
             else:
-                process.stop(record, sig=comp.stop_signal if comp else 15)
+                process.stop(record, sig=comp.stop_signal if comp else 15, grace_s=comp.stop_grace_s if comp else 20.0)
                 on_event(name, "stopped")
             del state[name]
             self._save_state(state)
