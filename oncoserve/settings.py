@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     audit_dir: Path | None = Field(None, description="Where the audit log lives; default HOME/audit. On Kubernetes a "
                                                      "persistent volume (never an emptyDir).")
     serve_auth: bool = Field(True, description="Serving API requires a token (REST and gRPC); `off` for local development only.")
+    monitoring_records: bool = Field(True, description="Record each analysed study's input statistics and model outputs "
+                                                       "(no image, no identifier) for drift monitoring.")
+    payload_logging: bool = Field(False, description="Opt-in: also keep each study's de-identified input volumes and "
+                                                     "its findings in the artifacts bucket, for later review and labelling.")
+    payload_retention_days: float = Field(30.0, gt=0, description="Stored payloads older than this are deleted by the "
+                                                                  "platform API (monitoring records are kept).")
     platform_port: int = Field(8600, description="Port of the platform API (a stack component; `oncoserve platform serve`).")
     platform_public_url: str | None = Field(None, description="URL browsers reach the platform API at; default: http://HOST:PLATFORM_PORT.")
     cors_origins: list[str] | None = Field(None, description="Origins allowed to call the platform API from a browser; "

@@ -26,7 +26,7 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from oncoserve import __version__
@@ -35,6 +35,7 @@ from oncoserve.auth import AuthError, Identity, TokenStore, require
 from oncoserve.settings import Settings
 from oncoserve.signing import Signer, UntrustedRecord
 from pipelines.promotion import Promoter, PromotionRefused
+from pipelines.drift_monitor import DriftMonitor
 from pipelines.rollouts import Rollouts
 from serving import promotion_ledger as ledger
 from serving import rollout_ledger
@@ -152,9 +153,18 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
 
     # Canaries are watched on the same beat: one that breaches its limits is withdrawn (pipelines.rollouts).
     rollouts = Rollouts(promoter, store, settings.bucket_models, audit)
+    # Drift of every task's inputs against its champion's training reference, once a minute (and on request).
+    drift = DriftMonitor(registry, promoter, store, settings.bucket_artifacts, settings.payload_retention_days)
+    beats = {"n": 0}
 
     def watch() -> None:
         while not stop.wait(reconcile_interval_s):
+            beats["n"] += 1
+            if beats["n"] % max(1, round(60 / reconcile_interval_s)) == 0:
+                try:
+                    drift.beat(TASKS)
+                except Exception as exc:
+                    log.warning("drift pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
             try:
                 promoter.reconcile((*TASKS, "reporting"), seen)
             except Exception as exc:  # the registry or S3 briefly unreachable: look again next time
@@ -306,6 +316,22 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
         require(who, "viewer", "reading rollout evidence")
         _model_task(task)
         return rollouts.report(task, seq)
+
+    @app.get("/v1/monitoring/drift", summary="Each site's input drift against the champion's training reference")
+    def drift_report(task: str = "segmentation", days: float = 7.0, who: Identity | None = Depends(caller)) -> dict:
+        require(who, "viewer", "reading drift monitoring")
+        _model_task(task)
+        if not 0 < days <= 366:
+            raise ValueError("days must be in (0, 366]")
+        return drift.report(task, days)
+
+    @app.get("/metrics", summary="Prometheus metrics of the platform (drift gauges)")
+    def platform_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from pipelines.drift_monitor import REGISTRY
+
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/audit")
     def audit_log(task: str | None = None, who: Identity | None = Depends(caller)) -> list[dict]:

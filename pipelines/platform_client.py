@@ -95,6 +95,9 @@ class PlatformClient:
     def rollout_report(self, task: str, seq: int | None = None) -> dict:
         return self._call("GET", f"/v1/rollouts/{task}/report" + (f"?seq={seq}" if seq is not None else ""))
 
+    def drift(self, task: str, days: float = 7.0) -> dict:
+        return self._call("GET", f"/v1/monitoring/drift?task={task}&days={days}")
+
     def info(self) -> dict:
         return self._call("GET", "/v1/platform")
 

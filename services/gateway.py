@@ -108,7 +108,12 @@ class StudyGateway:
         self._store = None
         salt = deid_salt(self.settings.home, self.settings.deid_salt)
         self.requests = StudyRequests(lambda: self.store, self.settings.bucket_data, salt)
-        self.analysis = StudyAnalysis(self.tasks, reporting, preprocess_config(self.settings), AuditLog(self.settings.audit_file), salt)
+        from services.monitoring import StudyMonitor
+
+        monitor = StudyMonitor(lambda: self.store, self.settings.bucket_artifacts, self.settings.monitoring_records,
+                               self.settings.payload_logging)  # fmt: skip
+        self.analysis = StudyAnalysis(self.tasks, reporting, preprocess_config(self.settings), AuditLog(self.settings.audit_file),
+                                      salt, monitor)  # fmt: skip
         self.raw = RawInference(self.tasks)
         # Kept on the module (Serve ships this class by value, but modules by reference).
         ui_support.UI_HEADERS.update(ui_support.security_headers(self.settings.platform_url))

@@ -45,6 +45,8 @@ SHADOW_AGREEMENT = Histogram("oncoserve_shadow_agreement", "Candidate-vs-champio
 UNTRUSTED_ROLLOUT = Counter("oncoserve_untrusted_rollout", "Traffic policies refused: not signed by the platform, for another "
                             "task, or older than the one followed", ["task"])  # fmt: skip
 
+MONITORING_ERRORS = Counter("oncoserve_monitoring_write_errors", "Monitoring records or payloads that could not be written")
+
 
 def exposition() -> tuple[bytes, str]:
     """The metrics text of every serving process on this machine (or this process alone)."""

@@ -9,6 +9,7 @@
   encode      the mask as .nii.gz (gzip level 1) and, for DICOM input, a DICOM SEG, in worker threads
   audit       who asked, which versions answered, the case only as a salted hash; written (and
               fsynced) before the result is returned, in a worker thread
+  monitor     input statistics and outputs for drift (services.monitoring), after the answer
 
 The protocol layers (services.gateway) only format what this returns.
 """
@@ -57,9 +58,10 @@ class StudyResult:
 
 
 class StudyAnalysis:
-    def __init__(self, tasks: dict, reporting, preprocess_config, audit, salt: str):
+    def __init__(self, tasks: dict, reporting, preprocess_config, audit, salt: str, monitor=None):
         self.tasks, self.reporting = tasks, reporting
         self.preprocess_config, self.audit, self._salt = preprocess_config, audit, salt
+        self.monitor = monitor  # services.monitoring.StudyMonitor (None: nothing recorded)
 
     async def fan_out(self, source: StudyInput, tasks: tuple[str, ...]) -> tuple[dict, PreparedStudy]:
         """Preprocess once, then every task in `tasks` on the same prepared study, in parallel."""
@@ -104,6 +106,8 @@ class StudyAnalysis:
 
             seg = await asyncio.to_thread(build_dicom_seg, analysis.mask.data, source.dicom_reference, versions["segmentation"])
         await self.record(identity, request_id, source, analysis.findings.model_versions, route)
+        if self.monitor is not None:
+            self.monitor.schedule(source, prepared, results, versions, self.case_ref(source), route)
         return StudyResult(source, prepared, analysis, report, mask, seg, round((time.perf_counter() - t0) * 1000, 1))
 
     async def predict(self, source: StudyInput, task: str, identity, request_id: str, route: str) -> dict:
@@ -119,6 +123,8 @@ class StudyAnalysis:
         if "mask" in result:
             body["mask_nifti_gz"] = await asyncio.to_thread(mask_nifti_gz, result["mask"])
         await self.record(identity, request_id, source, {task: result["version"]}, route)
+        if self.monitor is not None:
+            self.monitor.schedule(source, prepared, results, {task: result["version"]}, self.case_ref(source), route)
         return body
 
     def case_ref(self, source: StudyInput) -> str:

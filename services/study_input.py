@@ -75,6 +75,15 @@ def from_nifti(files: dict[str, bytes], case_id: str | None, age: float | None, 
     return StudyInput(_study(_case_id(case_id, identity), images, age), "nifti")
 
 
+def scanner_site(ds) -> str | None:
+    """A DICOM study's scanner as its drift site: manufacturer and model (kept by de-identification;
+    the institution and station names are not)."""
+    parts = [str(ds.get(tag, "") or "").strip() for tag in ("Manufacturer", "ManufacturerModelName")]
+    text = " ".join(p for p in parts if p)
+    cleaned = re.sub(r"[^A-Za-z0-9 ._-]", "", text)[:64].strip()
+    return cleaned or None
+
+
 def parse_mapping(text: str | None) -> dict[str, str] | None:
     """A `mapping` form field: JSON {series UID or description: modality}."""
     if not text:
@@ -109,6 +118,7 @@ def from_dicom_zip(data: bytes, case_id: str | None, age: float | None, salt: st
         deid.apply(ds)
     age = age if age is not None else age_years(datasets[0])
     study = _study(cid, volumes, age)
+    study.site = scanner_site(datasets[0])
     study.provenance["series_mapping"] = mapping_record(decided)
     reference = sorted_slices(mapped[study.reference_name].datasets)
     if any(isinstance(ds, FrameDataset) for ds in reference):

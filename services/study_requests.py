@@ -1,6 +1,6 @@
 """A REST or gRPC analysis request -> a StudyInput, with the same checks on both protocols.
 
-REST: multipart/form-data (NIfTI files per modality, or `dicom` = a zip; `case_id`, `age`, `mapping`
+REST: multipart/form-data (NIfTI files per modality, or `dicom` = a zip; `case_id`, `age`, `site`, `mapping`
 fields) or application/json `{"s3_uri", "case_id"?, "age"?}`. gRPC: `AnalyzeRequest` (nifti map,
 dicom_zip or s3_uri; case_id, age, mapping_json). Either way the age is validated, the series mapping
 parsed, and the heavy decoding runs in a worker thread.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 
 from imaging.study import MODALITIES
 from services.study_input import InputError, StudyInput, from_dicom_zip, from_nifti, from_s3, parse_mapping
@@ -34,6 +35,24 @@ def reads_stored_study(content_type: str) -> bool:
     return content_type.lower().startswith("application/json")
 
 
+SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+
+
+def validate_site(raw) -> str | None:
+    """The acquiring site or scanner a study came from (drift is measured per site); None when absent."""
+    if raw in (None, ""):
+        return None
+    if not isinstance(raw, str) or not SITE.match(raw):
+        raise InputError(f"site {str(raw)[:40]!r}: use 1-64 letters, digits, spaces, '.', '_' or '-'", 400)
+    return raw
+
+
+def _with_site(source: StudyInput, site: str | None) -> StudyInput:
+    if site is not None:  # the caller's word wins over what the DICOM header says
+        source.study.site = site
+    return source
+
+
 class StudyRequests:
     """Decodes analysis requests for one gateway (its object store, data bucket and de-id salt)."""
 
@@ -47,17 +66,18 @@ class StudyRequests:
             form = await request.form(max_files=8, max_fields=16)
             try:
                 case_id, age = form.get("case_id") or None, validate_age(form.get("age"))
+                site = validate_site(form.get("site"))
                 mapping = parse_mapping(form.get("mapping") if isinstance(form.get("mapping"), str) else None)
                 dicom = form.get("dicom")
                 if dicom is not None and hasattr(dicom, "read"):
-                    return await self._dicom(await dicom.read(), case_id, age, mapping)
+                    return _with_site(await self._dicom(await dicom.read(), case_id, age, mapping), site)
                 files = {}
                 for key, value in form.multi_items():
                     if hasattr(value, "read"):
                         if key in files:
                             raise InputError(f"{key} uploaded twice", 400)
                         files[key] = await value.read()
-                return await asyncio.to_thread(from_nifti, files, case_id, age)
+                return _with_site(await asyncio.to_thread(from_nifti, files, case_id, age), site)
             finally:
                 await form.close()
         if reads_stored_study(ctype):
@@ -66,8 +86,9 @@ class StudyRequests:
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise InputError(f"body is not JSON ({exc})", 400) from None
             if not isinstance(payload, dict) or not isinstance(payload.get("s3_uri"), str):
-                raise InputError('JSON body must be {"s3_uri": "s3://bucket/case/", "case_id"?: ..., "age"?: ...}', 400)
-            return await self._s3(payload["s3_uri"], payload.get("case_id"), validate_age(payload.get("age")))
+                raise InputError('JSON body must be {"s3_uri": "s3://bucket/case/", "case_id"?: ..., "age"?: ..., "site"?: ...}', 400)
+            site = validate_site(payload.get("site"))
+            return _with_site(await self._s3(payload["s3_uri"], payload.get("case_id"), validate_age(payload.get("age"))), site)
         raise InputError(
             f"content-type {ctype or 'none'!r} is not supported: send multipart/form-data (files "
             f"{', '.join(MODALITIES)} or dicom) or application/json with an s3_uri", 415

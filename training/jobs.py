@@ -189,6 +189,9 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
 def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dict) -> TrainResult:
     log("post-fit: calibration / baselines on the training and validation splits")
     extras = task.finalize(model, cases, split)
+    reference = _input_reference(cases, split)
+    if reference is not None:  # what serving's drift monitor compares studies with (serving.drift)
+        extras["input_reference"] = reference
     test_cases = [cases[i] for i in split["test"]]
     example = next((c for c in test_cases if task.usable(c)), next(c for c in cases.values() if task.usable(c)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,6 +232,24 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dic
     client.set_terminated(run_id, "FINISHED")
     log(f"registered {cfg.task} version {version}")
     return TrainResult(cfg.task, run_id, version, metrics, exported.parity_max_abs_diff)
+
+
+def _input_reference(cases, split) -> dict | None:
+    """The raw input statistics (imaging.input_stats) of the training and validation cases, read again
+    as they are on disk: the reference a site's studies are tested against for drift."""
+    from imaging.dataset import read_case
+    from imaging.input_stats import input_reference, input_statistics
+
+    stats = []
+    for index in [*split["train"], *split["val"]]:
+        case = cases[index]
+        if case.data_root is None:
+            continue
+        try:
+            stats.append(input_statistics(read_case(case.data_root, case.case_id)))
+        except Exception:  # a case that cannot be read again is left out of the reference, not fatal
+            continue
+    return input_reference(stats, "training and validation cases, as read from disk") if stats else None
 
 
 def _plots(task_name, onnx_path, test_cases, evaluation, extras, tmp: Path) -> list[Path]:

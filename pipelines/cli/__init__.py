@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from pipelines.cli import audit, auth, data, demo, jobs, models, pacs, pipeline, plan, platform, predict, reporting, rollout, serve, stack, train
+from pipelines.cli import audit, auth, data, demo, jobs, models, monitor, pacs, pipeline, plan, platform, predict, reporting, rollout, serve, stack, train
 
 app = typer.Typer(
     name="oncoserve",
@@ -28,6 +28,7 @@ app.add_typer(pipeline.app, name="pipeline")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(pacs.app, name="pacs")
 app.add_typer(rollout.app, name="rollout")
+app.add_typer(monitor.app, name="monitor")
 app.command("compile")(models.compile_)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
