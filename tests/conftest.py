@@ -161,14 +161,18 @@ def oncoserve(*args: str, timeout: int = 600, token: str | None = None) -> subpr
 
 @pytest.fixture(scope="session")
 def trained(live_stack, tiny_dataset):
-    """One version per task, trained for one epoch through the CLI (Ray Train -> MLflow)."""
-    versions = {}
-    for task in TASKS:
+    """One version per task, trained for one epoch through the CLI (Ray Train -> MLflow); two jobs at a time,
+    as a cluster runs them (each spends much of its time starting, exporting and registering)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def train(task: str) -> str:
         run = oncoserve("train", task, "--data", str(tiny_dataset), "--epochs", "1")
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert f"registered model {task} version" in run.stdout
-        versions[task] = run.stdout.split(f"registered model {task} version")[-1].split()[0]
-    return versions
+        return run.stdout.split(f"registered model {task} version")[-1].split()[0]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(TASKS, pool.map(train, TASKS)))
 
 
 def auth_headers(settings, headers: dict | None = None) -> dict:

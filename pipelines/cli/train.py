@@ -36,14 +36,20 @@ def train(
                                   help="segmentation: the version's sliding-window overlap (default: 0.25)."),
 ) -> None:
     """Train TASK with Ray Train, track it in MLflow and register the version."""
-    from training.jobs import JobConfig, run_job
-
     from oncoserve.auth import AuthError, require
+    from serving.tasks import MODEL_TASKS
 
     settings = Settings()
     with user_errors(AuthError):
         who = require(cli_identity(settings), "data-scientist",
                       "training and registering a version")  # fmt: skip
+    # What can be refused without torch and Ray is refused before importing them (seconds saved per mistake).
+    with user_errors(ValueError, StudyError):
+        if task not in MODEL_TASKS:
+            raise ValueError(f"unknown task {task!r}; trainable tasks: {', '.join(MODEL_TASKS)}")
+        if not data.is_dir():
+            raise StudyError(f"{data}: dataset directory not found")
+    from training.jobs import JobConfig, run_job
     cfg = JobConfig(task=task, data_dir=data.resolve(), tracking_uri=settings.mlflow_url, ray_address=settings.ray_address,
                     home=settings.home, epochs=epochs, workers=workers, gpu=gpu, placement=placement.upper().replace("-", "_"), resume_run=resume, seed=seed, patience=patience,
                     actor=who.name, audit_file=settings.audit_file,

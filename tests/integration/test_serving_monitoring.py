@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import nibabel as nib
@@ -19,6 +20,7 @@ from tests.conftest import oncoserve
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 N = 6  # studies per site (the drift rule needs at least 5)
 
 
@@ -78,6 +80,9 @@ def test_a_site_outside_the_training_range_drifts_and_the_training_site_does_not
 
     assert wait_until(counted, timeout_s=120, interval_s=1.0)  # records are written after each answer
     report = drift()
+    ARTIFACTS.mkdir(exist_ok=True)  # the figures, for the record (not asserted beyond the decisions below)
+    (ARTIFACTS / "drift.json").write_text(json.dumps({site: {k: r[k] for k in ("studies", "score", "drifted", "features_drifted")}
+                                                      for site, r in report["sites"].items()}, indent=1) + "\n")  # fmt: skip
     unseen, training = report["sites"]["scanner-x"], report["sites"]["site-a"]
     assert unseen["studies"] == N and training["studies"] == N
     assert unseen["drifted"] and unseen["score"] >= unseen["threshold"], unseen["features_drifted"]
