@@ -185,9 +185,7 @@ class TaskService:
             result = await self._answer(self.model, inputs, prepared, batched=True)
             if candidate is not None and policy.shadows(fraction):
                 champion_ms = (time.perf_counter() - t0) * 1000
-                shadow = asyncio.get_running_loop().create_task(self._shadow(policy, candidate, inputs, prepared, result, champion_ms, route))
-                self._background.add(shadow)  # a strong reference until it is done
-                shadow.add_done_callback(self._background.discard)
+                self._in_background(self._shadow(policy, candidate, inputs, prepared, result, champion_ms, route))
             return result
         finally:
             metrics.QUEUE_DEPTH.labels(self.task).dec()
@@ -222,12 +220,19 @@ class TaskService:
             log.error("%s: canary v%s failed on a study (%s: %s); the champion answers it", self.task, candidate.version,
                       type(exc).__name__, str(exc)[:200])  # fmt: skip
             metrics.ROLLOUT_STUDIES.labels(self.task, "canary", candidate.version, "canary_failed").inc()
-            await self._evidence(policy, route, {"answered_by": "champion", "candidate_ms": None,
-                                                 "error": f"{type(exc).__name__}: {str(exc)[:300]}"})  # fmt: skip
+            self._in_background(self._evidence(policy, route, {"answered_by": "champion", "candidate_ms": None,
+                                                               "error": f"{type(exc).__name__}: {str(exc)[:300]}"}))  # fmt: skip
             return None
         metrics.ROLLOUT_STUDIES.labels(self.task, "canary", candidate.version, "canary_answered").inc()
-        await self._evidence(policy, route, {"answered_by": "candidate", "candidate_ms": round((time.perf_counter() - t0) * 1000, 1), "error": None})
+        self._in_background(self._evidence(policy, route, {"answered_by": "candidate", "error": None,
+                                                           "candidate_ms": round((time.perf_counter() - t0) * 1000, 1)}))  # fmt: skip
         return {**result, "rollout": {"mode": "canary", "policy_seq": policy.seq}}
+
+    def _in_background(self, coroutine) -> None:
+        """Evidence and shadow runs go on after the answer; a strong reference keeps each until it is done."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _shadow(self, policy, candidate: LoadedModel, inputs: dict, prepared, champion: dict, champion_ms: float,
                       route: dict) -> None:  # fmt: skip
