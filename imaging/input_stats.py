@@ -9,6 +9,8 @@ what preprocessing cancels (a scanner's intensity scale, its contrast curve, its
   <modality>_cv                                    coefficient of variation of the foreground
   <modality>_noise                                 median absolute high-pass residual / foreground median
 Foreground: voxels above 10 % of the volume's 99.5th percentile (skull-stripped or whole head alike).
+Volumes over MAX_VOXELS are read with a stride (every 2nd voxel per axis for a 1 mm study), so the
+gateway spends about 0.1 s per sequence on them, after the answer.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ PER_MODALITY = ("p99", "contrast", "cv", "noise")
 FEATURES = ("spacing_mm", "fov_mm", "missing_modalities", *(f"{m}_{s}" for m in MODALITIES for s in PER_MODALITY))
 
 
+MAX_VOXELS = 1_200_000  # above this a volume is read with a stride: a 1 mm study costs ~0.1 s, not ~1.2 s
+
+
 def _modality(data: np.ndarray) -> dict[str, float]:
     data = np.asarray(data, dtype=np.float32)
+    stride = int(np.ceil((data.size / MAX_VOXELS) ** (1 / 3))) if data.size > MAX_VOXELS else 1
+    data = data[::stride, ::stride, ::stride]
     top = float(np.percentile(data, 99.5))
     fg = data[data > 0.1 * top] if top > 0 else data.ravel()
     if fg.size < 10:
