@@ -28,7 +28,7 @@ define install
 	else $(1)/bin/pip install -q --disable-pip-version-check $(2) 2>&1 | $(QUIET); fi
 endef
 
-.PHONY: venv demo test bench lock clean chromium orthanc image test-image
+.PHONY: venv demo test bench lock clean chromium orthanc image test-image test-cluster
 
 venv: $(STAMP)
 
@@ -94,6 +94,11 @@ image: venv
 # (the build alone takes minutes).
 test-image: image
 	$(BIN)/python -m pytest -m image tests/image $(PYTEST_ARGS)
+
+# Multi-node Ray (three worker nodes beside the head) and the chart's RayJob run as processes: the
+# deployment proofs that do not fit make test's time budget (about 5 minutes more).
+test-cluster: venv orthanc $(INFRA_VENV)/.installed
+	$(BIN)/python -m pytest -m cluster tests/integration/test_multinode.py tests/integration/test_cluster_wiring.py $(PYTEST_ARGS)
 
 # Re-resolve the lock from requirements.in in a scratch venv (needs the registries).
 lock:

@@ -195,6 +195,7 @@ def rendered_pipeline(tmp_path_factory):
     return docs
 
 
+@pytest.mark.cluster  # make test-cluster (a Ray head and worker as processes)
 def test_the_pipeline_rayjob_driver_reaches_its_cluster_on_the_charts_port(rendered_pipeline, tmp_path):
     values_secrets, _ = secrets(tmp_path)
     values_secrets |= {"oncoserve-job-token": {"token": "unused-here"}}
@@ -208,6 +209,7 @@ def test_the_pipeline_rayjob_driver_reaches_its_cluster_on_the_charts_port(rende
     assert seen["address"] == "auto" and seen["alive"] == 2 and seen["cpus"] > 0, seen
 
 
+@pytest.mark.cluster  # make test-cluster (a Ray head and worker as processes)
 def test_without_the_ray_cluster_setting_the_pipeline_driver_fails(rendered_pipeline, tmp_path):
     values_secrets, _ = secrets(tmp_path)
     values_secrets |= {"oncoserve-job-token": {"token": "unused-here"}}

@@ -24,7 +24,7 @@ from pipelines.stack import EmbeddedStack
 from tests.conftest import TASKS, auth_headers, oncoserve
 from tests.helpers import study_files, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]  # make test-cluster
 
 WORKERS = 3
 # Two segmentation replicas, each on a worker node of its own (the custom resource, one per node: Serve's
