@@ -30,6 +30,7 @@ class DriftMonitor:
     def __init__(self, registry, promoter, store, bucket: str, retention_days: float):
         self.registry, self.promoter, self.store, self.bucket = registry, promoter, store, bucket
         self.retention_days = retention_days
+        self._records: dict[str, dict] = {}  # the records already read (serving.monitoring_store.records)
 
     def reference(self, task: str) -> tuple[str, dict]:
         champion = self.promoter.signed_champion(task)
@@ -44,7 +45,7 @@ class DriftMonitor:
 
     def report(self, task: str, days: float = 7.0) -> dict:
         champion, reference = self.reference(task)
-        records = monitoring_store.records(self.store, self.bucket, days)
+        records = monitoring_store.records(self.store, self.bucket, days, cache=self._records if days == 7.0 else None)
         sites = drift_by_site(reference, records)
         for site, result in sites.items():
             DRIFT_SCORE.labels(task, site).set(result["score"])

@@ -45,13 +45,22 @@ def _days(since: float, until: float) -> list[str]:
     return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
 
 
-def records(store, bucket: str, days: float = 7.0, now: float | None = None, limit: int = 5000) -> list[dict]:
-    """The monitoring records of the last `days` (newest `limit` of them), oldest first."""
+def records(store, bucket: str, days: float = 7.0, now: float | None = None, limit: int = 5000,
+            cache: dict[str, dict] | None = None) -> list[dict]:  # fmt: skip
+    """The monitoring records of the last `days` (newest `limit` of them), oldest first. `cache` (object
+    name -> record; records never change) spares a periodic reader from fetching the same objects again."""
     now = time.time() if now is None else now
     names = []
     for day in _days(now - days * 86400, now):
         names += [o.object_name for o in store.list_objects(bucket, prefix=f"{RECORDS}/{day}/", recursive=True) if not o.is_dir]
-    out = [r for r in (read_json(store, bucket, n) for n in sorted(names)[-limit:]) if r is not None]
+    names = sorted(names)[-limit:]
+    cache = {} if cache is None else cache
+    for name in names:
+        if name not in cache:
+            cache[name] = read_json(store, bucket, name)
+    for name in set(cache) - set(names):  # out of the window: forgotten
+        del cache[name]
+    out = [cache[n] for n in names if cache[n] is not None]
     return [r for r in out if r.get("time", now) >= now - days * 86400]
 
 

@@ -81,6 +81,12 @@ def test_the_store_reads_a_window_and_deletes_payloads_past_their_retention():
         monitoring_store.put_json(store, "art", monitoring_store.new_key(monitoring_store.RECORDS, t) + ".json", {"time": t, "age": age_days})
         monitoring_store.put_bytes(store, "art", monitoring_store.new_key(monitoring_store.PAYLOADS, t) + "/t1.nii.gz", b"x", "application/gzip")
     assert [r["age"] for r in monitoring_store.records(store, "art", days=7, now=now)] == [2, 0]
+    cache: dict = {}
+    assert [r["age"] for r in monitoring_store.records(store, "art", days=7, now=now, cache=cache)] == [2, 0] and len(cache) == 2
+    read = store.get_object
+    store.get_object = lambda *a: pytest.fail("a cached record fetched again")
+    assert [r["age"] for r in monitoring_store.records(store, "art", days=7, now=now, cache=cache)] == [2, 0]
+    store.get_object = read
     assert monitoring_store.prune_payloads(store, "art", retention_days=5, now=now) == 1
     left = [k for k in store.objects if k.startswith(monitoring_store.PAYLOADS)]
     assert len(left) == 2 and len([k for k in store.objects if k.startswith(monitoring_store.RECORDS)]) == 3
