@@ -23,6 +23,7 @@ DRIFT_SCORE = Gauge("oncoserve_input_drift_score", "Share of input statistics wh
                     "training reference rejects (p < 0.05), per site", ["task", "site"], registry=REGISTRY)  # fmt: skip
 DRIFTED = Gauge("oncoserve_input_drifted", "1 when the site's drift score reaches the threshold with enough studies",
                 ["task", "site"], registry=REGISTRY)  # fmt: skip
+BEAT_DAYS = 7.0  # the window the periodic pass (and the gauges) cover
 STUDIES = Gauge("oncoserve_monitored_studies", "Studies in the drift window, per site", ["task", "site"], registry=REGISTRY)
 
 
@@ -30,7 +31,7 @@ class DriftMonitor:
     def __init__(self, registry, promoter, store, bucket: str, retention_days: float):
         self.registry, self.promoter, self.store, self.bucket = registry, promoter, store, bucket
         self.retention_days = retention_days
-        self._records: dict[str, dict] = {}  # the records already read (serving.monitoring_store.records)
+        self._records: dict[str, dict] = {}  # the beat's records already read (serving.monitoring_store.records)
 
     def reference(self, task: str) -> tuple[str, dict]:
         champion = self.promoter.signed_champion(task)
@@ -43,9 +44,11 @@ class DriftMonitor:
                              "monitoring); retrain to monitor its inputs")  # fmt: skip
         return champion, reference
 
-    def report(self, task: str, days: float = 7.0) -> dict:
+    def report(self, task: str, days: float = 7.0, records: list[dict] | None = None) -> dict:
+        """`records`: the window's monitoring records when the caller has read them already."""
         champion, reference = self.reference(task)
-        records = monitoring_store.records(self.store, self.bucket, days, cache=self._records if days == 7.0 else None)
+        if records is None:
+            records = monitoring_store.records(self.store, self.bucket, days)
         sites = drift_by_site(reference, records)
         for site, result in sites.items():
             DRIFT_SCORE.labels(task, site).set(result["score"])
@@ -59,9 +62,10 @@ class DriftMonitor:
 
     def beat(self, tasks) -> None:
         """The platform's periodic pass: every task's report (gauges), old payloads deleted."""
+        records = monitoring_store.records(self.store, self.bucket, BEAT_DAYS, cache=self._records)  # once for every task
         for task in tasks:
             try:
-                self.report(task)
+                self.report(task, BEAT_DAYS, records)
             except ValueError:
                 continue  # no champion or no reference: nothing to monitor against
         monitoring_store.prune_payloads(self.store, self.bucket, self.retention_days)
