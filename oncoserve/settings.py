@@ -64,6 +64,13 @@ class Settings(BaseSettings):
                                                      "its findings in the artifacts bucket, for later review and labelling.")
     payload_retention_days: float = Field(30.0, gt=0, description="Stored payloads older than this are deleted by the "
                                                                   "platform API (monitoring records are kept).")
+    rollback_max_error_rate: float | None = Field(0.2, ge=0, le=1, description="A champion promoted less than "
+                                                  "`rollback_window_s` ago that fails more than this share of its studies "
+                                                  "is rolled back to `previous` by the platform (audited); unset: off.")
+    rollback_min_studies: int = Field(5, ge=1, description="Studies a new champion must have answered (or failed) "
+                                                           "before its error rate is judged.")
+    rollback_window_s: float = Field(3600.0, gt=0, description="How long after a promotion the champion's error rate "
+                                                               "is watched.")
     platform_port: int = Field(8600, description="Port of the platform API (a stack component; `oncoserve platform serve`).")
     platform_public_url: str | None = Field(None, description="URL browsers reach the platform API at; default: http://HOST:PLATFORM_PORT.")
     cors_origins: list[str] | None = Field(None, description="Origins allowed to call the platform API from a browser; "
@@ -136,6 +143,12 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_path = Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+
+    @field_validator("rollback_max_error_rate", mode="before")
+    @classmethod
+    def _off_is_none(cls, value):
+        # ONCOSERVE_ROLLBACK_MAX_ERROR_RATE= (empty) or "off" turns the champion guard off.
+        return None if isinstance(value, str) and value.strip().lower() in ("", "off", "none") else value
 
     @field_validator("home")
     @classmethod

@@ -35,6 +35,7 @@ from oncoserve.auth import AuthError, Identity, TokenStore, require
 from oncoserve.settings import Settings
 from oncoserve.signing import Signer, UntrustedRecord
 from pipelines.promotion import Promoter, PromotionRefused
+from pipelines.champion_guard import ChampionGuard
 from pipelines.drift_monitor import DriftMonitor
 from pipelines.rollouts import Rollouts
 from serving import promotion_ledger as ledger
@@ -155,6 +156,9 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
     rollouts = Rollouts(promoter, store, settings.bucket_models, audit)
     # Drift of every task's inputs against its champion's training reference, once a minute (and on request).
     drift = DriftMonitor(registry, promoter, store, settings.bucket_artifacts, settings.payload_retention_days)
+    # A champion swap that starts failing studies goes back to `previous` (pipelines.champion_guard).
+    guard = ChampionGuard(promoter, store, settings.bucket_artifacts, settings.rollback_max_error_rate,
+                          settings.rollback_min_studies, settings.rollback_window_s)  # fmt: skip
     beats = {"n": 0}
 
     def watch() -> None:
@@ -174,6 +178,11 @@ def create_app(settings: Settings, reconcile_interval_s: float = 10.0) -> FastAP
                     log.warning("%s: canary v%s withdrawn: %s", w["task"], w["version"], w["reason"])
             except Exception as exc:
                 log.warning("canary check failed: %s: %s", type(exc).__name__, str(exc)[:200])
+            try:
+                for r in guard.check(TASKS):
+                    log.warning("%s: champion rolled back from v%s to v%s: %s", r["task"], r["from"], r["to"], r["reason"])
+            except Exception as exc:
+                log.warning("champion error-rate check failed: %s: %s", type(exc).__name__, str(exc)[:200])
 
     threading.Thread(target=watch, name="alias-reconcile", daemon=True).start()
     app.router.on_shutdown.append(stop.set)

@@ -113,8 +113,13 @@ def _check_resources(config, cluster: dict[str, float]) -> None:
 def down(settings) -> None:
     from ray import serve
 
+    import ray
+
+    from services.version_barrier import NAMESPACE, remove_all
+
     with connected(settings):
         serve.shutdown()
+        remove_all(ray.util.list_named_actors(all_namespaces=True), NAMESPACE)  # detached: they outlive the app
 
 
 def status(settings) -> dict:

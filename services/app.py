@@ -65,7 +65,7 @@ def build_app(settings, config: deploy_config.DeploymentConfig):
     }
     reporting = reporting_deployment(options("reporting")).bind(fields, config.deployments["reporting"].model_dump(),
                                                                 config.watch_interval_s)  # fmt: skip
-    return StudyGateway.options(**options("gateway")).bind(fields, *(bound[t] for t in TASKS), reporting)
+    return StudyGateway.options(**options("gateway")).bind(fields, *(bound[t] for t in TASKS), reporting, config.watch_interval_s)
 
 
 def deployment_options(config: deploy_config.DeploymentConfig) -> dict[str, dict]:

@@ -79,13 +79,15 @@ class _Pending:
     future: asyncio.Future
     rows: int
     key: tuple
+    on: object = None
 
 
 class AdaptiveBatcher:
     """`await submit(inputs)` -> `run(batched inputs)`'s (label, outputs), this request's rows only.
 
     `run` is synchronous (a model call) and runs in a worker thread; `on_batch(n)` is told the size of
-    every model call."""
+    every model call. `submit(inputs, on=x)` shares calls only with requests on the same `x` (a model
+    version pinned by the caller) and calls `run(batched inputs, x)`."""
 
     def __init__(self, run: Callable[[dict], tuple[str, dict]], max_batch_size: int = 4, wait_s: float = 0.01,
                  on_batch: Callable[[int], None] | None = None, shared_errors: tuple[type[BaseException], ...] = ()):  # fmt: skip
@@ -102,11 +104,11 @@ class AdaptiveBatcher:
         """Forget the measured call costs (a new model version costs what it costs)."""
         self.costs = CallCosts()
 
-    async def submit(self, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
+    async def submit(self, inputs: dict[str, np.ndarray], on: object = None) -> tuple[str, dict[str, np.ndarray]]:
         loop = asyncio.get_running_loop()
         rows = len(next(iter(inputs.values())))
-        key = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(inputs.items()))
-        item = _Pending(inputs, loop.create_future(), rows, key)
+        key = (id(on), *((k, v.shape[1:], v.dtype.str) for k, v in sorted(inputs.items())))
+        item = _Pending(inputs, loop.create_future(), rows, key, on)
         self._waiting.append(item)
         if self._arrived is not None:
             self._arrived.set()
@@ -150,7 +152,8 @@ class AdaptiveBatcher:
         if self._on_batch is not None:
             self._on_batch(len(members))
         try:
-            label, outputs = await asyncio.to_thread(self._run, stacked)
+            on = members[0].on
+            label, outputs = await asyncio.to_thread(self._run, stacked, *(() if on is None else (on,)))
             self.costs.record(len(members) > 1, time.perf_counter() - t0, sum(m.rows for m in members))
         except Exception as exc:
             if retry_alone and not isinstance(exc, self._shared_errors):

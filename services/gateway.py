@@ -94,7 +94,8 @@ class StudyGateway:
     services.study_requests), runs the shared analysis (services.study_analysis) or raw inference
     (services.raw_inference), and formats the answer for its protocol."""
 
-    def __init__(self, settings_fields: dict, localization, segmentation, classification, survival, reporting):
+    def __init__(self, settings_fields: dict, localization, segmentation, classification, survival, reporting,
+                 watch_interval_s: float = 2.0):  # fmt: skip
         from oncoserve.audit import AuditLog
         from oncoserve.deid_salt import deid_salt
         from oncoserve.settings import Settings
@@ -112,8 +113,12 @@ class StudyGateway:
 
         monitor = StudyMonitor(lambda: self.store, self.settings.bucket_artifacts, self.settings.monitoring_records,
                                self.settings.payload_logging)  # fmt: skip
+        from services.version_barrier import BarrierReader, serve_app
+
+        app = serve_app()
+        self.barrier = BarrierReader(app, watch_interval_s) if app else None  # None: not in Serve, nothing to pin
         self.analysis = StudyAnalysis(self.tasks, reporting, preprocess_config(self.settings), AuditLog(self.settings.audit_file),
-                                      salt, monitor)  # fmt: skip
+                                      salt, monitor, self.barrier)  # fmt: skip
         self.raw = RawInference(self.tasks)
         # Kept on the module (Serve ships this class by value, but modules by reference).
         ui_support.UI_HEADERS.update(ui_support.security_headers(self.settings.platform_url))
@@ -278,7 +283,10 @@ class StudyGateway:
     @api.get("/v1/models", summary="The model version each task serves now")
     async def models(self):
         described = await self._describe_all()
-        return {"model_versions": {t: d["version"] for t, d in described.items()},
+        barrier = await self.barrier.describe() if self.barrier is not None else {}
+        active = {t: b["active"] for t, b in barrier.items() if isinstance(b, dict) and b.get("active")}
+        return {"model_versions": {t: active.get(t, d["version"]) for t, d in described.items()},
+                "version_barrier": barrier,
                 "deployments": {t: {k: d[k] for k in ("version", "backend", "ready")} for t, d in described.items()},
                 "rollouts": {t: d["rollout"] for t, d in described.items() if "rollout" in d}}  # fmt: skip
 

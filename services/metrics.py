@@ -35,6 +35,8 @@ REPORT_GUARD = Counter("oncoserve_report_guard", "Report texts checked by the gr
 REPORT_FORMAT = Counter("oncoserve_report_format", "Report texts by format compliance (required sections, closing statement)",
                         ["generator", "outcome"])  # fmt: skip
 SWAPS = Counter("oncoserve_model_swaps", "Hot-swaps to a new champion, by outcome", ["task", "outcome"])
+VERSION_MISMATCH = Counter("oncoserve_version_mismatch", "Studies pinned to a version the replica does not hold (a replica "
+                           "started mid-swap), answered by its own champion", ["task"])  # fmt: skip
 UNTRUSTED_ALIAS = Counter("oncoserve_untrusted_alias", "Champion alias moves refused: no valid signed promotion record for "
                           "that version (counted once per version refused)", ["task"])  # fmt: skip
 

@@ -1,6 +1,7 @@
 """The gateway's post-market record of every analysed study (serving.monitoring_store), off the
 response's path: input statistics (imaging.input_stats) for drift, QC flags, which versions answered
-and what they said (region volumes, marker probabilities, OOD score, risk group). With
+and what they said (region volumes, marker probabilities, OOD score, risk group); and of every study a
+task failed on, with the version it was pinned to (what pipelines.champion_guard counts). With
 `payload_logging` on, the de-identified input volumes and the findings are kept too.
 
 A record is written after the answer is ready, in a worker thread; a failed write is logged and
@@ -56,6 +57,24 @@ class StudyMonitor:
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._write, source, prepared, results, versions, case_ref, route))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def failed(self, source, task: str, version: str | None, error: BaseException, case_ref: str) -> None:
+        """Record, in the background, that `task` failed on a study pinned to `version` (None: not pinned)."""
+        if not self.records:
+            return
+        record = {"time": time.time(), "site": source.study.site, "case_ref": case_ref, "input": source.kind,
+                  "failed": {task: version}, "error": f"{type(error).__name__}: {str(error)[:300]}"}  # fmt: skip
+        task_ = asyncio.get_running_loop().create_task(asyncio.to_thread(self._put, record))
+        self._pending.add(task_)
+        task_.add_done_callback(self._pending.discard)
+
+    def _put(self, record: dict) -> None:
+        try:
+            monitoring_store.put_json(self._store_factory(), self.bucket,
+                                      monitoring_store.new_key(monitoring_store.RECORDS, record["time"]) + ".json", record)  # fmt: skip
+        except Exception as exc:
+            metrics.MONITORING_ERRORS.inc()
+            log.error("monitoring record not written (%s: %s)", type(exc).__name__, str(exc)[:200])
 
     def _write(self, source, prepared, results, versions, case_ref: str, route: str) -> None:
         now = time.time()

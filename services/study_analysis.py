@@ -28,6 +28,7 @@ import ray
 from imaging.errors import StudyError
 from imaging.preprocess import PreparedStudy, preprocess
 from serving.traffic import study_fraction
+from services.version_barrier import rollout_slot
 from services import metrics, remote_errors
 from services.analyzer import Analysis, assemble
 from services.study_input import InputError, StudyInput
@@ -58,8 +59,9 @@ class StudyResult:
 
 
 class StudyAnalysis:
-    def __init__(self, tasks: dict, reporting, preprocess_config, audit, salt: str, monitor=None):
+    def __init__(self, tasks: dict, reporting, preprocess_config, audit, salt: str, monitor=None, barrier=None):
         self.tasks, self.reporting = tasks, reporting
+        self.barrier = barrier  # services.version_barrier.BarrierReader (None: studies are not pinned)
         self.preprocess_config, self.audit, self._salt = preprocess_config, audit, salt
         self.monitor = monitor  # services.monitoring.StudyMonitor (None: nothing recorded)
 
@@ -74,8 +76,18 @@ class StudyAnalysis:
         ref = await asyncio.to_thread(ray.put, prepared)  # serialising ~16 MB: off the event loop
         t1 = time.perf_counter()
         route = {"fraction": study_fraction(source.study.case_id), "case_ref": self.case_ref(source), "site": source.study.site}
-        calls = {task: self.tasks[task].predict.remote(ref, source.study.age, route) for task in tasks}
-        results = {task: await remote_errors.call(task, c) for task, c in calls.items()}
+        # One version per task for this study, whichever replica answers (services.version_barrier).
+        pins = await self.barrier.versions() if self.barrier is not None else {}
+        calls = {task: self.tasks[task].predict.remote(ref, source.study.age, {**route, "champion": pins.get(task), "rollout": pins.get(rollout_slot(task))})
+                 for task in tasks}  # fmt: skip
+        results = {}
+        for task, call in calls.items():
+            try:
+                results[task] = await remote_errors.call(task, call)
+            except Exception as exc:  # recorded against the version the study was pinned to (pipelines.champion_guard)
+                if self.monitor is not None:
+                    self.monitor.failed(source, task, pins.get(task), exc, self.case_ref(source))
+                raise
         metrics.STAGE_SECONDS.labels("study", "fanout", "-").observe(time.perf_counter() - t1)
         return results, prepared
 

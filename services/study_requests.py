@@ -102,11 +102,12 @@ class StudyRequests:
             raise InputError(f"send exactly one of nifti, dicom_zip or s3_uri (got {', '.join(given) or 'none'})", 400)
         case_id = request.case_id or None
         age = validate_age(request.age if request.HasField("age") else None)
+        site = validate_site(request.site or None)
         if request.dicom_zip:
-            return await self._dicom(request.dicom_zip, case_id, age, parse_mapping(request.mapping_json or None))
+            return _with_site(await self._dicom(request.dicom_zip, case_id, age, parse_mapping(request.mapping_json or None)), site)
         if request.s3_uri:
-            return await self._s3(request.s3_uri, case_id, age)
-        return await asyncio.to_thread(from_nifti, dict(request.nifti), case_id, age)
+            return _with_site(await self._s3(request.s3_uri, case_id, age), site)
+        return _with_site(await asyncio.to_thread(from_nifti, dict(request.nifti), case_id, age), site)
 
     async def _dicom(self, data: bytes, case_id, age, mapping) -> StudyInput:
         return await asyncio.to_thread(from_dicom_zip, data, case_id, age, self._salt, mapping)

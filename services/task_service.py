@@ -18,9 +18,12 @@ Rollouts (services.rollout_follower): the replica also follows its task's signed
 shadow or canary candidate is loaded beside the champion, and `predict` routes each study by its
 place in the policy (serving.traffic), recording the evidence in the rollout ledger.
 
-Hot-swap: a background thread polls the alias; a new version is loaded beside the old one and then
-swapped in with one reference assignment. A batch takes the model reference once when it starts, so
-in-flight requests finish on the version they began with and no request sees a half-loaded model.
+Hot-swap: a background thread polls the alias; a new version is loaded beside the old one, and the
+version barrier (services.version_barrier) makes it the active one on every replica of the task at
+once, only when all of them hold it. Each study arrives pinned to the task's active version
+(`route["champion"]`, from the gateway) and is answered by exactly that version; a batch runs on one
+version, so in-flight requests finish on the version they began with and no request sees a
+half-loaded model. The previous version stays loaded (a rollback or a late study needs no load).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from serving.runtimes import RUNTIMES
 from services import metrics
 from services.batcher import AdaptiveBatcher, batch_limit
 from services.task_logic import TASKS, ServingError, feeds, infer, postprocess
+from services.version_barrier import BarrierMember, rollout_slot
 
 log = logging.getLogger("ray.serve")
 
@@ -85,6 +89,8 @@ class TaskService:
         if record is None:
             raise ServingError(f"{task} has no `champion` version; promote one (oncoserve models promote)")
         self.model = self._load(str(record["version"]), record)
+        self._models = {self.model.version: self.model}  # every version held: the active one, the wanted, the previous
+        self._wants, self._previous = self.model.version, None
         metrics.serving_version(task, None, self.model.version)
         batching = spec.get("batching", {})
         self._batch_configured = batching.get("max_batch_size", 4)
@@ -92,8 +98,13 @@ class TaskService:
                                         batching.get("batch_wait_timeout_s", 0.01),
                                         on_batch=metrics.BATCH_SIZE.labels(task).observe,
                                         shared_errors=(BackendUnavailable,))  # fmt: skip
-        self._swap_lock = threading.Lock()
+        self._swap_lock = threading.RLock()
         self._input_names: dict[str, frozenset[str]] = {}
+        self._rollout = None
+        app = serve.get_replica_context().app_name
+        self._barrier = BarrierMember(app, watch_interval_s, self._held, self._on_active)
+        self._barrier.report()
+        self._barrier.start()
         self._watcher = AliasWatcher(self._registry, task, "champion", self._on_alias_moved, watch_interval_s,
                                      on_same=lambda alias: self._trust.settled(alias, self.model.version))  # fmt: skip
         self._watcher.current = self.model.version
@@ -103,7 +114,8 @@ class TaskService:
 
         self._background: set[asyncio.Task] = set()
         self._rollout = RolloutFollower(task, self._store, self._bucket, Verifier.from_file(settings.signing_public_key_file),
-                                        self._load).start(lambda: self.model.version, watch_interval_s)  # fmt: skip
+                                        self._load, on_ready=self._reported)  # fmt: skip
+        self._rollout.start(lambda: self.model.version, watch_interval_s)
 
     # -- load -------------------------------------------------------------------------------------
     def _load(self, version: str, record: dict) -> LoadedModel:
@@ -137,24 +149,69 @@ class TaskService:
             self._watcher.current = old
             return
         with self._swap_lock:
-            try:
-                loaded = self._load(new, record)
-            except Exception as exc:  # keep serving the old version; retry on the next poll
-                log.error("%s: cannot load version %s (%s); still serving %s", self.task, new, exc, self.model.version)
-                metrics.SWAPS.labels(self.task, "failed").inc()
-                self._watcher.current = old
+            loaded = self._models.get(str(new))
+            if loaded is None:
+                try:
+                    loaded = self._load(new, record)
+                except Exception as exc:  # keep serving the old version; retry on the next poll
+                    log.error("%s: cannot load version %s (%s); still serving %s", self.task, new, exc, self.model.version)
+                    metrics.SWAPS.labels(self.task, "failed").inc()
+                    self._watcher.current = old
+                    return
+                self._models[loaded.version] = loaded
+            self._wants = loaded.version
+        if not self._reported():
+            self._activate(loaded.version)  # no barrier to agree with: this replica swaps on its own
+
+    def _reported(self) -> bool:
+        """Tell the barrier what this replica holds now; False when no barrier answered."""
+        return self._barrier.report() is not None
+
+    def _held(self) -> dict[str, tuple[list[str], str]]:
+        """What the barrier is told, per slot: the values held ready, and the one this replica wants active."""
+        with self._swap_lock:
+            states = {self.task: (list(self._models), self._wants)}
+        if self._rollout is not None:
+            states[rollout_slot(self.task)] = self._rollout.held()
+        return states
+
+    def _on_active(self, slot: str, value: str) -> None:
+        if slot == self.task:
+            self._activate(value)
+        elif slot == rollout_slot(self.task) and self._rollout is not None:
+            self._rollout.activate(int(value))
+
+    def _activate(self, version: str) -> None:
+        """Make `version` (held) the default for unpinned calls and batches; the barrier decided it."""
+        with self._swap_lock:
+            loaded = self._models.get(version)
+            if loaded is None or loaded is self.model:
                 return
             self._batcher.max_batch_size = self._batch_size_for(loaded)
             self._batcher.reset_costs()  # whether sharing a call pays is measured again on the new version
-            previous, self.model = self.model, loaded
+            previous, self.model, self._previous = self.model, loaded, self.model.version
+            for held in [v for v in self._models if v not in (loaded.version, self._wants, self._previous)]:
+                del self._models[held]
             metrics.serving_version(self.task, previous.version, loaded.version)
             metrics.SWAPS.labels(self.task, "completed").inc()
             log.info("%s: now serving version %s (was %s)", self.task, loaded.version, previous.version)
 
+    def _pinned(self, route: dict | None) -> LoadedModel:
+        """The version the gateway pinned this study to (the barrier's active one), held by this replica."""
+        version = (route or {}).get("champion")
+        model = self.model
+        if version is None or str(version) == model.version:
+            return model
+        held = self._models.get(str(version))
+        if held is None:  # a replica started mid-swap holds only the new champion (services.version_barrier)
+            metrics.VERSION_MISMATCH.labels(self.task).inc()
+            return model
+        return held
+
     # -- infer (batched) --------------------------------------------------------------------------
-    def _run_batch(self, stacked: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
+    def _run_batch(self, stacked: dict[str, np.ndarray], model: LoadedModel | None = None) -> tuple[str, dict[str, np.ndarray]]:
         """One model call (in a worker thread) for the batcher: the version it ran on, and the outputs."""
-        model = self.model  # one version for the whole batch, even if a swap lands meanwhile
+        model = model or self.model  # one version for the whole batch, even if a swap lands meanwhile
         t0 = time.perf_counter()
         try:
             out = model.backend.infer(stacked)
@@ -175,14 +232,14 @@ class TaskService:
         metrics.QUEUE_DEPTH.labels(self.task).inc()
         try:
             inputs = feeds(self.task, prepared, age)
-            policy, candidate = self._rollout.current  # one pair for the whole study
+            policy, candidate = self._rollout.pair_for((route or {}).get("rollout"))  # one pair for the whole study
             fraction = (route or {}).get("fraction")
             if candidate is not None and policy.candidate_answers(fraction):
                 answered = await self._canary(policy, candidate, inputs, prepared, route)
                 if answered is not None:
                     return answered
             t0 = time.perf_counter()
-            result = await self._answer(self.model, inputs, prepared, batched=True)
+            result = await self._answer(self._pinned(route), inputs, prepared, batched=True)
             if candidate is not None and policy.shadows(fraction):
                 champion_ms = (time.perf_counter() - t0) * 1000
                 self._in_background(self._shadow(policy, candidate, inputs, prepared, result, champion_ms, route))
@@ -198,14 +255,13 @@ class TaskService:
             outputs = await asyncio.to_thread(infer, self.task, model.backend.infer, inputs, model.extras, self._window)
             metrics.STAGE_SECONDS.labels(self.task, "infer", version).observe(time.perf_counter() - t0)
         elif batched:
-            version, outputs = await self._batcher.submit(inputs)
+            version, outputs = await self._batcher.submit(inputs, on=model)
         else:  # a candidate: its own model call, outside the champion's batches
             version = model.version
             outputs = await asyncio.to_thread(model.backend.infer, inputs)
             metrics.STAGE_SECONDS.labels(self.task, "infer", version).observe(time.perf_counter() - t0)
         t1 = time.perf_counter()
-        extras = model.extras if model.version == version else self._extras_of(version)
-        result = await asyncio.to_thread(postprocess, self.task, outputs, prepared, extras)
+        result = await asyncio.to_thread(postprocess, self.task, outputs, prepared, model.extras)
         t2 = time.perf_counter()
         metrics.STAGE_SECONDS.labels(self.task, "postprocess", version).observe(t2 - t1)
         metrics.STAGE_SECONDS.labels(self.task, "total", version).observe(t2 - t0)
@@ -283,10 +339,8 @@ class TaskService:
         model = self.model
         return {"task": self.task, "version": model.version, "backend": model.backend.name,
                 "ready": model.backend.ready(), "untrusted_alias": self._trust.refused, "rollout": self._rollout.describe(),
+                "held_versions": sorted(list(self._models), key=int), "wants": self._wants,
                 **model.backend.metadata()}  # fmt: skip
-
-    def _extras_of(self, version: str) -> dict:
-        return json.loads(self._registry.artifact_text(self.task, version, "extras.json") or "{}")
 
     def check_health(self) -> None:
         """Serve's health probe: a replica whose backend cannot answer is replaced."""
@@ -294,7 +348,7 @@ class TaskService:
             raise ServingError(f"{self.task}: model not ready")
 
     def __del__(self):
-        for follower in (getattr(self, "_watcher", None), getattr(self, "_rollout", None)):
+        for follower in (getattr(self, "_watcher", None), getattr(self, "_rollout", None), getattr(self, "_barrier", None)):
             if follower is not None:
                 follower.stop()
 

@@ -53,6 +53,7 @@ def drift_by_site(reference: dict, records: list[dict]) -> dict[str, dict]:
     """Each site's drift (studies without a site are `unknown`), with its outputs summarised beside it."""
     by_site: dict[str, list[dict]] = defaultdict(list)
     for record in records:
-        by_site[record.get("site") or "unknown"].append(record)
+        if "inputs" in record:  # a study a task failed on has no statistics (pipelines.champion_guard counts it)
+            by_site[record.get("site") or "unknown"].append(record)
     return {site: {**site_drift(reference, [r["inputs"] for r in group]), "outputs": _outputs_summary(group)}
             for site, group in sorted(by_site.items())}  # fmt: skip

@@ -195,8 +195,8 @@ def choose_runtime(model_path: Path, reference: Path, runtimes: tuple[str, ...] 
         try:
             session = opener(runtime, model_path, threads)
             got = session.run(inputs)  # the first call also warms the runtime up
-        except (RuntimeUnavailable, ValueError) as exc:
-            trials.append(Trial(runtime, False, error=str(exc)[:200]))
+        except Exception as exc:  # unavailable, or it cannot run this model: refused, and the table says why
+            trials.append(Trial(runtime, False, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
             continue
         diff = parity(got, expected)
         if not diff <= tolerance:

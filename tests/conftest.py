@@ -216,7 +216,8 @@ application: oncoserve
 watch_interval_s: 2.0
 deployments:
   gateway: {num_cpus: 0.1, max_ongoing_requests: 32, autoscaling: {min_replicas: 1, max_replicas: 1}}
-  localization: {autoscaling: {min_replicas: 1, max_replicas: 1}, batching: {max_batch_size: 4, batch_wait_timeout_s: 0.02}}
+  # two replicas: the hot-swap test checks that both answer with one version during a swap (version barrier)
+  localization: {autoscaling: {min_replicas: 2, max_replicas: 2}, batching: {max_batch_size: 4, batch_wait_timeout_s: 0.02}}
   segmentation:
     max_ongoing_requests: 2
     batching: {max_batch_size: 1}

@@ -1,5 +1,7 @@
 // The platform console: serving status (replicas, versions, latency and errors from the metrics),
 // registered versions with metrics, lineage and aliases, promote / roll back with the gate results,
+// each task's traffic policy with its candidate evidence and each site's input drift (a bar per site
+// against the threshold),
 // analysis jobs with their progress (refreshed while any is running) and the results awaiting a
 // clinician's review, and the audit log. Promotions and reviews go to the platform API, which checks the
 // caller's role (and the gates); the buttons a role may not use are disabled here too, with the reason.
@@ -12,6 +14,7 @@ const RANK = { viewer: 0, app: 1, clinician: 2, "data-scientist": 3, platform: 4
 const NEEDS = { candidate: "data-scientist", champion: "platform", rollback: "platform", review: "clinician" };
 const RUNNING = new Set(["queued", "preprocessing", "inferring", "reporting", "accepted", "exporting"]);
 const JOBS_REFRESH_MS = 2000;
+const MODEL_TASKS = ["localization", "segmentation", "classification", "survival"];
 let platform = null;
 let identity = null;
 let openJob = null;
@@ -24,7 +27,9 @@ export function initConsole(platformUrl, onOpenJob) {
   $("refresh-console").addEventListener("click", refreshConsole);
   $("jobs-filter").addEventListener("change", refreshJobs);
   $("task-filter").addEventListener("change", refreshRegistry);
+  $("drift-task").addEventListener("change", refreshDrift);
   for (const t of ["localization", "segmentation", "classification", "survival", "reporting"]) $("task-filter").append(el("option", { value: t, text: t }));
+  for (const t of MODEL_TASKS) $("drift-task").append(el("option", { value: t, text: t, selected: t === "segmentation" }));
   refreshWho();
 }
 
@@ -63,7 +68,7 @@ function allowed(action) {
 export async function refreshConsole() {
   showError($("console-error"), "");
   await refreshWho();
-  await Promise.all([refreshServing(), refreshRegistry(), refreshJobs(), refreshAudit()]);
+  await Promise.all([refreshServing(), refreshRegistry(), refreshRollouts(), refreshDrift(), refreshJobs(), refreshAudit()]);
 }
 
 
@@ -211,4 +216,82 @@ async function refreshAudit() {
   } catch (err) {
     showError($("console-error"), `audit: ${err.message}`);
   }
+}
+
+function interval(m) {
+  return m ? `${fmt(m.mean)} [${fmt(m.ci95[0])}, ${fmt(m.ci95[1])}] (n ${m.n ?? ""})` : "";
+}
+
+async function refreshRollouts() {
+  try {
+    const rows = await Promise.all(MODEL_TASKS.map(async (task) => {
+      const r = await platformFetch(`/v1/rollouts/${task}`);
+      if (!r.ok) throw new Error(await errorText(r));
+      const { policy, champion } = await r.json();
+      let evidence = "";
+      if (policy.mode !== "champion") {
+        const rep = await platformFetch(`/v1/rollouts/${task}/report?seq=${policy.seq}`);
+        if (rep.ok) {
+          const o = (await rep.json()).overall;
+          evidence = `${o.studies} studies, ${o.errors} candidate errors; agreement ${interval(o.agreement.agreement)}`;
+        }
+      }
+      const share = policy.mode === "champion" ? "" : `${Math.round(policy.share * 100)} %`;
+      return [task, champion ?? "", policy.mode, policy.version ?? "", share, policy.seq, evidence];
+    }));
+    table($("rollouts"), ["task", "champion", "policy", "candidate", "share", "policy seq", "evidence"], rows,
+      "Traffic policy per task (oncoserve rollout set), signed by the platform");
+  } catch (err) {
+    showError($("console-error"), `rollouts: ${err.message}`);
+  }
+}
+
+async function refreshDrift() {
+  const task = $("drift-task").value;
+  try {
+    const r = await platformFetch(`/v1/monitoring/drift?task=${encodeURIComponent(task)}`);
+    if (r.status === 400) {  // no champion, or a champion trained before drift monitoring: said, not an error
+      $("drift-plot").replaceChildren();
+      table($("drift"), [], [], `${task}: ${await errorText(r)}`);
+      return;
+    }
+    if (!r.ok) throw new Error(await errorText(r));
+    const report = await r.json();
+    const sites = Object.entries(report.sites);
+    drawDrift($("drift-plot"), task, sites);
+    table($("drift"), ["site", "studies", "drift score", "drifted", "largest shifts"],
+      sites.map(([site, d]) => [site, d.studies, fmt(d.score, 2), d.drifted ? "DRIFTED" : (d.enough_studies ? "no" : "too few studies"), d.largest_shifts.join(", ")]),
+      `${task} v${report.champion} over ${report.days} days: ${report.test}`);
+  } catch (err) {
+    showError($("console-error"), `drift: ${err.message}`);
+  }
+}
+
+// One horizontal bar per site: its drift score (share of input statistics that drifted), with the
+// threshold as a vertical line.
+function drawDrift(target, task, sites) {
+  const NS = "http://www.w3.org/2000/svg";
+  const W = 480, ROW = 22, LEFT = 150, H = ROW * Math.max(sites.length, 1) + 24;
+  const svg = document.createElementNS(NS, "svg");
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    if (text !== undefined) node.textContent = text;
+    svg.append(node);
+    return node;
+  };
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("role", "img");
+  svg.setAttribute("id", "drift-bars");
+  svg.setAttribute("aria-label", `${task}: input drift score per site, ${sites.length} site(s)`);
+  const scale = (v) => LEFT + v * (W - LEFT - 10);
+  sites.forEach(([site, d], i) => {
+    const y = 4 + i * ROW;
+    add("text", { x: LEFT - 6, y: y + 14, "text-anchor": "end", class: "tick" }, site);
+    add("rect", { x: LEFT, y, width: Math.max(1, scale(d.score) - LEFT), height: ROW - 6, class: d.drifted ? "bar drifted" : "bar", "data-site": site });
+  });
+  const threshold = sites.length ? sites[0][1].threshold : 0.5;
+  add("line", { x1: scale(threshold), x2: scale(threshold), y1: 0, y2: H - 20, class: "threshold" });
+  add("text", { x: scale(threshold), y: H - 6, "text-anchor": "middle", class: "tick" }, `threshold ${threshold}`);
+  target.replaceChildren(svg);
 }

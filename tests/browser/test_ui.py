@@ -163,6 +163,32 @@ def test_console_shows_a_refused_promotion_with_its_failing_gate(page, served):
     page.screenshot(path=str(ARTIFACTS / "console-refused.png"), full_page=True)
 
 
+def test_console_shows_each_tasks_traffic_policy_and_input_drift_per_site(page, served, tiny_dataset):
+    from serving import monitoring_store
+    from tests.helpers import study_files, wait_until
+
+    case = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[1]
+    for i in range(3):  # studies from a named site, so the drift panel has a bar of its own for it
+        r = httpx.post(f"{served['url']}/v1/segmentation:predict", headers=served["auth"], files=study_files(case),
+                       data={"case_id": f"ui-drift-{i}", "site": "ui-site"}, timeout=180)  # fmt: skip
+        assert r.status_code == 200, r.text[:300]
+    bucket = served["settings"].bucket_artifacts
+    assert wait_until(lambda: sum(r.get("site") == "ui-site" for r in monitoring_store.records(served["store"], bucket, 1)) >= 3,
+                      timeout_s=30, interval_s=0.5)  # fmt: skip
+    page.fill("#token", admin_token(served["settings"]))
+    page.dispatch_event("#token", "change")
+    page.click("#tab-console")
+    page.wait_for_selector("#rollouts tbody tr", timeout=30_000)
+    rows = page.evaluate("""() => [...document.querySelectorAll('#rollouts tbody tr')].map((tr) => [...tr.cells].map((c) => c.innerText))""")
+    assert [row[0] for row in rows] == ["localization", "segmentation", "classification", "survival"]
+    registry = served["registry"]
+    assert all(row[1] == registry.alias(row[0], "champion") and row[2] in ("champion", "shadow", "canary") for row in rows), rows
+    page.wait_for_selector("#drift-bars rect[data-site='ui-site']", timeout=30_000)
+    drift = page.inner_text("#drift")
+    assert "ui-site" in drift and "Kolmogorov-Smirnov" in drift
+    page.screenshot(path=str(ARTIFACTS / "console-rollouts-drift.png"), full_page=True)
+
+
 def test_roles_disable_what_they_may_not_do(page, served):
     from oncoserve.auth import TokenStore
 

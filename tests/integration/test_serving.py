@@ -18,6 +18,7 @@ import pytest
 
 from imaging.dataset import read_case
 from imaging.preprocess import preprocess
+from serving import monitoring_store
 from serving.backends import EmbeddedBackend
 from tests.conftest import MAX_REQUEST_MB, SERVE_TEST_CONFIG as TEST_CONFIG, oncoserve
 from tests.dicom_factory import PHI_STRINGS, series_datasets, write_zip
@@ -204,7 +205,8 @@ def test_grpc_study_service(served, tiny_dataset, trained):
     from services.proto import study_pb2_grpc
 
     case = cases(tiny_dataset)[3]
-    request = study_pb2.AnalyzeRequest(case_id=case.name, nifti={m: f[1] for m, f in files_of(case).items()}, age=55.0)
+    request = study_pb2.AnalyzeRequest(case_id=case.name, nifti={m: f[1] for m, f in files_of(case).items()}, age=55.0,
+                                       site="grpc-site-a")  # fmt: skip
     with grpc.insecure_channel(served["grpc"], options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         metadata = tuple(served["auth"].items())
         response = study_pb2_grpc.StudyServiceStub(channel).Analyze(request, timeout=180, metadata=metadata)
@@ -217,11 +219,18 @@ def test_grpc_study_service(served, tiny_dataset, trained):
             study_pb2_grpc.StudyServiceStub(channel).Analyze(study_pb2.AnalyzeRequest(nifti={"t1": b"junk"}), timeout=60,
                                                              metadata=metadata)  # fmt: skip
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        bad_site = study_pb2.AnalyzeRequest(nifti={m: f[1] for m, f in files_of(case).items()}, site="../x")
+        with pytest.raises(grpc.RpcError) as refused:
+            study_pb2_grpc.StudyServiceStub(channel).Analyze(bad_site, timeout=60, metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "site" in refused.value.details()
         # The same request checks as REST on every input kind (gRPC once skipped the age check on DICOM and S3).
         for bad in (study_pb2.AnalyzeRequest(dicom_zip=b"PK\x03\x04", age=200.0), study_pb2.AnalyzeRequest(s3_uri="s3://data/x/", age=-1.0)):
             with pytest.raises(grpc.RpcError) as refused:
                 study_pb2_grpc.StudyServiceStub(channel).Analyze(bad, timeout=60, metadata=metadata)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside 0-130" in refused.value.details()
+    # The site a gRPC caller names is the study's drift site, as a REST caller's is (services/monitoring.py).
+    assert wait_until(lambda: any(r.get("site") == "grpc-site-a" for r in monitoring_store.records(served["store"], served["settings"].bucket_artifacts, 1)),
+                      timeout_s=30, interval_s=0.5)  # fmt: skip
 
 
 def test_dicom_zip_in_dicom_seg_out(served, tiny_dataset, tmp_path):
@@ -297,6 +306,8 @@ def test_autoscaling_adds_a_segmentation_replica_under_a_burst(served, tiny_data
 
 
 def test_hot_swap_moves_versions_with_no_failed_request(served, tiny_dataset, trained):
+    """Two localization replicas (SERVE_TEST_CONFIG): once any study is answered by the new version, no
+    later one is answered by the old, whichever replica takes it (services.version_barrier)."""
     from pipelines.platform_client import PlatformClient
 
     settings = served["settings"]
@@ -320,6 +331,11 @@ def test_hot_swap_moves_versions_with_no_failed_request(served, tiny_dataset, tr
                 else:
                     failures.append((r.status_code, r.text[:200]))
 
+    def barrier() -> dict:
+        return httpx.get(f"{served['url']}/v1/models", timeout=10).json()["version_barrier"]["localization"]
+
+    assert wait_until(lambda: barrier()["replicas"] == 2, timeout_s=60, interval_s=0.2), barrier()
+    commits = barrier()["commits"]
     worker = threading.Thread(target=loop)
     worker.start()
     assert wait_until(lambda: len(seen) >= 3, timeout_s=120, interval_s=0.1)
@@ -333,6 +349,7 @@ def test_hot_swap_moves_versions_with_no_failed_request(served, tiny_dataset, tr
     assert seen[0] == trained["localization"] and seen[-1] == new
     first_new = seen.index(new)
     assert set(seen[first_new:]) == {new}, "a request went back to the old version after the swap"
+    assert barrier() == {"active": new, "replicas": 2, "commits": commits + 1, "wanted": [new]}  # one commit, both replicas
     assert httpx.get(f"{served['url']}/v1/models", timeout=10).json()["model_versions"]["localization"] == new
     text = httpx.get(f"{served['url']}/metrics", timeout=10).text
     assert f'oncoserve_model_version_info{{task="localization",version="{new}"}} 1.0' in text

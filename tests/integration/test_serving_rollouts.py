@@ -1,5 +1,6 @@
-"""Rollouts on the served stack: a shadow candidate's evidence, a sticky canary, and a canary the platform
-withdraws on its own; set through the real CLI (platform API: role, signature, audit).
+"""Rollouts on the served stack: a shadow candidate's evidence, a sticky canary, and canaries the platform
+withdraws on its own (one over its latency limit, one whose runtime errors on every study); set through
+the real CLI (platform API: role, signature, audit).
 
 Named to run after test_serving.py, whose hot-swap test leaves a second compiled localization version
 (the candidate here; one is trained when this module runs alone). Every test puts the policy back to
@@ -9,6 +10,7 @@ champion-only, which the next module's requests rely on.
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -37,6 +39,45 @@ def candidate(served, tiny_dataset):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     version = run.stdout.split(f"registered model {TASK} version")[-1].split()[0]
     PlatformClient(served["settings"]).compile(TASK, version, force=True, reason="rollout tests: a candidate")
+    return version
+
+
+@pytest.fixture(scope="module")
+def failing_version(served, candidate, tmp_path_factory):
+    """A version that registers, compiles and loads but errors on every study: its graph was exported with
+    a fixed batch of two (a real export mistake), so the runtime refuses a study's batch of one. Its
+    reference input is a batch of two, so compile's parity check passes as it would for such an export."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from mlflow import MlflowClient
+
+    from oncoserve.credentials import use_mlflow_account
+    from pipelines.platform_client import PlatformClient
+    from serving.runtimes import REFERENCE_FILE, load_reference
+
+    settings, registry = served["settings"], served["registry"]
+    model_dir = tmp_path_factory.mktemp("failing") / "model"
+    shutil.copytree(registry.download(TASK, candidate), model_dir)
+    graph = onnx.load(str(model_dir / "model.onnx"))
+    for value in [*graph.graph.input, *graph.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 2  # replaces the dynamic "batch" axis
+    onnx.save(graph, str(model_dir / "model.onnx"))
+    inputs, _ = load_reference(model_dir / REFERENCE_FILE)
+    doubled = {name: np.concatenate([value, value]) for name, value in inputs.items()}
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, doubled)))
+    np.savez_compressed(model_dir / REFERENCE_FILE, **{f"input.{k}": v for k, v in doubled.items()},
+                        **{f"output.{k}": v for k, v in outputs.items()})  # fmt: skip
+    use_mlflow_account(settings.mlflow_accounts_file, "training")
+    client = MlflowClient(settings.mlflow_url)
+    source = registry.version(TASK, candidate)
+    run = client.create_run(client.get_run(source.run_id).info.experiment_id, tags={"purpose": "rollout test: a failing version"})
+    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    tags = {k: v for k, v in source.tags.items() if not k.startswith("compiled_")}
+    version = str(client.create_model_version(TASK, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags).version)
+    PlatformClient(settings).compile(TASK, version, force=True, reason="rollout tests: a version that fails at runtime")
     return version
 
 
@@ -140,3 +181,45 @@ def test_a_canary_over_its_limits_is_withdrawn_by_the_platform_and_audited(serve
     assert f"canary v{candidate} withdrawn: candidate p95 latency" in withdrawn[-1]["reason"]
     shown = json.loads(oncoserve("rollout", "show", TASK, "--json").stdout)
     assert shown["policy"]["mode"] == "champion" and shown["history"][-1]["actor"] == "platform (automatic)"
+
+
+def test_a_canary_whose_runtime_errors_is_withdrawn_with_no_failed_study(served, failing_version, tiny_dataset, policy_off):
+    champion = served["registry"].alias(TASK, "champion")
+    seq = set_policy(served, "--canary", failing_version, "--weight", "1.0", "--max-error-rate", "0.2", "--min-studies", "4")
+    case_dir = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[4]
+    answers = predict_many(served, case_dir, [f"broken-{i}" for i in range(6)])  # each must be a 200
+    # The candidate failed every study; the champion answered each one instead (an error budget of 0 5xx).
+    assert {a["model_version"] for a in answers.values()} == {champion}
+    assert wait_until(lambda: following(served)["mode"] == "champion" and following(served)["seq"] > seq, timeout_s=90, interval_s=0.5)
+    evidence = report(seq)["overall"]
+    assert evidence["studies"] >= 4 and evidence["errors"] == evidence["studies"], evidence
+    withdrawn = [e for e in AuditLog(served["settings"].audit_file).entries() if e.get("action") == "rollout_withdraw"]
+    assert withdrawn[-1]["actor"] == "platform (automatic)" and withdrawn[-1]["status"] == "completed"
+    assert f"canary v{failing_version} withdrawn: candidate error rate 1.00" in withdrawn[-1]["reason"]
+    metrics = httpx.get(f"{served['url']}/metrics", timeout=30).text
+    assert f'oncoserve_rollout_studies_total{{candidate="{failing_version}",mode="canary",outcome="canary_failed",task="{TASK}"}}' in metrics
+
+
+def test_a_champion_that_fails_its_studies_is_rolled_back_to_previous_by_the_platform(served, failing_version, tiny_dataset):
+    """The platform's guard (pipelines.champion_guard, defaults: more than 20 % of at least 5 studies within
+    an hour of the promotion) takes the champion back to `previous`, signed and audited."""
+    from pipelines.platform_client import PlatformClient
+
+    registry = served["registry"]
+    before = registry.alias(TASK, "champion")
+    PlatformClient(served["settings"]).promote(TASK, failing_version, "champion", reason="rollout tests: a champion that fails", force=True)
+    versions = lambda: httpx.get(f"{served['url']}/v1/models", timeout=10).json()["model_versions"][TASK]  # noqa: E731
+    assert wait_until(lambda: versions() == failing_version, timeout_s=60, interval_s=0.2)
+    case_dir = sorted(p for p in tiny_dataset.iterdir() if p.is_dir())[5]
+    files = {p.name.split("_")[-1].split(".")[0]: (p.name, p.read_bytes(), "application/gzip")
+             for p in sorted(case_dir.glob("*.nii.gz")) if not p.name.endswith("_seg.nii.gz")}  # fmt: skip
+    codes = [httpx.post(f"{served['url']}/v1/{TASK}:predict", headers=served["auth"], files=files, data={"case_id": f"fails-{i}"},
+                        timeout=120).status_code for i in range(5)]  # fmt: skip
+    assert all(code >= 500 for code in codes), codes  # the new champion fails every study: a clear error, no answer
+    assert wait_until(lambda: registry.alias(TASK, "champion") == before, timeout_s=90, interval_s=0.5)
+    rollback = [e for e in AuditLog(served["settings"].audit_file).entries() if e.get("action") == "rollback"][-1]
+    assert rollback["actor"] == "platform (automatic)" and rollback["status"] == "completed" and rollback["version"] == before
+    assert rollback["reason"].startswith(f"champion v{failing_version} failed 5 of 5 studies since its promotion"), rollback["reason"]
+    assert wait_until(lambda: versions() == before, timeout_s=60, interval_s=0.2)
+    after = predict_many(served, case_dir, [f"recovered-{i}" for i in range(3)])
+    assert {a["model_version"] for a in after.values()} == {before}

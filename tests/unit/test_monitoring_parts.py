@@ -68,9 +68,11 @@ def test_a_site_drifts_when_half_its_features_shift_and_only_with_enough_studies
     few = site_drift(reference, _feature_rows(rng, MIN_STUDIES - 1, shift=4.0))
     assert few["score"] > 0.5 and not few["drifted"] and not few["enough_studies"]
     records = [{"site": "x", "inputs": r, "outputs": {"volume_WT_ml": 10.0}} for r in _feature_rows(rng, 6, 4.0)] + \
-              [{"site": None, "inputs": r, "outputs": {}} for r in _feature_rows(rng, 6)]  # fmt: skip
+              [{"site": None, "inputs": r, "outputs": {}} for r in _feature_rows(rng, 6)] + \
+              [{"site": "x", "failed": {"segmentation": "3"}, "error": "RuntimeError"}]  # a failed study: no statistics  # fmt: skip
     sites = drift_by_site(reference, records)
     assert sites["x"]["drifted"] and not sites["unknown"]["drifted"] and sites["x"]["outputs"]["volume_WT_ml"]["median"] == 10.0
+    assert sites["x"]["studies"] == 6
 
 
 def test_the_store_reads_a_window_and_deletes_payloads_past_their_retention():
