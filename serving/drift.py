@@ -5,8 +5,12 @@ of the site's recent studies against the values the version's training cases had
 in its extras.json); a feature has drifted at p < ALPHA. A site's drift score is the share of its
 features that drifted, and the site has drifted when that share reaches SHARE_THRESHOLD with at least
 MIN_STUDIES studies: the rule evidently uses by default for a dataset (per-feature KS at 0.05, dataset
-drift at half of the features). The reference is made at training (imaging.input_stats.input_reference). Output statistics (volumes, probabilities, risk groups) are recorded
-with each study and summarised beside it, not tested: no version records a reference for them yet.
+drift at half of the features). The reference is made at training (imaging.input_stats.input_reference).
+
+The answers are tested the same way (`output_drift`) against the version's `output_reference`: its own
+answers on its held-out test cases (region volumes, marker probabilities, risk score, tumour found), so a
+site whose studies get answers unlike any the version gave in evaluation is flagged even when its inputs
+look familiar. Versions trained before this have no output reference; their outputs are only summarised.
 """
 
 from __future__ import annotations
@@ -49,11 +53,17 @@ def _outputs_summary(records: list[dict]) -> dict:
     return {name: {"median": round(float(np.median(v)), 4), "n": len(v)} for name, v in sorted(out.items())}
 
 
-def drift_by_site(reference: dict, records: list[dict]) -> dict[str, dict]:
-    """Each site's drift (studies without a site are `unknown`), with its outputs summarised beside it."""
+def drift_by_site(reference: dict, records: list[dict], output_reference: dict | None = None) -> dict[str, dict]:
+    """Each site's drift (studies without a site are `unknown`), with its outputs summarised beside it and,
+    given the version's output reference, tested (`output_drift`)."""
     by_site: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         if "inputs" in record:  # a study a task failed on has no statistics (pipelines.champion_guard counts it)
             by_site[record.get("site") or "unknown"].append(record)
-    return {site: {**site_drift(reference, [r["inputs"] for r in group]), "outputs": _outputs_summary(group)}
-            for site, group in sorted(by_site.items())}  # fmt: skip
+    out = {}
+    for site, group in sorted(by_site.items()):
+        out[site] = {**site_drift(reference, [r["inputs"] for r in group]), "outputs": _outputs_summary(group)}
+        if output_reference:
+            answers = [r.get("outputs") or {} for r in group]
+            out[site]["output_drift"] = site_drift(output_reference, [a for a in answers if set(a) & set(output_reference["features"])])
+    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,18 @@ def _cls_vector(labels) -> np.ndarray:
     return out
 
 
+def save_atomically(path: Path, **arrays) -> None:
+    """Write an .npz under a name of this writer's own, then rename it into place: trainings that run at
+    the same time preprocess the same case into the same cache, and a shared temporary name let one
+    rename the other's file away (ENOENT)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_dataset(root: str | Path, cache_dir: str | Path, config: PreprocessConfig = PreprocessConfig(), progress=None) -> Dataset:
     """Preprocess every case once (cached by dataset hash + preprocessing version) and return arrays."""
     root = Path(root)
@@ -81,10 +95,8 @@ def load_dataset(root: str | Path, cache_dir: str | Path, config: PreprocessConf
                 "site": study.site or "",
                 "grid_affine": prepared.grid.affine.tolist(),
             }
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, image=prepared.image.astype(np.float16), presence=prepared.presence,
-                     seg=seg if seg is not None else np.zeros(0, np.uint8), meta=json.dumps(meta))  # fmt: skip
-            tmp.replace(path)
+            save_atomically(path, image=prepared.image.astype(np.float16), presence=prepared.presence,
+                            seg=seg if seg is not None else np.zeros(0, np.uint8), meta=json.dumps(meta))  # fmt: skip
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             seg = z["seg"]

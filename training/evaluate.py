@@ -15,7 +15,7 @@ from imaging import metrics, sliding_window
 from imaging.dataset import read_segmentation
 from imaging.labels import CLASS_TO_LABEL
 from imaging.native_grid import labels_on_grid
-from imaging.postprocess import heatmap_to_box, probabilities_to_labels, remove_stray_voxels
+from imaging.postprocess import heatmap_to_box, probabilities_to_labels, remove_stray_voxels, volumes_ml
 from imaging.preprocess import Grid
 from imaging.study import MODALITIES
 from training.data import CLS_TASKS, CaseArrays
@@ -63,10 +63,12 @@ def evaluate_segmentation(sess, cases: list[CaseArrays], extras: dict) -> dict:
         truth = CLASS_TO_LABEL[c.seg_classes]
         grid_scores = metrics.segmentation_scores(pred, truth, (c.spacing_mm,) * 3)
         native = _native_scores(probs, c)
-        row = {"case_id": c.case_id, "site": c.site, **{f"model_grid/{k}": v for k, v in grid_scores.items()}}
+        row = {"case_id": c.case_id, "site": c.site, **{f"model_grid/{k}": v for k, v in grid_scores.items()},
+               # what serving reports for the study (its region volumes): the output drift reference's values
+               **{f"volume_{r}_ml": v for r, v in volumes_ml(pred, voxel_ml).items()}}  # fmt: skip
         # The headline figures are the native grid's; a case without its stored truth keeps the model grid's.
         rows.append(row | (native if native is not None else grid_scores) | {"native_grid": float(native is not None)})
-    keys = [k for k in rows[0] if k not in ("case_id", "site")] if rows else []
+    keys = [k for k in rows[0] if k not in ("case_id", "site") and not k.startswith("volume_")] if rows else []
     result = {k: _mean(r[k] for r in rows) for k in keys} | {"n_cases": len(rows)}
     for region in ("WT", "TC", "ET"):  # the interval of the headline Dice (the mean over cases)
         values = np.array([r[f"dice_{region}"] for r in rows], float)
@@ -92,6 +94,7 @@ def evaluate_localization(sess, cases: list[CaseArrays], extras: dict) -> dict:
             "box_iou": metrics.box_iou(box, truth_box),
             "centre_distance_mm": metrics.centre_distance_mm(centre, truth_centre, (c.spacing_mm,) * 3),
             "hit": float(metrics.centre_in_box(centre, truth_box)),
+            "tumour_found": float(loc.found),
         })  # fmt: skip
     return {
         "metrics": {"box_iou": _mean(r["box_iou"] for r in rows),

@@ -202,6 +202,9 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dic
         if not exported.parity_ok:
             raise TrainingError(f"{cfg.task}: ONNX parity {exported.parity_max_abs_diff:.2e} exceeds the bound")
         evaluation = evaluate(cfg.task, str(exported.path), test_cases, extras)
+        outputs = _output_reference(evaluation["per_case"])
+        if outputs is not None:  # what serving's drift monitor compares the version's answers with
+            extras["output_reference"] = outputs
         signature = {"inputs": exported.inputs, "outputs": exported.outputs}
         (model_dir / "signature.json").write_text(json.dumps(signature, indent=1))
         (model_dir / "extras.json").write_text(json.dumps(extras))
@@ -232,6 +235,22 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dic
     client.set_terminated(run_id, "FINISHED")
     log(f"registered {cfg.task} version {version}")
     return TrainResult(cfg.task, run_id, version, metrics, exported.parity_max_abs_diff)
+
+
+# Evaluation per-case values -> the names serving records them under (services/monitoring.py output_summary).
+OUTPUT_FEATURES = {"p_grade": "p_grade", "p_idh": "p_idh", "p_codeletion_1p19q": "p_codeletion_1p19q", "p_mgmt": "p_mgmt",
+                   "risk": "risk_score", "tumour_found": "tumour_found",
+                   **{f"volume_{r}_ml": f"volume_{r}_ml" for r in ("NCR", "ED", "ET", "WT", "TC")}}  # fmt: skip
+
+
+def _output_reference(per_case: list[dict]) -> dict | None:
+    """The version's own answers on its held-out test cases, as serving reports them: the reference the
+    drift monitor tests the answers a site gets against (serving.drift, outputs)."""
+    from imaging.input_stats import input_reference
+
+    rows = [{OUTPUT_FEATURES[k]: float(v) for k, v in row.items() if k in OUTPUT_FEATURES and v is not None} for row in per_case]
+    rows = [r for r in rows if r]
+    return input_reference(rows, "the version's answers on its held-out test cases") if rows else None
 
 
 def _input_reference(cases, split) -> dict | None:

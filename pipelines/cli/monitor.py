@@ -29,11 +29,13 @@ def drift(task: str = typer.Option("segmentation", "--task", help="Whose champio
         return
     console.print(f"{task} v{body['champion']}: {body['test']}")
     table = Table(title=f"input drift, last {body['days']:g} days")
-    for col in ("site", "studies", "drift score", "drifted", "largest shifts (reference -> site median)"):
+    for col in ("site", "studies", "drift score", "drifted", "largest shifts (reference -> site median)", "answers' drift"):
         table.add_column(col)
     for site, result in body["sites"].items():
         shifts = ", ".join(f"{n} {result['tests'][n]['reference_median']:g}->{result['tests'][n]['site_median']:g}"
                            for n in result["largest_shifts"][:3])  # fmt: skip
         verdict = "DRIFTED" if result["drifted"] else ("no" if result["enough_studies"] else "too few studies")
-        table.add_row(site, str(result["studies"]), f"{result['score']:.2f} (threshold {result['threshold']:.2f})", verdict, shifts)
+        answers = result.get("output_drift")
+        answered = (f"{answers['score']:.2f}" + (" DRIFTED" if answers["drifted"] else "")) if answers else "no reference"
+        table.add_row(site, str(result["studies"]), f"{result['score']:.2f} (threshold {result['threshold']:.2f})", verdict, shifts, answered)
     console.print(table)

@@ -81,7 +81,8 @@ def test_a_site_outside_the_training_range_drifts_and_the_training_site_does_not
     assert wait_until(counted, timeout_s=120, interval_s=1.0)  # records are written after each answer
     report = drift()
     ARTIFACTS.mkdir(exist_ok=True)  # the figures, for the record (not asserted beyond the decisions below)
-    (ARTIFACTS / "drift.json").write_text(json.dumps({site: {k: r[k] for k in ("studies", "score", "drifted", "features_drifted")}
+    (ARTIFACTS / "drift.json").write_text(json.dumps({site: {**{k: r[k] for k in ("studies", "score", "drifted", "features_drifted")},
+                                                             "output_drift": {k: r["output_drift"][k] for k in ("score", "features_tested", "features_drifted")}}
                                                       for site, r in report["sites"].items()}, indent=1) + "\n")  # fmt: skip
     unseen, training = report["sites"]["scanner-x"], report["sites"]["site-a"]
     assert unseen["studies"] == N and training["studies"] == N
@@ -89,6 +90,9 @@ def test_a_site_outside_the_training_range_drifts_and_the_training_site_does_not
     assert not training["drifted"] and training["score"] < training["threshold"], training["features_drifted"]
     assert {"t1_p99", "t1ce_p99"} <= set(unseen["features_drifted"])  # the scale shift is seen before any z-score
     assert report["reference"]["n_cases"] >= 3 and "Kolmogorov-Smirnov" in report["test"]
+    # The answers are tested too, against the champion's answers on its held-out test cases (region volumes).
+    assert report["output_reference"]["n_cases"] >= 1 and "answers (output_drift)" in report["test"]
+    assert unseen["output_drift"]["studies"] == N and training["output_drift"]["studies"] == N
     settings = served["settings"]
     metrics = httpx.get(f"http://{settings.host}:{settings.platform_port}/metrics", timeout=30).text
     assert 'oncoserve_input_drifted{site="scanner-x",task="segmentation"} 1.0' in metrics

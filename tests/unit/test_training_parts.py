@@ -386,3 +386,33 @@ def test_a_driver_aimed_at_no_cluster_fails_at_once_naming_it():
         listening.listen()
         require_cluster(f"127.0.0.1:{listening.getsockname()[1]}")
     require_cluster("auto")  # Ray finds the cluster itself (a RayJob's driver)
+
+
+def test_two_writers_of_one_cached_case_never_take_each_others_temporary_file(tmp_path):
+    """Trainings running side by side preprocess the same case into the same cache (tests.conftest
+    `trained` runs two at a time); with one shared temporary name a rename failed with ENOENT."""
+    import threading
+
+    import numpy as np
+
+    from training.data import save_atomically
+
+    path, start, errors = tmp_path / "case.npz", threading.Barrier(2), []
+
+    def write(value: int) -> None:
+        start.wait()
+        for _ in range(50):
+            try:
+                save_atomically(path, image=np.full((8, 8, 8), value, np.float16), meta="{}")
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(v,)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with np.load(path) as z:
+        assert z["image"][0, 0, 0] in (1, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["case.npz"]  # no temporary file left behind
