@@ -8,7 +8,7 @@ MIN_STUDIES studies: the rule evidently uses by default for a dataset (per-featu
 drift at half of the features). The reference is made at training (imaging.input_stats.input_reference).
 
 The answers are tested the same way (`output_drift`) against the version's `output_reference`: its own
-answers on its held-out test cases (region volumes, marker probabilities, risk score, tumour found), so a
+answers on its held-out test cases (region volumes, marker probabilities, OOD score, risk score, tumour found), so a
 site whose studies get answers unlike any the version gave in evaluation is flagged even when its inputs
 look familiar. Versions trained before this have no output reference; their outputs are only summarised.
 """
@@ -62,7 +62,8 @@ def drift_by_site(reference: dict, records: list[dict], output_reference: dict |
             by_site[record.get("site") or "unknown"].append(record)
     out = {}
     for site, group in sorted(by_site.items()):
-        out[site] = {**site_drift(reference, [r["inputs"] for r in group]), "outputs": _outputs_summary(group)}
+        out[site] = {**site_drift(reference, [r["inputs"] for r in group]), "outputs": _outputs_summary(group),
+                     "qc_flagged_share": round(float(np.mean([bool(r.get("qc_flags")) for r in group])), 4)}  # fmt: skip
         if output_reference:
             answers = [r.get("outputs") or {} for r in group]
             out[site]["output_drift"] = site_drift(output_reference, [a for a in answers if set(a) & set(output_reference["features"])])

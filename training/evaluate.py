@@ -208,7 +208,8 @@ def evaluate_classification(sess, cases: list[CaseArrays], extras: dict) -> dict
             p, _, _ = _classify(sess, with_it, drop=m)
             result |= _cls_metrics(p, np.array([c.cls for c in with_it]), prefix=f"without_{modality}/")
     rows = [{"case_id": c.case_id, "site": c.site, **{f"p_{t}": float(p[i]) for i, t in enumerate(CLS_TASKS)},
-             **{f"label_{t}": int(c.cls[i]) for i, t in enumerate(CLS_TASKS)}} for c, p in zip(cases, probs)]  # fmt: skip
+             **{f"label_{t}": int(c.cls[i]) for i, t in enumerate(CLS_TASKS)},
+             **({"ood_score": float(oods[k])} if oods is not None else {})} for k, (c, p) in enumerate(zip(cases, probs))]  # fmt: skip
     return {"metrics": result | {"n_cases": len(cases)}, "per_case": rows}
 
 

@@ -239,7 +239,7 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dic
 
 # Evaluation per-case values -> the names serving records them under (services/monitoring.py output_summary).
 OUTPUT_FEATURES = {"p_grade": "p_grade", "p_idh": "p_idh", "p_codeletion_1p19q": "p_codeletion_1p19q", "p_mgmt": "p_mgmt",
-                   "risk": "risk_score", "tumour_found": "tumour_found",
+                   "ood_score": "ood_score", "risk": "risk_score", "tumour_found": "tumour_found",
                    **{f"volume_{r}_ml": f"volume_{r}_ml" for r in ("NCR", "ED", "ET", "WT", "TC")}}  # fmt: skip
 
 

@@ -29,7 +29,7 @@ def drift(task: str = typer.Option("segmentation", "--task", help="Whose champio
         return
     console.print(f"{task} v{body['champion']}: {body['test']}")
     table = Table(title=f"input drift, last {body['days']:g} days")
-    for col in ("site", "studies", "drift score", "drifted", "largest shifts (reference -> site median)", "answers' drift"):
+    for col in ("site", "studies", "drift score", "drifted", "largest shifts (reference -> site median)", "answers' drift", "QC flagged"):
         table.add_column(col)
     for site, result in body["sites"].items():
         shifts = ", ".join(f"{n} {result['tests'][n]['reference_median']:g}->{result['tests'][n]['site_median']:g}"
@@ -37,5 +37,6 @@ def drift(task: str = typer.Option("segmentation", "--task", help="Whose champio
         verdict = "DRIFTED" if result["drifted"] else ("no" if result["enough_studies"] else "too few studies")
         answers = result.get("output_drift")
         answered = (f"{answers['score']:.2f}" + (" DRIFTED" if answers["drifted"] else "")) if answers else "no reference"
-        table.add_row(site, str(result["studies"]), f"{result['score']:.2f} (threshold {result['threshold']:.2f})", verdict, shifts, answered)
+        table.add_row(site, str(result["studies"]), f"{result['score']:.2f} (threshold {result['threshold']:.2f})", verdict, shifts, answered,
+                      f"{result.get('qc_flagged_share', 0.0):.0%}")  # fmt: skip
     console.print(table)

@@ -259,8 +259,9 @@ async function refreshDrift() {
     const report = await r.json();
     const sites = Object.entries(report.sites);
     drawDrift($("drift-plot"), task, sites);
-    table($("drift"), ["site", "studies", "drift score", "drifted", "largest shifts"],
-      sites.map(([site, d]) => [site, d.studies, fmt(d.score, 2), d.drifted ? "DRIFTED" : (d.enough_studies ? "no" : "too few studies"), d.largest_shifts.join(", ")]),
+    table($("drift"), ["site", "studies", "drift score", "drifted", "largest shifts", "answers' drift", "QC flagged"],
+      sites.map(([site, d]) => [site, d.studies, fmt(d.score, 2), d.drifted ? "DRIFTED" : (d.enough_studies ? "no" : "too few studies"), d.largest_shifts.join(", "),
+        d.output_drift ? `${fmt(d.output_drift.score, 2)}${d.output_drift.drifted ? " DRIFTED" : ""}` : "no reference", `${Math.round((d.qc_flagged_share ?? 0) * 100)} %`]),
       `${task} v${report.champion} over ${report.days} days: ${report.test}`);
   } catch (err) {
     showError($("console-error"), `drift: ${err.message}`);

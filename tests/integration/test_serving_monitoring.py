@@ -60,7 +60,7 @@ def send(served, case_dir, site: str) -> int:
 
 
 def drift(days: float = 1.0) -> dict:
-    done = oncoserve("monitor", "drift", "--task", "segmentation", "--days", str(days), "--json")
+    done = oncoserve("monitor", "drift", "--task", "localization", "--days", str(days), "--json")  # the task the studies went to
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
 
@@ -90,13 +90,14 @@ def test_a_site_outside_the_training_range_drifts_and_the_training_site_does_not
     assert not training["drifted"] and training["score"] < training["threshold"], training["features_drifted"]
     assert {"t1_p99", "t1ce_p99"} <= set(unseen["features_drifted"])  # the scale shift is seen before any z-score
     assert report["reference"]["n_cases"] >= 3 and "Kolmogorov-Smirnov" in report["test"]
-    # The answers are tested too, against the champion's answers on its held-out test cases (region volumes).
+    # The answers are tested too, against the champion's answers on its held-out test cases (tumour found).
     assert report["output_reference"]["n_cases"] >= 1 and "answers (output_drift)" in report["test"]
     assert unseen["output_drift"]["studies"] == N and training["output_drift"]["studies"] == N
     settings = served["settings"]
     metrics = httpx.get(f"http://{settings.host}:{settings.platform_port}/metrics", timeout=30).text
-    assert 'oncoserve_input_drifted{site="scanner-x",task="segmentation"} 1.0' in metrics
-    assert 'oncoserve_input_drifted{site="site-a",task="segmentation"} 0.0' in metrics
+    assert 'oncoserve_input_drifted{site="scanner-x",task="localization"} 1.0' in metrics
+    assert 'oncoserve_input_drifted{site="site-a",task="localization"} 0.0' in metrics
+    assert 'oncoserve_output_drift_score{site="site-a",task="localization"}' in metrics
     printed = oncoserve("monitor", "drift", "--days", "1")
     assert printed.returncode == 0 and "DRIFTED" in printed.stdout, printed.stdout
     # Payload logging is opt-in: statistics were recorded, no image was kept.

@@ -72,6 +72,7 @@ def test_a_site_drifts_when_half_its_features_shift_and_only_with_enough_studies
               [{"site": "x", "failed": {"segmentation": "3"}, "error": "RuntimeError"}]  # a failed study: no statistics  # fmt: skip
     sites = drift_by_site(reference, records)
     assert sites["x"]["drifted"] and not sites["unknown"]["drifted"] and sites["x"]["outputs"]["volume_WT_ml"]["median"] == 10.0
+    assert sites["x"]["qc_flagged_share"] == 0.0
     assert sites["x"]["studies"] == 6 and "output_drift" not in sites["x"]  # no output reference given: summarised only
 
 
@@ -85,12 +86,13 @@ def test_a_sites_answers_are_tested_against_the_versions_answers_on_its_test_cas
     assert set(reference["features"]) == {"p_grade", "risk_score"} and reference["n_cases"] == 30  # serving's names
     inputs = _feature_rows(rng, 8)
     confident = [{"site": "new", "inputs": i, "outputs": {"p_grade": 1.0, "risk_score": 4.0 + k}} for k, i in enumerate(inputs)]
-    usual = [{"site": "home", "inputs": i, "outputs": {"p_grade": float(rng.uniform(0.2, 0.8)), "risk_score": float(rng.normal())}}
-             for i in inputs]  # fmt: skip
+    usual = [{"site": "home", "inputs": i, "outputs": {"p_grade": float(rng.uniform(0.2, 0.8)), "risk_score": float(rng.normal())},
+              "qc_flags": ["motion"] if k < 2 else []} for k, i in enumerate(inputs)]  # fmt: skip
     only_other_task = [{"site": "home", "inputs": i, "outputs": {"tumour_found": 1.0}} for i in inputs[:2]]
     sites = drift_by_site(input_reference(_feature_rows(rng, 40), "test"), confident + usual + only_other_task, reference)
     assert sites["new"]["output_drift"]["drifted"] and sites["new"]["output_drift"]["score"] == 1.0
     assert not sites["home"]["output_drift"]["drifted"] and sites["home"]["output_drift"]["studies"] == 8  # other tasks' answers left out
+    assert sites["home"]["qc_flagged_share"] == 0.2  # 2 of its 10 studies had a QC flag
 
 
 def test_the_store_reads_a_window_and_deletes_payloads_past_their_retention():
