@@ -1,5 +1,5 @@
-"""What the evidence recorded under a rollout policy says: agreement, errors and latency, overall and
-per site, each with a 95 % interval; and whether a canary breaches its limits.
+"""What the evidence recorded under a rollout policy says: agreement, errors and latency, overall, per
+site and per day, each with a 95 % interval; and whether a canary breaches its limits.
 
 An evidence entry (serving.rollout_ledger.record_evidence) is one study:
   {"time", "case_ref", "site", "mode": shadow|canary, "champion", "candidate", "answered_by",
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -64,11 +65,14 @@ def _summary(entries: list[dict]) -> dict:
 
 
 def summarise(entries: list[dict]) -> dict:
-    """Overall and per site (studies without a site tag are `unknown`)."""
+    """Overall, per site (studies without a site tag are `unknown`) and per UTC day (how the agreement moves)."""
     by_site: dict[str, list[dict]] = defaultdict(list)
+    by_day: dict[str, list[dict]] = defaultdict(list)
     for entry in entries:
         by_site[entry.get("site") or "unknown"].append(entry)
-    return {"overall": _summary(entries), "sites": {site: _summary(group) for site, group in sorted(by_site.items())}}
+        by_day[datetime.fromtimestamp(float(entry.get("time", 0.0)), timezone.utc).strftime("%Y-%m-%d")].append(entry)
+    return {"overall": _summary(entries), "sites": {site: _summary(group) for site, group in sorted(by_site.items())},
+            "days": {day: _summary(group) for day, group in sorted(by_day.items())}}  # fmt: skip
 
 
 def breach(entries: list[dict], limits: dict) -> str | None:

@@ -74,7 +74,7 @@ def _interval(item: dict) -> str:
 @app.command()
 def report(task: str = typer.Argument(...), seq: int = typer.Option(None, "--seq", help="A policy's seq (default: the latest with a candidate)."),
            as_json: bool = typer.Option(False, "--json")) -> None:  # fmt: skip
-    """Candidate vs champion under a policy: agreement, errors and latency, overall and per site (95% intervals)."""
+    """Candidate vs champion under a policy: agreement, errors and latency, overall, per site and per day (95% intervals)."""
     with user_errors(*ERRORS):
         body = PlatformClient(Settings()).rollout_report(task, seq)
     if as_json:
@@ -94,3 +94,11 @@ def report(task: str = typer.Argument(...), seq: int = typer.Option(None, "--seq
         latency = summary["latency_ms"]
         table.add_row("latency p50 ms (champion / candidate)", f"{latency['champion_p50']} / {latency['candidate_p50']}", "")
         console.print(table)
+    if len(body.get("days") or {}) > 1:  # over time: the headline agreement and the error rate per day
+        days = Table(title="per day (UTC)")
+        for col in ("day", "studies", "candidate errors", "agreement mean [95% CI]"):
+            days.add_column(col)
+        for day, summary in body["days"].items():
+            headline = summary["agreement"].get("agreement")
+            days.add_row(day, str(summary["studies"]), str(summary["errors"]), _interval(headline) if headline else "-")
+        console.print(days)

@@ -164,7 +164,7 @@ def _entry(site, agree=1.0, error=None, ms=100.0):
             "agreement": None if error else {"agreement": agree, "found_agree": agree}}  # fmt: skip
 
 
-def test_the_report_gives_intervals_overall_and_per_site():
+def test_the_report_gives_intervals_overall_per_site_and_per_day():
     assert wilson(0, 10)[0] == 0.0 and 0.2 < wilson(0, 10)[1] < 0.35  # no errors in ten is not "0 % for sure"
     entries = [_entry("site-a")] * 8 + [_entry("site-b", 0.0)] * 2 + [_entry("site-b", error="RuntimeError: x")]
     report = summarise(entries)
@@ -175,6 +175,11 @@ def test_the_report_gives_intervals_overall_and_per_site():
     assert low < 0.8 < high  # a Wilson interval for the 0/1 measure
     assert report["sites"]["site-a"]["agreement"]["agreement"]["mean"] == 1.0
     assert report["sites"]["site-b"]["errors"] == 1 and report["sites"]["site-b"]["studies"] == 3
+    day = 86400.0 * 20000  # 2024-10-04 (UTC)
+    timed = [{**_entry("a"), "time": day + 60}] * 3 + [{**_entry("a", 0.0), "time": day + 86400 + 60}] * 2
+    over_time = summarise(timed)["days"]
+    assert list(over_time) == ["2024-10-04", "2024-10-05"]
+    assert over_time["2024-10-04"]["agreement"]["agreement"]["mean"] == 1.0 and over_time["2024-10-05"]["studies"] == 2
 
 
 def test_a_canary_breaches_its_limits_only_with_enough_studies():
