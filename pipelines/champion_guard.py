@@ -11,7 +11,9 @@ audited as `rollback` by `platform (automatic)` with the reason). Replicas follo
 any swap. A rollback record is not watched again (no bouncing between two failing versions), and
 `rollback_max_error_rate` unset turns the guard off.
 
-Failures the gateway cannot attribute to a version (no barrier answered) are not counted.
+Failures the gateway cannot attribute to a version (no barrier answered) are not counted, nor failures of
+what runs the model (a backend unreachable, a replica lost: services.remote_errors.infrastructure), which a
+rollback would not cure.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ def cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def infrastructure(error: BaseException) -> bool:
+    """A failure of what runs the model (its backend unreachable, its replica lost), not of the version."""
+    return isinstance(error, (BackendUnavailable, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+
+
 def unavailable(task: str, error: BaseException) -> str | None:
     """The 503 message for a task call that failed because serving cannot answer right now, else None."""
     if isinstance(error, (BackendUnavailable, ServingError)):

@@ -80,16 +80,20 @@ class StudyAnalysis:
         pins = await self.barrier.versions() if self.barrier is not None else {}
         calls = {task: self.tasks[task].predict.remote(ref, source.study.age, {**route, "champion": pins.get(task), "rollout": pins.get(rollout_slot(task))})
                  for task in tasks}  # fmt: skip
-        results = {}
-        for task, call in calls.items():
-            try:
-                results[task] = await remote_errors.call(task, call)
-            except Exception as exc:  # recorded against the version the study was pinned to (pipelines.champion_guard)
-                if self.monitor is not None:
-                    self.monitor.failed(source, task, pins.get(task), exc, self.case_ref(source))
-                raise
+        results = {task: await remote_errors.call(task, self._recorded(source, task, call, pins.get(task))) for task, call in calls.items()}
         metrics.STAGE_SECONDS.labels("study", "fanout", "-").observe(time.perf_counter() - t1)
         return results, prepared
+
+    async def _recorded(self, source: StudyInput, task: str, call, pinned: str | None):
+        """The task call; a failure of the version itself (not of its backend or replica) is recorded against
+        the version the study was pinned to (what pipelines.champion_guard counts)."""
+        try:
+            return await call
+        except Exception as exc:
+            error = remote_errors.cause(exc)
+            if self.monitor is not None and not remote_errors.infrastructure(error):
+                self.monitor.failed(source, task, pinned, error, self.case_ref(source))
+            raise
 
     async def report(self, findings) -> dict:
         """The reporting deployment's report for the findings (set on them); {} with the reason in

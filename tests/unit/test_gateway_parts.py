@@ -135,6 +135,29 @@ def test_replica_failures_become_clear_answers():
         asyncio.run(remote_errors.call("survival", _raises(KeyError("bug"))))
 
 
+def test_a_failure_of_the_version_is_recorded_against_its_pinned_version_and_an_outage_is_not():
+    """What the champion guard counts (pipelines.champion_guard): model errors, not a backend down."""
+    from types import SimpleNamespace
+
+    from services.study_analysis import StudyAnalysis
+
+    class Monitor:
+        def __init__(self):
+            self.failures = []
+
+        def failed(self, source, task, version, error, case_ref):
+            self.failures.append((task, version, type(error).__name__))
+
+    monitor = Monitor()
+    analysis = StudyAnalysis({}, None, None, None, "salt", monitor)
+    source = SimpleNamespace(study=SimpleNamespace(case_id="c1", site=None), kind="nifti")
+    with pytest.raises(RuntimeError):
+        asyncio.run(analysis._recorded(source, "segmentation", _raises(RuntimeError("invalid dimensions")), "7"))
+    with pytest.raises(BackendUnavailable):
+        asyncio.run(analysis._recorded(source, "segmentation", _raises(BackendUnavailable("triton", "down")), "7"))
+    assert monitor.failures == [("segmentation", "7", "RuntimeError")]
+
+
 class _Method:
     def __init__(self, fn):
         self.fn = fn
