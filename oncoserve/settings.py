@@ -73,6 +73,9 @@ class Settings(BaseSettings):
                                                                "is watched.")
     platform_port: int = Field(8600, description="Port of the platform API (a stack component; `oncoserve platform serve`).")
     platform_public_url: str | None = Field(None, description="URL browsers reach the platform API at; default: http://HOST:PLATFORM_PORT.")
+    platform_api_url: str | None = Field(None, description="URL the CLI and jobs (the pipeline's gates, compile and promotion) "
+                                         "call the platform API at; default: PLATFORM_PUBLIC_URL, else http://HOST:PLATFORM_PORT. "
+                                         "A cluster names its Service.")
     cors_origins: list[str] | None = Field(None, description="Origins allowed to call the platform API from a browser; "
                                                               "default: only the serving API's (where the web UI is served).")
     ui_demo_cases: Path | None = Field(None, description="Dataset folder whose cases the web UI offers as demo studies.")
@@ -126,6 +129,9 @@ class Settings(BaseSettings):
     ray_cluster: str | None = Field(None, description="Ray cluster the CLI's training, pipeline and serve commands join instead "
                                     "of the embedded head: its GCS host:port, or `auto` on a Ray node or in a Ray job (a "
                                     "KubeRay RayJob's driver); the chart sets it.")
+    ray_storage: str | None = Field(None, description="Where Ray Train keeps a run's checkpoints; every Ray node must read and "
+                                    "write it: `s3` (the object store's artifacts bucket, under ray-results/) or a folder all "
+                                    "nodes mount. Default: HOME/ray_results (one machine's nodes share it). The chart sets `s3`.")
     deid_salt: str | None = Field(None, repr=False, description="The de-identification secret every component that "
                                   "de-identifies DICOM shares (gateway replicas, receiver, jobs); a cluster sets it from a "
                                   "Secret, since pods do not share a home. Default: HOME/serve/.deid-salt, made once.")
@@ -170,6 +176,11 @@ class Settings(BaseSettings):
     @property
     def platform_url(self) -> str:
         return self.platform_public_url or f"http://{self.host}:{self.platform_port}"
+
+    @property
+    def platform_client_url(self) -> str:
+        """Where this process calls the platform API (in a cluster its Service; on a laptop the public URL)."""
+        return self.platform_api_url or self.platform_public_url or f"http://{self.host}:{self.platform_port}"
 
     @property
     def allowed_origins(self) -> list[str]:

@@ -115,11 +115,12 @@ class PipelineRunner:
             out.version = existing[0].version
             return StepOutcome("exists", f"version {out.version} already exists for this data, config and code")
         self._close_interrupted_runs(out)
+        from training.checkpoint_storage import from_settings
         from training.jobs import JobConfig, run_job
 
         t = self.config.training
         cfg = JobConfig(task=out.task, data_dir=self.config.data, tracking_uri=self.settings.mlflow_url,
-                        ray_address=self.settings.ray_address, home=self.settings.home, epochs=t.epochs.get(out.task),
+                        ray_address=self.settings.ray_address, home=self.settings.home, storage=from_settings(self.settings), epochs=t.epochs.get(out.task),
                         workers=t.workers, gpu=t.gpu, placement=t.placement.upper().replace("-", "_"), seed=t.seed, actor=self.who.name, audit_file=self.settings.audit_file,
                         lr=t.lr.get(out.task), tags={"pipeline_key": out.pipeline_key, "pipeline": self.config.name})  # fmt: skip
         result = run_job(cfg, log=self.hooks.log, on_epoch=self.hooks.training(out.task, t.epochs.get(out.task)))

@@ -22,7 +22,7 @@ def _gates(items: list[dict]) -> list[GateResult]:
 
 class PlatformClient:
     def __init__(self, settings: Settings, token: str | None = None, timeout_s: float = 1800.0):
-        self.url = f"http://{settings.host}:{settings.platform_port}"
+        self.url = settings.platform_client_url.rstrip("/")
         self.token = token if token is not None else settings.cli_token()
         self.timeout_s = timeout_s
 

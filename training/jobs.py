@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from imaging.preprocess import PREPROCESSING_VERSION
 from oncoserve.lineage import git_commit
 from training import tasks
+from training.checkpoint_storage import CheckpointStorage
 from training.data import load_dataset, split_cases
 from training.early_stopping import EarlyStopping
 from training.errors import TrainingError
@@ -61,6 +62,7 @@ class JobConfig:
     patience: int | None = None  # default: the task's own (epochs without improvement before stopping)
     tags: dict[str, str] = field(default_factory=dict)  # set on the MLflow run and the registered version
     task_options: dict = field(default_factory=dict)  # segmentation: regions, augment, overlap (tasks.get)
+    storage: CheckpointStorage | None = None  # where Ray Train keeps checkpoints; default: HOME/ray_results
 
 
 def _flat_metrics(metrics: dict) -> dict[str, float]:
@@ -94,7 +96,7 @@ def require_cluster(address: str) -> None:
 
 def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda done, total, val: None) -> TrainResult:
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     task = tasks.get(cfg.task, cfg.task_options)
@@ -137,19 +139,24 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
             client.log_param(run_id, k, v)
         client.log_dict(run_id, split, "split.json")
 
-    storage = cfg.home / "ray_results"
+    storage = cfg.storage or CheckpointStorage(str(cfg.home / "ray_results"))
+    filesystem = storage.filesystem()
+    log(f"checkpoints in {storage.describe()}")
+    # A resumed run starts from its last checkpoint, wherever the storage keeps it (get_checkpoint() in the loop).
+    resume = Checkpoint(path=resume_from, filesystem=filesystem) if resume_from else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "task": cfg.task, "data_dir": str(cfg.data_dir), "cache_dir": str(cfg.home / "cache"),
             "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
-            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "resume_from": resume_from, "lr": cfg.lr, "patience": patience, "task_options": task.options(), "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
+            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "lr": cfg.lr, "patience": patience, "task_options": task.options(), "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, placement_strategy=cfg.placement),
         run_config=RunConfig(
-            name=f"{cfg.task}-{run_id}", storage_path=str(storage),
+            name=f"{cfg.task}-{run_id}", storage_path=storage.path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
+        resume_from_checkpoint=resume,
     )  # fmt: skip
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, logging_level="ERROR", log_to_driver=False)
@@ -171,8 +178,9 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise TrainingError(f"{cfg.task}: training produced no checkpoint")
+    # Where the checkpoint lies in the storage (a folder, or bucket/key on S3): what a resume starts from.
+    client.set_tag(run_id, "ray_checkpoint", checkpoint.path)
     with checkpoint.as_directory() as path:
-        client.set_tag(run_id, "ray_checkpoint", str(path))
         state = torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     model = task.network()
     model.load_state_dict(state.get("best_model") or state["model"])  # the kept epoch's weights

@@ -59,8 +59,6 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
             restored = _load_state(model, optimizer, path)
-    elif config.get("resume_from"):
-        restored = _load_state(model, optimizer, config["resume_from"])
     start_epoch = int(restored["epoch"]) + 1 if restored else 0
     stopping = EarlyStopping.from_state(restored.get("early_stopping") if restored else None, config.get("patience"))
     best_model = restored.get("best_model", _copy(model.state_dict())) if restored else None

@@ -49,9 +49,10 @@ def train(
             raise ValueError(f"unknown task {task!r}; trainable tasks: {', '.join(MODEL_TASKS)}")
         if not data.is_dir():
             raise StudyError(f"{data}: dataset directory not found")
+    from training.checkpoint_storage import from_settings
     from training.jobs import JobConfig, run_job
     cfg = JobConfig(task=task, data_dir=data.resolve(), tracking_uri=settings.mlflow_url, ray_address=settings.ray_address,
-                    home=settings.home, epochs=epochs, workers=workers, gpu=gpu, placement=placement.upper().replace("-", "_"), resume_run=resume, seed=seed, patience=patience,
+                    home=settings.home, storage=from_settings(settings), epochs=epochs, workers=workers, gpu=gpu, placement=placement.upper().replace("-", "_"), resume_run=resume, seed=seed, patience=patience,
                     actor=who.name, audit_file=settings.audit_file,
                     task_options={"regions": regions, "augment": augment, "overlap": overlap})  # fmt: skip
     columns = (TextColumn(f"training {task}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

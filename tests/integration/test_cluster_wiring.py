@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,7 @@ import sys, time
 from ray.job_submission import JobStatus, JobSubmissionClient
 client = JobSubmissionClient(sys.argv[1])
 job = client.submit_job(entrypoint=sys.argv[2])
-deadline = time.monotonic() + 240
+deadline = time.monotonic() + (float(sys.argv[3]) if len(sys.argv) > 3 else 240)
 while not (status := client.get_job_status(job)).is_terminal() and time.monotonic() < deadline:
     time.sleep(1)  # polling the job's state, as the submitter does
 print(client.get_job_logs(job))
@@ -218,3 +219,162 @@ def test_without_the_ray_cluster_setting_the_pipeline_driver_fails(rendered_pipe
     assert report["start rayjob-head"]["ok"]
     driver = report["run driver"]
     assert not driver["ok"] and "no Ray cluster answers at 127.0.0.1:6380" in driver["log"], driver["log"][-1500:]
+
+
+# -- After `helm install`: the pipeline RayJob trains and promotes, the RayService serves a study ---------
+# The cluster's own parts outside the chart stand in as pods too: an S3 server (SeaweedFS, what
+# Terraform's buckets are on AWS) on the chart's S3 endpoint. Each Ray node is a pod of its own (an
+# address each, so every node keeps the ports the chart gives it).
+STUDY_GATES = """
+version = 1
+[defaults]
+parity_max_abs_diff = 1e-3
+latency_budget_ms = 60000
+latency_runs = 1
+[segmentation]
+floors = {}
+[localization]
+floors = {}
+[classification]
+floors = {}
+[survival]
+floors = {}
+"""
+TASKS = ["localization", "segmentation", "classification", "survival"]
+PIPELINE_CONFIG = {"version": 1, "name": "wiring", "tasks": TASKS,
+                   "training": {"seed": 1, "workers": 1, "epochs": dict.fromkeys(TASKS, 1)},
+                   "compare": {"bootstrap": 50}, "compile": {"max_batch": 8}, "rollout": {"promote": "none"}}  # fmt: skip
+# Where this machine differs from a node pod: Ray sizes a node's object store from the memory it sees
+# (a pod's limit there, all 24 GiB of this machine here, for each of four nodes).
+NODE = {"object-store-memory": str(512 * 2**20)}
+
+
+def service_names(name: str) -> list[str]:
+    return [f"{name}{suffix}" for suffix in ("", ".oncoserve", ".oncoserve.svc", ".oncoserve.svc.cluster.local")]
+
+
+def serve_config(docs: list[dict]) -> dict:
+    import yaml
+
+    return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The chart rendered as an operator installs it for a first promotion (docs/DEPLOY.md): the pipeline
+    RayJob promoting to champion, the platform's gates and public key in values, a signing key and the
+    Secrets made beforehand, phantom studies on the data volume."""
+    from oncoserve.auth import TokenStore
+    from oncoserve.signing import Signer
+
+    work = tmp_path_factory.mktemp("installed")
+    signer = Signer.load_or_create(work / "signing.key", work / "signing.pub")
+    values = {**VALUES, "trust": {"publicKeyPem": signer.public_pem.decode()},
+              "platformApi": {**VALUES["platformApi"], "gates": STUDY_GATES},
+              "pipeline": {"enabled": True, "promote": "champion", "workers": 1, "config": PIPELINE_CONFIG}}  # fmt: skip
+    result, docs = render(values, work / "chart")
+    assert "error" not in result, result
+    values_secrets, admin = secrets(work)
+    store = TokenStore(work / "tokens.json")
+    job_token = store.create("pipeline-job", "platform", store.authenticate(admin))
+    values_secrets["oncoserve-tokens"]["tokens.json"] = (work / "tokens.json").read_text()
+    values_secrets["oncoserve-job-token"] = {"token": job_token}
+    synth = subprocess.run([str(Path(sys.executable).parent / "oncoserve"), "data", "synth", "--out", str(work / "data"), "--n", "8", "--seed", "2", "--sites", "2"],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert synth.returncode == 0, synth.stdout[-2000:] + synth.stderr[-2000:]
+    return {"docs": docs, "secrets": values_secrets, "admin": admin, "work": work,
+            "signing_key": (work / "signing.key").read_text()}  # fmt: skip
+
+
+def install_spec(installed: dict, tmp_path: Path) -> dict:
+    from oncoserve.credentials import S3Credentials
+    from oncoserve.settings import Settings
+    from pipelines.stack.components import S3Server
+    from tests.cluster_wiring import CLAIMS_DIR, config_maps
+
+    docs, values_secrets = installed["docs"], installed["secrets"]
+    maps = config_maps(docs)
+    name = lambda kind, suffix: one(docs, kind, suffix)["metadata"]["name"]  # noqa: E731
+    mlflow_pod = one(docs, "Deployment", "-mlflow")["spec"]["template"]["spec"]
+    platform_pod = one(docs, "Deployment", "-platform")["spec"]["template"]["spec"]
+    accounts = one(docs, "Job", "-mlflow-accounts")["spec"]["template"]["spec"]["containers"][0]
+    rayjob = one(docs, "RayJob", "-pipeline")
+    job_cluster = rayjob["spec"]["rayClusterSpec"]
+    job_head_svc = f"{rayjob['metadata']['name']}-head-svc"
+    rayservice = one(docs, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    head_svc = f"{rayservice['metadata']['name']}-head-svc"  # what KubeRay names the RayService head's Service
+    gateway = one(docs, "Service", "-gateway")
+    gateway_url = f"http://{gateway['metadata']['name']}:{gateway['spec']['ports'][0]['port']}"
+    platform_svc = one(docs, "Service", "-platform")
+    platform_url = f"http://{platform_svc['metadata']['name']}:{platform_svc['spec']['ports'][0]['port']}"
+    port = cluster["headGroupSpec"]["rayStartParams"]["port"]
+    bearer = {"authorization": f"Bearer {installed['admin']}"}
+    s3 = S3Server(Settings(home=Path("/var/lib/s3"), host="s3.wiring.test", s3_port=18333), S3Credentials("wiring", "wiring-secret"))
+    case = sorted(p for p in (installed["work"] / "data").iterdir() if p.is_dir())[0]
+    study = {m: [f.name, str(f)] for m in ("t1", "t1ce", "t2", "flair") if (f := case / f"{case.name}_{m}.nii.gz").exists()}
+    cpu = cluster["workerGroupSpecs"][0]
+    # the operator's data on the pipeline's claim, at the definition's data path
+    data_path = rayjob["spec"]["entrypoint"].split("--data ")[1].split()[0]
+    data_claim = next(v for v in job_cluster["headGroupSpec"]["template"]["spec"]["volumes"] if v["name"] == "data")
+    data_dir = f"{CLAIMS_DIR}/{data_claim['persistentVolumeClaim']['claimName']}{data_path.removeprefix('/data')}"
+    platform_claim = next(v for v in platform_pod["volumes"] if v["name"] == "state")["persistentVolumeClaim"]["claimName"]
+    return {
+        "pods": {"s3": ["s3.wiring.test"], "mlflow": service_names(name("Service", "-mlflow")),
+                 "platform": [*service_names(platform_svc["metadata"]["name"]), "platform.wiring.test"],
+                 "job-head": service_names(job_head_svc), "job-worker": [],
+                 "ray-head": [*service_names(head_svc), *service_names(gateway["metadata"]["name"])],
+                 "ray-cpu-0": [], "ray-cpu-1": []},
+        "claims": {f"{platform_claim}/platform/signing.key": installed["signing_key"]},
+        "steps": [
+            {"start": {"name": "s3", "pod": "s3", "argv": s3.command(), "env": s3.env(), "mounts": [], "dirs": [str(s3.data_dir)],
+                       "ready": {"tcp": ["s3.wiring.test", 18333]}}},
+            workload("mlflow", mlflow_pod, mlflow_pod["containers"][0], values_secrets, "", "mlflow", maps),
+            job("mlflow-accounts", accounts, values_secrets),
+            *(workload(c["name"], platform_pod, c, values_secrets, "", "platform", maps) for c in platform_pod["containers"]),
+            {"run": {"name": "data onto the claim", "env": {}, "argv": ["sh", "-c", f"mkdir -p {data_dir} && cp -r {installed['work']}/data/. {data_dir}/"]}},
+            # The pipeline RayJob: its cluster, its entrypoint through the job API, then the cluster deleted.
+            ray_node("job-head", job_cluster["headGroupSpec"], values_secrets, "http://job-head:8265/api/gcs_healthz",
+                     overrides=NODE, pod_name="job-head", maps=maps),
+            ray_node("job-worker", job_cluster["workerGroupSpecs"][0], values_secrets, None, head_address=f"{job_head_svc}:{port}",
+                     overrides=NODE, pod_name="job-worker", maps=maps),
+            {"run": {"name": "pipeline job", "env": {}, "timeout_s": 1500, "log_chars": 6000,
+                     "argv": ["python", "-c", SUBMITTER, f"http://{job_head_svc}:8265", rayjob["spec"]["entrypoint"], "1400"]}},
+            {"stop": {"pod": "job-worker"}}, {"stop": {"pod": "job-head"}},
+            {"get": {"name": "champions", "url": f"{platform_url}/v1/models", "headers": bearer, "body_chars": 10**8}},
+            # The RayService: its cluster, then serveConfigV2 deployed through the head's dashboard, as KubeRay does.
+            ray_node("ray-head", cluster["headGroupSpec"], values_secrets, "http://ray-head:8265/api/gcs_healthz",
+                     overrides=NODE, pod_name="ray-head", maps=maps, autoscaling=cluster.get("enableInTreeAutoscaling", False)),
+            *(ray_node(f"ray-cpu-{i}", cpu, values_secrets, None, head_address=f"{head_svc}:{port}", overrides=NODE,
+                       pod_name=f"ray-cpu-{i}", maps=maps) for i in range(cpu["minReplicas"])),
+            {"http": {"name": "serve app deployed", "method": "PUT", "url": f"http://{head_svc}:8265/api/serve/applications/",
+                      "json": serve_config(docs), "timeout_s": 120}},
+            {"http": {"name": "serve app running", "url": f"http://{head_svc}:8265/api/serve/applications/",
+                      "until": {"json": [["applications", "oncoserve", "status"], "RUNNING"], "within_s": 900}}},
+            {"http": {"name": "study through the gateway Service", "method": "POST", "url": f"{gateway_url}/v1/studies:analyze",
+                      "headers": bearer, "files": study, "timeout_s": 600, "body_chars": 10**8}},
+            {"get": {"name": "console API on its public URL", "url": "http://platform.wiring.test:8600/v1/models", "headers": bearer}},
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.cluster  # make test-cluster (four tasks trained on a RayJob cluster, the Serve app on a RayService cluster)
+def test_after_helm_install_the_pipeline_job_promotes_and_the_rayservice_serves_a_study_by_service_name(installed, tmp_path):
+    report = by_step(run_in_cluster_namespace({**install_spec(installed, tmp_path), "start_timeout_s": 240}, tmp_path, timeout_s=3000))
+    for step, result in report.items():
+        if step.startswith(("start ", "run ")):
+            assert result["ok"], (step, result.get("log"))
+    assert "JOB SUCCEEDED" in report["run pipeline job"]["log"], report["run pipeline job"]["log"]
+    assert report["get champions"]["status"] == 200, report["get champions"]
+    versions = json.loads(report["get champions"]["body"])
+    champions = {v["task"]: v["version"] for v in versions if "champion" in v["aliases"]}
+    assert set(champions) == set(TASKS), versions  # the job's promotion moved each task's champion (platform API)
+    deployed = report["put serve app deployed"]
+    assert deployed["status"] == 200, deployed
+    running = report["get serve app running"]
+    assert running["status"] == 200 and '"RUNNING"' in running["body"], running["body"][-3000:]
+    answer = report["post study through the gateway Service"]
+    assert answer["status"] == 200, answer["body"][-3000:]
+    served = json.loads(answer["body"])["findings"]["model_versions"]
+    assert {task: served[task] for task in TASKS} == champions  # the RayService serves what the job promoted
+    assert report["get console API on its public URL"]["status"] == 200

@@ -364,6 +364,7 @@ def test_the_platform_api_and_dicom_receiver_are_deployed_and_reachable_by_their
     gateway = _settings_from(head, monkeypatch, tmp_path / "head")
     assert gateway.platform_url == settings.platform_url and gateway.deid_salt == settings.deid_salt
     assert gateway.signing_public_key_file == Path("/etc/oncoserve/trust/signing.pub")
+    assert gateway.platform_client_url == settings.platform_client_url == "http://demo-oncoserve-platform:8600"  # in-cluster callers
     salt = {e["name"]: e for e in head["env"]}["ONCOSERVE_DEID_SALT"]["valueFrom"]["secretKeyRef"]
     assert salt == {"name": "oncoserve-deid", "key": "salt"}
     # Without an ingress, an explicit publicUrl wins; without either, the in-cluster Service URL.
@@ -372,6 +373,34 @@ def test_the_platform_api_and_dicom_receiver_are_deployed_and_reachable_by_their
     assert _env(head)["ONCOSERVE_PLATFORM_PUBLIC_URL"] == "https://platform.example.org"
     assert [c["name"] for c in one(docs, "Deployment", "-platform")["spec"]["template"]["spec"]["containers"]] == ["platform-api"]
     assert not [d for d in docs if d["kind"] in ("Ingress",) or d["metadata"]["name"].endswith("-dicom")]
+
+
+def test_the_platform_api_enforces_the_gates_given_in_values(tmp_path, monkeypatch):
+    """Without it the platform API always judged promotions by the gates packaged in the image: an
+    operator had no way to write a change-control plan for a cluster."""
+    from pipelines.gates import load_gates
+
+    gates = (Path(__file__).resolve().parents[2] / "pipelines" / "gates.toml").read_text().replace("version = ", "# ours\nversion = ", 1)
+    result, docs = render({"platformApi": {"gates": gates}}, tmp_path / "r")
+    assert "error" not in result, result
+    template = one(docs, "Deployment", "-platform")["spec"]["template"]
+    api = template["spec"]["containers"][0]
+    mount = {m["name"]: m for m in api["volumeMounts"]}["gates"]
+    volume = {v["name"]: v for v in template["spec"]["volumes"]}["gates"]
+    config_map = one(docs, "ConfigMap", "-gates")
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"] and mount["readOnly"]
+    (tmp_path / "mounted").mkdir()
+    for key, text in config_map["data"].items():  # the ConfigMap as the pod sees it
+        (tmp_path / "mounted" / key).write_text(text)
+    gates_file = Path(_env(api)["ONCOSERVE_GATES_FILE"])
+    assert gates_file.parent == Path(mount["mountPath"])
+    mounted = tmp_path / "mounted" / gates_file.name
+    assert mounted.read_text() == gates and load_gates(mounted)  # the file the platform loads, and it parses
+    assert template["metadata"]["annotations"]["checksum/gates"]  # new gates roll the pod
+    # Without gates in values: the packaged gates, no ConfigMap, no mount.
+    result, docs = render({}, tmp_path / "r2")
+    api = one(docs, "Deployment", "-platform")["spec"]["template"]["spec"]["containers"][0]
+    assert "ONCOSERVE_GATES_FILE" not in _env(api) and not [d for d in docs if d["metadata"]["name"].endswith("-gates")]
 
 
 def test_ray_addresses_and_ports_come_from_the_chart(rendered, tmp_path, monkeypatch):
@@ -390,6 +419,30 @@ def test_ray_addresses_and_ports_come_from_the_chart(rendered, tmp_path, monkeyp
     assert head_group["rayStartParams"]["port"] == "6390"
     policy = one(docs, "NetworkPolicy", "-kuberay-operator")
     assert 6390 in {p["port"] for p in policy["spec"]["ingress"][0]["ports"]}
+
+
+def test_ray_train_checkpoints_of_a_rayjob_go_to_the_object_store(rendered, tmp_path, monkeypatch):
+    """Defect (found running the pipeline RayJob from its manifests): Ray Train kept checkpoints under the
+    driver's home, a folder the worker pods cannot see, and every training failed ("Unable to set up
+    cluster storage"). The RayJob drivers name the object store; one machine keeps its home folder."""
+    from training.checkpoint_storage import from_settings
+
+    for suffix in ("-pipeline", "-train-segmentation"):
+        head = one(rendered["gpu"][1], "RayJob", suffix)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        settings = _settings_from(head["containers"][0], monkeypatch, tmp_path / suffix)
+        storage = from_settings(settings)
+        assert storage.describe() == "s3://oncoserve-artifacts/ray-results"
+        assert storage.s3["endpoint_override"] == "s3.us-east-1.amazonaws.com" and storage.s3["scheme"] == "https"
+        assert "access_key" not in storage.s3  # no keys in values: the pod's IAM role (IRSA)
+    settings = _settings_from({"env": [{"name": "ONCOSERVE_S3_ACCESS_KEY", "value": "key-id"}, {"name": "ONCOSERVE_S3_SECRET_KEY", "value": "secret-xyz"},
+                                       {"name": "ONCOSERVE_S3_EXTERNAL_ENDPOINT", "value": "minio:9000"},
+                                       {"name": "ONCOSERVE_RAY_STORAGE", "value": "s3"}]}, monkeypatch, tmp_path / "keys")  # fmt: skip
+    storage = from_settings(settings)
+    assert storage.s3["access_key"] == "key-id" and storage.s3["secret_key"] == "secret-xyz" and storage.s3["scheme"] == "http"
+    assert "secret-xyz" not in repr(storage) and storage.filesystem().region  # keys never printed; a pyarrow S3 filesystem
+    # One machine: the home folder, shared by the embedded stack's nodes (no filesystem object needed).
+    local = from_settings(_settings_from({"env": []}, monkeypatch, tmp_path / "local"))
+    assert local.path == str(tmp_path / "local" / "ray_results") and local.filesystem() is None
 
 
 def test_the_service_account_is_the_one_the_terraform_irsa_role_trusts(rendered):

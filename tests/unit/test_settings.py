@@ -60,3 +60,16 @@ def test_credentials_created_once_with_mode_600(tmp_path):
 def test_missing_credentials_say_how_to_create_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="stack up"):
         credentials.load(Path(tmp_path / "nope.json"))
+
+
+def test_clients_call_the_platform_api_in_cluster_else_public_else_embedded(monkeypatch, tmp_path):
+    """Defect (found running the pipeline RayJob from its manifests): the pipeline's gates, compile and
+    promotion called http://HOST:PLATFORM_PORT, the embedded address, from a pod (0.0.0.0 or 127.0.0.1)."""
+    from pipelines.platform_client import PlatformClient
+
+    monkeypatch.chdir(tmp_path)
+    assert PlatformClient(Settings(), token="t").url == "http://127.0.0.1:8600"
+    monkeypatch.setenv("ONCOSERVE_PLATFORM_PUBLIC_URL", "https://oncoserve.example.org/")
+    assert PlatformClient(Settings(), token="t").url == "https://oncoserve.example.org"  # a laptop, through the ingress
+    monkeypatch.setenv("ONCOSERVE_PLATFORM_API_URL", "http://demo-oncoserve-platform:8600")
+    assert PlatformClient(Settings(), token="t").url == "http://demo-oncoserve-platform:8600"  # a pod, by Service name

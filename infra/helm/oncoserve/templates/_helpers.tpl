@@ -71,6 +71,8 @@ capabilities: {drop: [ALL]}
 - {name: ONCOSERVE_MLFLOW_URI, value: {{ include "oncoserve.mlflowUrl" . | quote }}}
 - {name: ONCOSERVE_PLATFORM_PORT, value: {{ .Values.platformApi.port | quote }}}
 - {name: ONCOSERVE_PLATFORM_PUBLIC_URL, value: {{ include "oncoserve.platformPublicUrl" . | quote }}}
+# In-cluster callers (the pipeline job's gates, compile and promotion) reach the platform API by its Service.
+- {name: ONCOSERVE_PLATFORM_API_URL, value: {{ printf "http://%s-platform:%v" (include "oncoserve.fullname" .) .Values.platformApi.port | quote }}}
 - {name: ONCOSERVE_GATEWAY_URL, value: {{ printf "http://%s-gateway:%v" (include "oncoserve.fullname" .) .Values.serve.httpPort | quote }}}
 {{- if .Values.serve.publicUrl }}
 - {name: ONCOSERVE_CORS_ORIGINS, value: {{ list .Values.serve.publicUrl | toJson | quote }}}
@@ -176,8 +178,14 @@ env:
   - {name: ONCOSERVE_PACS_DESTINATION, value: {{ .Values.dicom.pacsDestination | quote }}}
   {{- end }}
   {{- end }}
+  {{- if and (eq $account "platform") .Values.platformApi.gates }}
+  - {name: ONCOSERVE_GATES_FILE, value: /etc/oncoserve/gates/gates.toml}
+  {{- end }}
 securityContext: {{- include "oncoserve.containerSecurity" . | nindent 2 }}
 volumeMounts:
+  {{- if and (eq $account "platform") .Values.platformApi.gates }}
+  - {name: gates, mountPath: /etc/oncoserve/gates, readOnly: true}
+  {{- end }}
   - {name: tmp, mountPath: /tmp}
   - {name: home, mountPath: /var/lib/oncoserve}
   # The signing key and the job table (with its spool) outlive the pod; the rest of the home is scratch.

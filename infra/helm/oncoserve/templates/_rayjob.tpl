@@ -57,6 +57,8 @@ spec:
                   valueFrom: {secretKeyRef: {name: {{ $root.Values.auth.jobTokenSecret }}, key: token}}
                 # The entrypoint is this cluster's Ray job driver: it joins the cluster it runs in (RAY_ADDRESS).
                 - {name: ONCOSERVE_RAY_CLUSTER, value: auto}
+                # Each node is a pod with its own disk: Ray Train's checkpoints go to the object store.
+                - {name: ONCOSERVE_RAY_STORAGE, value: s3}
                 - {name: ONCOSERVE_SIGNING_PUBLIC_KEY, value: /etc/oncoserve/trust/signing.pub}
               resources: {{- toYaml $root.Values.ray.head.resources | nindent 16 }}
               securityContext: {{- include "oncoserve.containerSecurity" $root | nindent 16 }}
