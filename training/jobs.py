@@ -96,7 +96,7 @@ def require_cluster(address: str) -> None:
 
 def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda done, total, val: None) -> TrainResult:
     import ray
-    from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     task = tasks.get(cfg.task, cfg.task_options)
@@ -142,21 +142,18 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = print, on_epoch=lambda 
     storage = cfg.storage or CheckpointStorage(str(cfg.home / "ray_results"))
     filesystem = storage.filesystem()
     log(f"checkpoints in {storage.describe()}")
-    # A resumed run starts from its last checkpoint, wherever the storage keeps it (get_checkpoint() in the loop).
-    resume = Checkpoint(path=resume_from, filesystem=filesystem) if resume_from else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "task": cfg.task, "data_dir": str(cfg.data_dir), "cache_dir": str(cfg.home / "cache"),
             "split": split, "epochs": epochs, "seed": cfg.seed, "run_id": run_id,
-            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "lr": cfg.lr, "patience": patience, "task_options": task.options(), "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
+            "tracking_uri": cfg.tracking_uri, "mlflow_accounts": str(cfg.home / "auth" / "mlflow.json"), "resume_from": resume_from, "lr": cfg.lr, "patience": patience, "task_options": task.options(), "threads": cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, placement_strategy=cfg.placement),
         run_config=RunConfig(
             name=f"{cfg.task}-{run_id}", storage_path=storage.path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        resume_from_checkpoint=resume,
     )  # fmt: skip
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, logging_level="ERROR", log_to_driver=False)

@@ -59,6 +59,14 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
             restored = _load_state(model, optimizer, path)
+    elif config.get("resume_from"):  # a resumed run's last checkpoint, in the storage every node reaches
+        from oncoserve.settings import Settings
+        from training.checkpoint_storage import from_settings
+
+        # The filesystem from this node's own settings: its keys never travel in the (exported) loop config.
+        resumed = ray.train.Checkpoint(path=config["resume_from"], filesystem=from_settings(Settings()).filesystem())
+        with resumed.as_directory() as path:
+            restored = _load_state(model, optimizer, path)
     start_epoch = int(restored["epoch"]) + 1 if restored else 0
     stopping = EarlyStopping.from_state(restored.get("early_stopping") if restored else None, config.get("patience"))
     best_model = restored.get("best_model", _copy(model.state_dict())) if restored else None

@@ -428,7 +428,10 @@ def test_ray_train_checkpoints_of_a_rayjob_go_to_the_object_store(rendered, tmp_
     from training.checkpoint_storage import from_settings
 
     for suffix in ("-pipeline", "-train-segmentation"):
-        head = one(rendered["gpu"][1], "RayJob", suffix)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        cluster = one(rendered["gpu"][1], "RayJob", suffix)["spec"]["rayClusterSpec"]
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        worker = cluster["workerGroupSpecs"][0]["template"]["spec"]  # reads a resumed run's checkpoint
+        assert _env(worker["containers"][0])["ONCOSERVE_RAY_STORAGE"] == "s3"
         settings = _settings_from(head["containers"][0], monkeypatch, tmp_path / suffix)
         storage = from_settings(settings)
         assert storage.describe() == "s3://oncoserve-artifacts/ray-results"

@@ -91,6 +91,8 @@ spec:
                 env:
                   {{- include "oncoserve.env" $root | nindent 18 }}
                   {{- include "oncoserve.mlflowAccount" (dict "root" $root "account" "training") | nindent 18 }}
+                  # The checkpoint a resumed run starts from is read here, from the object store.
+                  - {name: ONCOSERVE_RAY_STORAGE, value: s3}
                   - {name: ONCOSERVE_SIGNING_PUBLIC_KEY, value: /etc/oncoserve/trust/signing.pub}
                 {{- $res := $root.Values.ray.cpuWorkers.resources }}
                 {{- if .gpu }}
