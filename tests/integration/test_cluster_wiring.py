@@ -7,9 +7,10 @@ is part of the test.
 The pipeline RayJob's cluster is started as KubeRay starts it (head and train worker from their
 rayStartParams, the worker joining the head by its Service name) and a driver is submitted to it with
 `ray job submit`, as KubeRay's submitter does: it must reach the cluster from the pod's own settings
-(ONCOSERVE_RAY_CLUSTER=auto, the head on the chart's port). Not covered yet: the pipeline job training and
-promoting on that cluster, and the RayService's Serve app answering a study through the gateway Service
-(tests/integration/test_multinode.py runs Serve and Ray Train on a multi-node cluster of the embedded stack).
+(ONCOSERVE_RAY_CLUSTER=auto, the head on the chart's port). The last test (`make test-cluster`) does what a
+user does after `helm install`, every workload a pod of its own: the pipeline job trains four tasks on its
+worker pod and promotes `champion` through the platform API, then the RayService's Serve app, deployed from
+`serveConfigV2` through the head's dashboard, answers a study through the gateway Service.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ VALUES = {"platformApi": {"publicUrl": "http://platform.wiring.test:8600"},
 PLATFORM = ("oncoserve-platform", "platform-secret")
 
 
+def service_names(name: str) -> list[str]:
+    """The names a Service answers to from a pod of the release's namespace."""
+    return [f"{name}{suffix}" for suffix in ("", ".oncoserve", ".oncoserve.svc", ".oncoserve.svc.cluster.local")]
+
+
 def secrets(tmp_path: Path) -> tuple[dict[str, dict[str, str]], str]:
     """The Secrets an operator creates before `helm install` (docs/DEPLOY.md step 4), and the admin token."""
     from oncoserve.auth import TokenStore
@@ -56,8 +62,7 @@ def secrets(tmp_path: Path) -> tuple[dict[str, dict[str, str]], str]:
 
 
 def spec(docs: list[dict], values_secrets: dict, admin: str) -> dict:
-    services = [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
-    hosts = [f"{n}{suffix}" for n in services for suffix in ("", ".oncoserve", ".oncoserve.svc", ".oncoserve.svc.cluster.local")]
+    hosts = [h for d in docs if d["kind"] == "Service" for h in service_names(d["metadata"]["name"])]
     mlflow_pod = one(docs, "Deployment", "-mlflow")["spec"]["template"]["spec"]
     platform_pod = one(docs, "Deployment", "-platform")["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in platform_pod["containers"]}
@@ -225,6 +230,7 @@ def test_without_the_ray_cluster_setting_the_pipeline_driver_fails(rendered_pipe
 # The cluster's own parts outside the chart stand in as pods too: an S3 server (SeaweedFS, what
 # Terraform's buckets are on AWS) on the chart's S3 endpoint. Each Ray node is a pod of its own (an
 # address each, so every node keeps the ports the chart gives it).
+# One-epoch models: the wiring is under test, not the science (no floors; a latency budget for 2 cores).
 STUDY_GATES = """
 version = 1
 [defaults]
@@ -247,10 +253,6 @@ PIPELINE_CONFIG = {"version": 1, "name": "wiring", "tasks": TASKS,
 # Where this machine differs from a node pod: Ray sizes a node's object store from the memory it sees
 # (a pod's limit there, all 24 GiB of this machine here, for each of four nodes).
 NODE = {"object-store-memory": str(512 * 2**20)}
-
-
-def service_names(name: str) -> list[str]:
-    return [f"{name}{suffix}" for suffix in ("", ".oncoserve", ".oncoserve.svc", ".oncoserve.svc.cluster.local")]
 
 
 def serve_config(docs: list[dict]) -> dict:
@@ -286,7 +288,7 @@ def installed(tmp_path_factory):
             "signing_key": (work / "signing.key").read_text()}  # fmt: skip
 
 
-def install_spec(installed: dict, tmp_path: Path) -> dict:
+def install_spec(installed: dict) -> dict:
     from oncoserve.credentials import S3Credentials
     from oncoserve.settings import Settings
     from pipelines.stack.components import S3Server
@@ -360,7 +362,7 @@ def install_spec(installed: dict, tmp_path: Path) -> dict:
 
 @pytest.mark.cluster  # make test-cluster (four tasks trained on a RayJob cluster, the Serve app on a RayService cluster)
 def test_after_helm_install_the_pipeline_job_promotes_and_the_rayservice_serves_a_study_by_service_name(installed, tmp_path):
-    report = by_step(run_in_cluster_namespace({**install_spec(installed, tmp_path), "start_timeout_s": 240}, tmp_path, timeout_s=3000))
+    report = by_step(run_in_cluster_namespace({**install_spec(installed), "start_timeout_s": 240}, tmp_path, timeout_s=3000))
     for step, result in report.items():
         if step.startswith(("start ", "run ")):
             assert result["ok"], (step, result.get("log"))

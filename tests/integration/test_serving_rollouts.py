@@ -217,7 +217,10 @@ def test_a_champion_that_fails_its_studies_is_rolled_back_to_previous_by_the_pla
                         timeout=120).status_code for i in range(5)]  # fmt: skip
     assert all(code >= 500 for code in codes), codes  # the new champion fails every study: a clear error, no answer
     assert wait_until(lambda: registry.alias(TASK, "champion") == before, timeout_s=90, interval_s=0.5)
-    rollback = [e for e in AuditLog(served["settings"].audit_file).entries() if e.get("action") == "rollback"][-1]
+    # The audit's outcome record follows the alias move (intent, move, outcome): wait for it, not only the move.
+    rollbacks = lambda: [e for e in AuditLog(served["settings"].audit_file).entries() if e.get("action") == "rollback"]  # noqa: E731
+    assert wait_until(lambda: bool(rollbacks()) and rollbacks()[-1]["status"] != "incomplete", timeout_s=30, interval_s=0.2)
+    rollback = rollbacks()[-1]
     assert rollback["actor"] == "platform (automatic)" and rollback["status"] == "completed" and rollback["version"] == before
     assert rollback["reason"].startswith(f"champion v{failing_version} failed 5 of 5 studies since its promotion"), rollback["reason"]
     assert wait_until(lambda: versions() == before, timeout_s=60, interval_s=0.2)
