@@ -15,6 +15,9 @@ import pytest
 from oncoserve.settings import Settings
 from pipelines.stack.ports import private_stack_env
 
+# Where a stuck test is stuck: stacks, busiest processes and stack logs after ONCOSERVE_TEST_HANG_S.
+pytest_plugins = ["tests.hang_report"]
+
 
 def stack_env(home: Path) -> dict[str, str]:
     """ONCOSERVE_* variables for a private stack: its own home and ports that are free right now, and no
