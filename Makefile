@@ -28,7 +28,7 @@ define install
 	else $(1)/bin/pip install -q --disable-pip-version-check $(2) 2>&1 | $(QUIET); fi
 endef
 
-.PHONY: venv demo test bench lock clean chromium orthanc image test-image test-cluster
+.PHONY: venv demo test bench lock clean chromium orthanc image test-image test-cluster test-science
 
 venv: $(STAMP)
 
@@ -99,6 +99,11 @@ test-image: image
 # deployment proofs that do not fit make test's time budget (about 5 minutes more).
 test-cluster: venv orthanc $(INFRA_VENV)/.installed
 	$(BIN)/python -m pytest -m cluster tests/integration/test_multinode.py tests/integration/test_cluster_wiring.py $(PYTEST_ARGS)
+
+# The models against the synthetic benchmark's shortcuts (grade-only IDH, age-only survival), calibration and
+# OOD, trained through the CLI on a 240-case cohort: about half an hour, so not part of `make test`.
+test-science: venv
+	$(BIN)/python -m pytest -m slow tests/science $(PYTEST_ARGS)
 
 # Re-resolve the lock from requirements.in in a scratch venv (needs the registries).
 lock:
