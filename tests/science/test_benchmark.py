@@ -7,7 +7,8 @@ stopping. The figures are the registered version's held-out test metrics (`metri
 its gates and model card use; every figure of both versions is written to
 build/science/benchmark.json (ONCOSERVE_SCIENCE_OUT names another file).
 
-`make test-science` (about half an hour on 2 cores); not in `make test`, whose budget it does not fit.
+`make test-science` (37 minutes on 2 cores on 2026-12-06: 11 synthesising, 24 training); not in `make test`,
+whose budget it does not fit.
 """
 
 from __future__ import annotations
