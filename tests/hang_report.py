@@ -22,7 +22,10 @@ _OUT: list = []  # the real stderr, kept before tests run (fd 2 is captured whil
 
 def pytest_configure(config) -> None:
     # Capture is suspended while plugins configure, so fd 2 is the terminal's (as pytest's faulthandler does).
-    _OUT[:] = [os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)]
+    try:
+        _OUT[:] = [os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)]
+    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor (-p no:... setups, IDEs)
+        _OUT[:] = [sys.__stderr__]
 
 
 def _processes(out) -> None:
