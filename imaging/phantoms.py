@@ -23,12 +23,14 @@ out-of-distribution cases are all drawn from the seed: same seed, same bytes.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -368,9 +370,11 @@ def synthesise(
     progress: Callable[[int, int], None] = lambda done, total: None,
     first_site: int = 0,
     version: int = GENERATOR_VERSION,
+    workers: int = 1,
 ) -> Path:
     """Write a phantom dataset in the BraTS layout; built in a temp dir and moved into place whole.
-    `first_site`: the number of the first site's scanner parameters (see make_case)."""
+    `first_site`: the number of the first site's scanner parameters (see make_case). `workers` > 1 builds
+    cases in that many processes; each case depends only on (seed, index), so the bytes are the same."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: already exists and is not empty")
@@ -380,27 +384,32 @@ def synthesise(
     n_ood = int(round(n * ood_fraction))
     ood_kinds = {int(i): str(rng.choice(["healthy", "noise", "corrupt"])) for i in rng.choice(n, n_ood, replace=False)}
 
-    def build(i: int, staging: Path) -> tuple[Study, dict]:
-        study, record = make_case(seed, i, sites, resolution_mm, ood_kinds.get(i), first_site, version)
-        write_case(staging, study)
-        return study, record
-
+    build = partial(_build_case, seed=seed, sites=sites, resolution_mm=resolution_mm, ood_kinds=ood_kinds,
+                    first_site=first_site, version=version)  # fmt: skip
     meta = {"generator": "oncoserve.phantoms", "generator_version": version, "seed": seed, "n": n, "sites": sites,
             "resolution_mm": resolution_mm, "ood_fraction": ood_fraction, "first_site": first_site}  # fmt: skip
-    return write_dataset(out, n, build, meta, progress)
+    return write_dataset(out, n, build, meta, progress, workers)
 
 
-def write_dataset(out: Path, n: int, build: Callable[[int, Path], tuple[Study, dict]], meta: dict,
-                  progress: Callable[[int, int], None]) -> Path:  # fmt: skip
-    """Cases 0..n-1 written by `build(i, staging)` (which returns the study and its generation record),
-    then clinical.csv and phantoms.json; built in a hidden folder and moved into place whole."""
+def _build_case(i: int, staging: Path, *, seed, sites, resolution_mm, ood_kinds, first_site, version) -> tuple[dict, dict]:
+    """Case i written into `staging`; its clinical row and generation record (a top-level function, so
+    that worker processes can run it)."""
+    study, record = make_case(seed, i, sites, resolution_mm, ood_kinds.get(i), first_site, version)
+    write_case(staging, study)
+    return clinical_row(study), record
+
+
+def write_dataset(out: Path, n: int, build: Callable[[int, Path], tuple[dict, dict]], meta: dict,
+                  progress: Callable[[int, int], None], workers: int = 1) -> Path:  # fmt: skip
+    """Cases 0..n-1 written by `build(i, staging)` (which returns the case's clinical row and generation
+    record), then clinical.csv and phantoms.json; built in a hidden folder and moved into place whole.
+    With `workers` > 1, `build` must be picklable (a top-level function or a partial of one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         rows, records = [], []
-        for i in range(n):
-            study, record = build(i, staging)
-            rows.append(clinical_row(study))
+        for i, (row, record) in enumerate(_built(n, build, staging, workers)):
+            rows.append(row)
             records.append(record)
             progress(i + 1, n)
         write_clinical(staging, rows)
@@ -412,3 +421,20 @@ def write_dataset(out: Path, n: int, build: Callable[[int, Path], tuple[Study, d
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _built(n: int, build, staging: Path, workers: int) -> Iterator[tuple[dict, dict]]:
+    """Each case's (row, record) in index order, built here or in `workers` spawned processes (spawn, not
+    fork: the caller may run threads, e.g. a progress bar's)."""
+    if workers <= 1 or n == 1:
+        yield from (build(i, staging) for i in range(n))
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, n), mp_context=context) as pool:
+        futures = [pool.submit(build, i, staging) for i in range(n)]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()

@@ -18,13 +18,14 @@ scanner). Same seed, same bytes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from imaging import nifti
-from imaging.dataset import write_case
+from imaging.dataset import clinical_row, write_case
 from imaging.phantoms import load_anatomy, make_case, write_dataset
 from imaging.study import MODALITIES, Study, Volume
 
@@ -179,6 +180,7 @@ def synthesise_raw(
     seed: int,
     resolution_mm: float = 2.0,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    workers: int = 1,
 ) -> Path:
     """Write raw phantoms in the BraTS layout plus `<case>_brainmask.nii.gz`; built aside, moved whole."""
     out = Path(out)
@@ -187,12 +189,14 @@ def synthesise_raw(
     if n < 1:
         raise ValueError("need n >= 1")
 
-    def build(i: int, staging: Path) -> tuple[Study, dict]:
-        study, brain, record = make_raw_case(seed, i, resolution_mm)
-        folder = write_case(staging, study)
-        nifti.save(brain, folder / f"{study.case_id}_brainmask.nii.gz", dtype="uint8")
-        return study, record
-
     meta = {"generator": "oncoserve.raw_phantoms", "seed": seed, "n": n, "raw": True,
             "resolution_mm": resolution_mm, "modalities": list(MODALITIES)}  # fmt: skip
-    return write_dataset(out, n, build, meta, progress)
+    return write_dataset(out, n, partial(_build_raw_case, seed=seed, resolution_mm=resolution_mm), meta, progress, workers)
+
+
+def _build_raw_case(i: int, staging: Path, *, seed: int, resolution_mm: float) -> tuple[dict, dict]:
+    """Raw case i and its true brain mask written into `staging`; its clinical row and record."""
+    study, brain, record = make_raw_case(seed, i, resolution_mm)
+    folder = write_case(staging, study)
+    nifti.save(brain, folder / f"{study.case_id}_brainmask.nii.gz", dtype="uint8")
+    return clinical_row(study), record

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 
 from rich.console import Console
@@ -57,7 +58,7 @@ def _synthesise(data_dir, n: int, seed: int, sites: int, console: Console, first
     columns = (TextColumn(f"synthesising {data_dir.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("cases", total=n)
-        synthesise(data_dir, n, seed, sites=sites, first_site=first_site, version=DEMO_GENERATOR,
+        synthesise(data_dir, n, seed, sites=sites, first_site=first_site, version=DEMO_GENERATOR, workers=os.cpu_count() or 1,
                    progress=lambda done, total: progress.update(bar, completed=done))  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from imaging.dataset import iter_dataset, read_clinical
 from imaging.labels import ED, ET, NCR
-from imaging.phantoms import make_case, synthesise
+from imaging.phantoms import make_case, synthesise, write_dataset
 
 N = 36
 
@@ -165,9 +165,9 @@ def test_sites_differ_in_intensity_and_slice_thickness(cohort):
     assert len(medians) == 3 and max(medians.values()) / min(medians.values()) > 1.1
 
 
-def test_same_seed_gives_identical_bytes_and_ood_cases(tmp_path):
+def test_same_seed_gives_identical_bytes_and_ood_cases_whatever_the_number_of_processes(tmp_path):
     a = synthesise(tmp_path / "a", n=3, seed=9, ood_fraction=0.34)
-    b = synthesise(tmp_path / "b", n=3, seed=9, ood_fraction=0.34)
+    b = synthesise(tmp_path / "b", n=3, seed=9, ood_fraction=0.34, workers=2)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
@@ -175,6 +175,19 @@ def test_same_seed_gives_identical_bytes_and_ood_cases(tmp_path):
     assert len(rows) == 3
     studies = list(iter_dataset(a))
     assert sum(s.segmentation is None for s in studies) == 1  # the OOD case has no tumour label
+
+
+def _fails_on_the_second_case(i, staging):
+    if i == 1:
+        raise ValueError("case 1 cannot be made")
+    (staging / f"case-{i}").mkdir()
+    return {"case_id": f"case-{i}"}, {"i": i}
+
+
+def test_a_case_that_fails_in_a_worker_fails_the_dataset_and_leaves_nothing_behind(tmp_path):
+    with pytest.raises(ValueError, match="case 1 cannot be made"):
+        write_dataset(tmp_path / "d", 3, _fails_on_the_second_case, {}, lambda done, total: None, workers=2)
+    assert list(tmp_path.iterdir()) == []  # neither the dataset nor its staging folder
 
 
 def test_synth_refuses_a_non_empty_target(tmp_path):
