@@ -234,6 +234,10 @@ def evaluate_survival(sess, cases: list[CaseArrays], extras: dict) -> dict:
         # IDH) fitted on the training split. The difference is the image's added value.
         ages = np.array([c.age for c in cases])
         out["c_index_age_only"] = metrics.c_index(days, ages, events)
+        out["c_index_over_age_only"] = out["c_index"] - out["c_index_age_only"]
+        low, high = metrics.bootstrap_ci(lambda d, r, a, e: _c_index_or_nan(d, r, e) - _c_index_or_nan(d, a, e),
+                                         days, risks, ages, events)  # fmt: skip
+        out["c_index_over_age_only_ci_low"], out["c_index_over_age_only_ci_high"] = low, high
         if extras.get("clinical_baseline"):
             clinical = clinical_risk(extras["clinical_baseline"], cases)
             out["c_index_clinical_only"] = metrics.c_index(days, clinical, events)

@@ -81,17 +81,36 @@ class MultiTaskClassifier(nn.Module):
         return self.head(self.features(image, presence))
 
 
+# What the survival network reads off an image before it estimates a hazard: the four markers (logits),
+# the tumour's log volume (log of mL / 30) and whether it is multifocal (logit). Each is supervised by the
+# cohort's own labels during training (training.tasks.Survival); the exported graph outputs the risk only.
+SURVIVAL_FINDINGS = ("grade", "idh", "1p19q", "mgmt", "log_volume", "multifocal")
+
+
 class CoxSurvivalNet(nn.Module):
-    """Encoder features plus age -> a Cox log-hazard (risk score)."""
+    """Encoder -> image findings (SURVIVAL_FINDINGS) -> a Cox log-hazard linear in age and those findings.
+
+    A network learning everything from a Cox loss on a couple of hundred cases does not discover grade, IDH
+    or tumour burden (the round-2 benchmark: it trailed a clinical Cox model of age, grade and IDH); the
+    findings are learnt from their own labels, as multi-task glioma models do, and the hazard stays a small
+    interpretable model over them.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.encoder = Encoder(features=64)
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.encoder.out_features + 1, 1))
+        self.findings = nn.Linear(self.encoder.out_features, len(SURVIVAL_FINDINGS))
+        self.head = nn.Linear(1 + len(SURVIVAL_FINDINGS), 1)
+
+    def parts(self, image: torch.Tensor, presence: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(risk, findings): the log-hazard (B, 1) and the findings' raw outputs (B, 6)."""
+        findings = self.findings(self.encoder(image, presence))
+        summary = torch.cat([torch.sigmoid(findings[:, :4]), findings[:, 4:5], torch.sigmoid(findings[:, 5:6])], dim=1)
+        # Age in decades around 50 keeps the input on the scale of the findings.
+        return self.head(torch.cat([(age - 50.0) / 10.0, summary], dim=1)), findings
 
     def forward(self, image: torch.Tensor, presence: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
-        # Age in decades around 50 keeps the input on the scale of the image features.
-        return self.head(torch.cat([self.encoder(image, presence), (age - 50.0) / 10.0], dim=1))
+        return self.parts(image, presence, age)[0]
 
 
 def build(task: str) -> nn.Module:

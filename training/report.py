@@ -102,6 +102,12 @@ def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> s
                    f"grid (overlap {window['overlap']}, {window['blend']} blending; imaging.sliding_window, as serving runs it). "
                    f"`dice_*` / `hd95_*` are on each test case's own grid against its ground truth as stored (probabilities "
                    f"resampled there, then labelled); `model_grid/*` on the 2 mm grid.\n") if window else ""  # fmt: skip
+    baseline_line = (f"- Baselines (survival), on the same test cases: c-index {evaluation['c_index']:.3f} against age alone "
+                     f"{evaluation['c_index_age_only']:.3f} and a clinical Cox model (age, grade, IDH; fitted on the training "
+                     f"split) {evaluation.get('c_index_clinical_only', float('nan')):.3f}; the differences are the images' added "
+                     f"value (`c_index_over_*`, with their bootstrap intervals). The hazard is a Cox model of age and image "
+                     f"findings (marker logits, tumour volume, multifocality) that the network learns from their own labels.\n"
+                     ) if task == "survival" and "c_index_age_only" in evaluation else ""  # fmt: skip
     metric_lines = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(evaluation.items())
     )
@@ -114,7 +120,7 @@ def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> s
 - Preprocessing: {data['preprocessing']} (the same `imaging.preprocess` code path serving uses)
 - Code: git {version_info.get('git_commit')}
 - Training: {version_info.get('epochs_run', '?')} epochs ran; kept {version_info.get('kept_because', 'the last epoch')}
-{calibration_line}{ood_line}{window_line}
+{calibration_line}{ood_line}{window_line}{baseline_line}
 ## Data
 - Dataset hash {data['dataset_hash']} ({data['n_cases']} cases); split by case, stratified by grade x IDH,
   seed {data['seed']}: train {data['n_train']}, validation {data['n_val']}, test {data['n_test']}.

@@ -317,16 +317,32 @@ class Survival(TaskDef):
     def usable(self, case):
         return case.os_event >= 0 and np.isfinite(case.os_days) and np.isfinite(case.age)
 
+    findings_weight = 1.0  # the findings' supervision beside the Cox loss (networks.SURVIVAL_FINDINGS)
+
     def make_batch(self, cases, rng, train):
         batch = super().make_batch(cases, rng, train)
         batch["age"] = torch.tensor([[c.age] for c in cases]).float()
         batch["days"] = torch.tensor([c.os_days for c in cases]).float()
         batch["event"] = torch.tensor([c.os_event for c in cases]).float()
+        batch["cls"] = torch.from_numpy(np.stack([c.cls for c in cases])).long()
+        batch["burden"] = torch.tensor([tumour_burden(c) for c in cases]).float()
         return batch
 
     def loss(self, model, batch):
-        risk = model(batch["image"], batch["presence"], batch["age"])
-        return losses.cox_partial_likelihood(risk, batch["days"], batch["event"])
+        """Cox partial likelihood (Efron ties) plus the image findings' own losses: BCE on the markers a
+        case is labelled with, squared error on the tumour's log volume and BCE on multifocality where
+        the case has a segmentation; an unknown label adds nothing."""
+        net = model.module if hasattr(model, "module") else model
+        risk, findings = net.parts(batch["image"], batch["presence"], batch["age"])
+        cox = losses.cox_partial_likelihood(risk, batch["days"], batch["event"])
+        per_task, present = losses.masked_task_losses(findings[:, :4], batch["cls"])
+        supervised = [per_task[present].mean()] if present.any() else []
+        volume, multifocal = batch["burden"][:, 0], batch["burden"][:, 1]
+        segmented = torch.isfinite(volume)
+        if segmented.any():
+            supervised += [nn.functional.mse_loss(findings[segmented, 4], volume[segmented]),
+                           nn.functional.binary_cross_entropy_with_logits(findings[segmented, 5], multifocal[segmented])]  # fmt: skip
+        return cox + self.findings_weight * sum(supervised, risk.sum() * 0.0)
 
     def export_module(self, model, extras):
         return model
@@ -350,6 +366,24 @@ class Survival(TaskDef):
         train = [cases[i] for i in split["train"] if self.usable(cases[i])]
         return {"baseline_days": times.tolist(), "baseline_hazard": hazard.tolist(),
                 "risk_threshold": float(np.median(risk)), "clinical_baseline": fit_clinical_baseline(train)}  # fmt: skip
+
+
+# A lesion counts towards multifocality from this size (the generator's satellites are >= 0.9 mL).
+MIN_FOCUS_ML = 0.1
+
+
+def tumour_burden(case: CaseArrays) -> tuple[float, float]:
+    """(log of the whole tumour's volume in mL / 30, 1.0 if it has two or more separate foci) from the
+    case's segmentation on the model grid; (nan, nan) without one."""
+    from scipy import ndimage
+
+    if case.seg_classes is None:
+        return float("nan"), float("nan")
+    tumour = case.seg_classes > 0
+    voxel_ml = case.spacing_mm**3 / 1000.0
+    components, n = ndimage.label(tumour)
+    sizes = np.bincount(components.ravel())[1:] * voxel_ml
+    return float(np.log(max(tumour.sum() * voxel_ml, 1.0) / 30.0)), float((sizes >= MIN_FOCUS_ML).sum() >= 2)
 
 
 CLINICAL_COLUMNS = ("age", "grade", "idh")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -367,7 +369,57 @@ def test_survival_evaluation_reports_the_c_index_interval_beside_age_only_and_cl
     assert m["n_cases"] == 10 and m["c_index_ci_low"] <= m["c_index"] <= m["c_index_ci_high"]
     assert m["c_index_over_clinical"] == pytest.approx(m["c_index"] - m["c_index_clinical_only"])
     assert m["c_index_over_clinical_ci_low"] <= m["c_index_over_clinical"] <= m["c_index_over_clinical_ci_high"]
+    assert m["c_index_over_age_only"] == pytest.approx(m["c_index"] - m["c_index_age_only"])
+    assert m["c_index_over_age_only_ci_low"] <= m["c_index_over_age_only"] <= m["c_index_over_age_only_ci_high"]
     assert 0 <= m["c_index_age_only"] <= 1 and m["c_index_clinical_only"] > 0.5  # age and grade carry this cohort's hazard
+
+
+def test_tumour_burden_reads_volume_and_separate_foci_off_the_segmentation():
+    from training.tasks import tumour_burden
+
+    seg = np.zeros((40, 40, 40), np.int64)
+    seg[5:15, 5:15, 5:15] = 2  # 1000 voxels of 2 mm = 8 mL
+    one = CaseArrays("a", np.zeros((4, 40, 40, 40), np.float32), np.ones(4, np.float32), seg.copy(),
+                     np.array([1, 0, -1, -1]), 50.0, 100.0, 1, "s", 2.0)  # fmt: skip
+    assert tumour_burden(one) == pytest.approx((np.log(8.0 / 30.0), 0.0))
+    seg[30:34, 30:34, 30:34] = 1  # a second focus of 0.512 mL
+    seg[20, 20, 20] = 1  # a single stray voxel (0.008 mL) is no focus
+    two = dataclasses.replace(one, seg_classes=seg)
+    volume, multifocal = tumour_burden(two)
+    assert volume == pytest.approx(np.log((1000 + 64 + 1) * 0.008 / 30.0)) and multifocal == 1.0
+    assert all(np.isnan(tumour_burden(dataclasses.replace(one, seg_classes=None))))
+
+
+def test_the_survival_loss_supervises_the_image_findings_only_where_labels_are_known():
+    from training import losses, tasks
+    from training.networks import SURVIVAL_FINDINGS, CoxSurvivalNet
+
+    rng = np.random.default_rng(3)
+    seg = np.zeros((32, 32, 32), np.int64)
+    seg[4:12, 4:12, 4:12] = 3
+
+    def case(i, labels, segmentation):
+        return CaseArrays(f"c{i}", rng.standard_normal((4, 32, 32, 32)).astype(np.float32), np.ones(4, np.float32),
+                          segmentation, np.array(labels), 40.0 + 5 * i, 100.0 * (i + 1), 1, "s", 2.0)  # fmt: skip
+
+    task = tasks.get("survival")
+    torch.manual_seed(0)
+    net = CoxSurvivalNet()
+    labelled = task.make_batch([case(i, [1, 0, 1, 0], seg) for i in range(4)], rng, train=False)
+    unlabelled = task.make_batch([case(i, [-1, -1, -1, -1], None) for i in range(4)], rng, train=False)
+    risk, findings = net.parts(unlabelled["image"], unlabelled["presence"], unlabelled["age"])
+    assert findings.shape == (4, len(SURVIVAL_FINDINGS)) and torch.equal(risk, net(unlabelled["image"], unlabelled["presence"], unlabelled["age"]))
+    cox_only = losses.cox_partial_likelihood(risk, unlabelled["days"], unlabelled["event"])
+    assert task.loss(net, unlabelled).item() == pytest.approx(cox_only.item())  # nothing known, nothing added
+    risk, _ = net.parts(labelled["image"], labelled["presence"], labelled["age"])
+    assert task.loss(net, labelled).item() > losses.cox_partial_likelihood(risk, labelled["days"], labelled["event"]).item()
+    with torch.no_grad():
+        net.head.weight[:, 1:] = 0.0  # the hazard ignores the findings: their gradient is their own supervision
+    for batch, supervised in ((unlabelled, False), (labelled, True)):
+        net.zero_grad()
+        task.loss(net, batch).backward()
+        per_finding = net.findings.weight.grad.abs().sum(dim=1)
+        assert bool((per_finding > 0).all()) if supervised else float(per_finding.sum()) == 0.0
 
 
 def test_a_driver_aimed_at_no_cluster_fails_at_once_naming_it():
