@@ -216,7 +216,7 @@ def _finish(cfg, task, model, data, cases, split, run_id, client, log, kept: dic
         (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=1, default=float))
         plots = _plots(cfg.task, str(exported.path), test_cases, evaluation, extras, tmp)
         info = {"params": {"epochs": cfg.epochs, "workers": cfg.workers, "seed": cfg.seed, **task.options()}, "opset": exported.opset, **kept,
-                "calibration": extras.get("calibration"), "inference": extras.get("inference"),
+                "calibration": extras.get("calibration"), "inference": extras.get("inference"), "hazard_fit": extras.get("hazard_fit"),
                 "ood": {k: v for k, v in (extras.get("ood") or {}).items() if k not in ("mean", "whiten")} or None,
                 "parity_max_abs_diff": exported.parity_max_abs_diff, "git_commit": git_commit()}  # fmt: skip
         datainfo = {"dataset_hash": data.dataset_hash, "preprocessing": data.preprocessing, "n_cases": len(cases),

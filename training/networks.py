@@ -96,18 +96,26 @@ class CoxSurvivalNet(nn.Module):
     interpretable model over them.
     """
 
+    COVARIATES = ("age_decades", "p_grade", "p_idh", "p_1p19q", "p_mgmt", "log_volume", "p_multifocal")
+
     def __init__(self) -> None:
         super().__init__()
         self.encoder = Encoder(features=64)
         self.findings = nn.Linear(self.encoder.out_features, len(SURVIVAL_FINDINGS))
-        self.head = nn.Linear(1 + len(SURVIVAL_FINDINGS), 1)
+        self.head = nn.Linear(len(self.COVARIATES), 1)
+        # The hazard starts flat (risk 0 for everyone): a random start gave age a sign that a few hundred
+        # small steps did not undo on a 42-case cohort. training.tasks.Survival refits it after training.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
-    def parts(self, image: torch.Tensor, presence: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(risk, findings): the log-hazard (B, 1) and the findings' raw outputs (B, 6)."""
+    def parts(self, image: torch.Tensor, presence: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(risk, findings, covariates): the log-hazard (B, 1), the findings' raw outputs (B, 6) and the
+        hazard's inputs (B, 7; COVARIATES)."""
         findings = self.findings(self.encoder(image, presence))
-        summary = torch.cat([torch.sigmoid(findings[:, :4]), findings[:, 4:5], torch.sigmoid(findings[:, 5:6])], dim=1)
         # Age in decades around 50 keeps the input on the scale of the findings.
-        return self.head(torch.cat([(age - 50.0) / 10.0, summary], dim=1)), findings
+        covariates = torch.cat([(age - 50.0) / 10.0, torch.sigmoid(findings[:, :4]), findings[:, 4:5],
+                                torch.sigmoid(findings[:, 5:6])], dim=1)  # fmt: skip
+        return self.head(covariates), findings, covariates
 
     def forward(self, image: torch.Tensor, presence: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         return self.parts(image, presence, age)[0]

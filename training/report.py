@@ -106,7 +106,8 @@ def model_card(task: str, version_info: dict, evaluation: dict, data: dict) -> s
                      f"{evaluation['c_index_age_only']:.3f} and a clinical Cox model (age, grade, IDH; fitted on the training "
                      f"split) {evaluation.get('c_index_clinical_only', float('nan')):.3f}; the differences are the images' added "
                      f"value (`c_index_over_*`, with their bootstrap intervals). The hazard is a Cox model of age and image "
-                     f"findings (marker logits, tumour volume, multifocality) that the network learns from their own labels.\n"
+                     f"findings (marker probabilities, tumour volume, multifocality) that the network learns from their own "
+                     f"labels; hazard weights: {_hazard_fit(version_info.get('hazard_fit'))}.\n"
                      ) if task == "survival" and "c_index_age_only" in evaluation else ""  # fmt: skip
     metric_lines = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(evaluation.items())
@@ -144,6 +145,13 @@ support for trained readers, never a diagnosis, and treatment plans are for the 
   signal and its figures are expected to be near chance.
 - Figures on few test cases have wide confidence intervals.
 """
+
+
+def _hazard_fit(fit: dict | None) -> str:
+    if not fit:
+        return "as trained"
+    weights = ", ".join(f"{name} {value:+.3f}" for name, value in (fit.get("coefficients") or {}).items())
+    return f"{fit['why']}" + (f" ({weights})" if weights else "")
 
 
 def _calibration_points(p: np.ndarray, y: np.ndarray, bins: int = 5) -> tuple[list[float], list[float]]:

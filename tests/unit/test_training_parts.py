@@ -407,11 +407,11 @@ def test_the_survival_loss_supervises_the_image_findings_only_where_labels_are_k
     net = CoxSurvivalNet()
     labelled = task.make_batch([case(i, [1, 0, 1, 0], seg) for i in range(4)], rng, train=False)
     unlabelled = task.make_batch([case(i, [-1, -1, -1, -1], None) for i in range(4)], rng, train=False)
-    risk, findings = net.parts(unlabelled["image"], unlabelled["presence"], unlabelled["age"])
+    risk, findings, _ = net.parts(unlabelled["image"], unlabelled["presence"], unlabelled["age"])
     assert findings.shape == (4, len(SURVIVAL_FINDINGS)) and torch.equal(risk, net(unlabelled["image"], unlabelled["presence"], unlabelled["age"]))
     cox_only = losses.cox_partial_likelihood(risk, unlabelled["days"], unlabelled["event"])
     assert task.loss(net, unlabelled).item() == pytest.approx(cox_only.item())  # nothing known, nothing added
-    risk, _ = net.parts(labelled["image"], labelled["presence"], labelled["age"])
+    risk, _, _ = net.parts(labelled["image"], labelled["presence"], labelled["age"])
     assert task.loss(net, labelled).item() > losses.cox_partial_likelihood(risk, labelled["days"], labelled["event"]).item()
     with torch.no_grad():
         net.head.weight[:, 1:] = 0.0  # the hazard ignores the findings: their gradient is their own supervision
@@ -420,6 +420,34 @@ def test_the_survival_loss_supervises_the_image_findings_only_where_labels_are_k
         task.loss(net, batch).backward()
         per_finding = net.findings.weight.grad.abs().sum(dim=1)
         assert bool((per_finding > 0).all()) if supervised else float(per_finding.sum()) == 0.0
+
+
+def test_the_hazard_is_refitted_as_the_best_cox_model_of_its_covariates_and_kept_with_too_few_events():
+    from lifelines.utils import concordance_index
+
+    from training.networks import CoxSurvivalNet
+    from training.tasks import MIN_REFIT_EVENTS, refit_hazard
+
+    rng = np.random.default_rng(11)
+    n = 120
+    x = np.column_stack([rng.normal(0, 1, n), rng.random(n), rng.random(n), rng.random(n), rng.random(n),
+                         rng.normal(0, 1, n), np.zeros(n)]).astype(np.float32)  # multifocality never varies
+    lp = 0.8 * x[:, 0] + 1.5 * x[:, 1]  # age and grade carry the hazard
+    days = rng.exponential(1000 / np.exp(lp))
+    events = (rng.random(n) < 0.85).astype(float)
+    net = CoxSurvivalNet()
+    assert float(net(torch.zeros(2, 4, 32, 32, 32), torch.ones(2, 4), torch.tensor([[30.0], [80.0]])).abs().max()) == 0.0  # flat at start
+    record = refit_hazard(net, x, days, events)
+    coef = record["coefficients"]
+    assert record["refitted"] and coef["age_decades"] > 0.4 and coef["p_grade"] > 0.7 and coef["p_multifocal"] == 0.0
+    with torch.no_grad():
+        risk = net.head(torch.from_numpy(x)).flatten().numpy()
+    assert abs(risk.mean()) < 1e-4 and concordance_index(days, -risk, events) > 0.7
+    untouched = CoxSurvivalNet()
+    few = np.zeros(n)
+    few[: MIN_REFIT_EVENTS - 1] = 1
+    kept = refit_hazard(untouched, x, days, few)
+    assert not kept["refitted"] and "events" in kept["why"] and float(untouched.head.weight.abs().sum()) == 0.0
 
 
 def test_a_driver_aimed_at_no_cluster_fails_at_once_naming_it():
