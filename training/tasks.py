@@ -313,11 +313,10 @@ class Survival(TaskDef):
     lr = 5e-4
     input_names = ["image", "presence", "age"]
     output_names = ["risk"]
+    findings_weight = 1.0  # the findings' supervision beside the Cox loss (networks.SURVIVAL_FINDINGS)
 
     def usable(self, case):
         return case.os_event >= 0 and np.isfinite(case.os_days) and np.isfinite(case.age)
-
-    findings_weight = 1.0  # the findings' supervision beside the Cox loss (networks.SURVIVAL_FINDINGS)
 
     def make_batch(self, cases, rng, train):
         batch = super().make_batch(cases, rng, train)
@@ -417,7 +416,7 @@ def tumour_burden(case: CaseArrays) -> tuple[float, float]:
         return float("nan"), float("nan")
     tumour = case.seg_classes > 0
     voxel_ml = case.spacing_mm**3 / 1000.0
-    components, n = ndimage.label(tumour)
+    components, _ = ndimage.label(tumour)
     sizes = np.bincount(components.ravel())[1:] * voxel_ml
     return float(np.log(max(tumour.sum() * voxel_ml, 1.0) / 30.0)), float((sizes >= MIN_FOCUS_ML).sum() >= 2)
 
