@@ -100,6 +100,15 @@ def test_metric_and_regression_gate_arithmetic():
     assert not worse["no_regression:dice_WT"].passed and not worse["no_regression:hd95_WT"].passed
 
 
+def test_the_images_added_value_over_age_alone_can_be_gated_on_its_interval():
+    """The gate gates.toml shows for survival: the lower bound of c_index_over_age_only's interval."""
+    spec = {"floors": {"c_index_over_age_only": 0.0}, "floor_evidence": "ci_low"}
+    resolved = {"c_index_over_age_only": 0.062, "c_index_over_age_only_ci_low": 0.026, "c_index_over_age_only_ci_high": 0.10}
+    noise = {"c_index_over_age_only": 0.022, "c_index_over_age_only_ci_low": -0.086, "c_index_over_age_only_ci_high": 0.135}
+    assert _metric_gates(resolved, spec, "s")[0].passed  # the benchmark's 200 new patients
+    assert not _metric_gates(noise, spec, "s")[0].passed  # its 36-case split: the same model, unresolved
+
+
 def test_packaged_gates_file_is_versioned_and_covers_every_trainable_task():
     gates = load_gates()
     assert gates["version"] >= 1
