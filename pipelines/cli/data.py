@@ -64,14 +64,15 @@ def synth(
         console.print("[red]error:[/] --raw makes single-site, in-distribution cases (drop --sites/--ood-fraction)")
         raise typer.Exit(2)
     columns = (TextColumn("synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    workers = workers or os.cpu_count() or 1
     with user_errors(FileExistsError, ValueError), Progress(*columns, console=console) as progress:
         task = progress.add_task("cases", total=n)
         report = lambda done, total: progress.update(task, completed=done)  # noqa: E731
         if raw:
-            synthesise_raw(out, n, seed, resolution, progress=report, workers=workers or os.cpu_count() or 1)
+            synthesise_raw(out, n, seed, resolution, progress=report, workers=workers)
         else:
             synthesise(out, n, seed, sites, resolution, ood_fraction, progress=report, first_site=first_site,
-                       version=generator, workers=workers or os.cpu_count() or 1)  # fmt: skip
+                       version=generator, workers=workers)  # fmt: skip
     extra = ", <case>_brainmask.nii.gz" if raw else ""
     console.print(f"wrote {n} {'raw ' if raw else ''}cases to {out} (clinical.csv, phantoms.json{extra})")
 
