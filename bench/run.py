@@ -228,7 +228,15 @@ SECTIONS = {
     "preprocess": ("preprocessing v2: fast path vs raw scanner study, per step (PP)", lambda: _preprocessing()),
     "preprocess-served": ("served segmentation request, fast path vs raw path (PP-served)", lambda: _served_paths()),
     "windows": ("segmentation latency by sliding-window size, overlap and TTA (SW)", lambda: _windows()),
+    "ingress": ("Serve's proxy vs its direct ingress (HAProxy): raw OIP v2 and a segmentation request (P1-ingress)",
+                lambda: _ingress()),
 }
+
+
+def _ingress() -> list[dict]:
+    from bench.ingress import bench_ingress
+
+    return bench_ingress()
 
 
 def _windows() -> list[dict]:

@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     # Serving (Ray Serve on the stack's Ray).
     serve_http_port: int = Field(8000, description="Port of the serving REST API (Ray Serve HTTP proxy).")
     serve_grpc_port: int = Field(9000, description="Port of the serving gRPC API (study service + OIP v2).")
+    serve_ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="How requests reach the gateway: proxy (Serve's Python proxy, the default) or haproxy "
+        "(Serve's direct ingress: HAProxy on the serving ports passes each HTTP request straight to a gateway replica's "
+        "own server; docs/SCALING.md). Read when the stack's Ray starts: change it, then `stack down` and `stack up`.")
     serve_config: Path | None = Field(None, description="Deployment config (YAML); default: the packaged services/deployments.yaml.")
     serve_max_request_mb: float = Field(256.0, description="Largest request body (after gzip decoding) the APIs accept.")
     serve_rate_limit_per_min: float = Field(600.0, description="Analysis/inference requests per minute per caller (token, "

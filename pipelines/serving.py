@@ -82,12 +82,38 @@ def up(settings, config_path=None) -> dict:
         import ray
 
         _check_resources(config, ray.cluster_resources())
+        _check_ingress(settings, cluster_ingress())
         serve.start(**proxy_options(settings))
         try:
             serve.run(build_app(settings, config), name=config.application, route_prefix="/", blocking=False)
         except RuntimeError as exc:
             raise ServeError(f"the application failed to deploy: {str(exc)[-1500:]}") from None
     return {"http": settings.serve_url, "grpc": f"{settings.host}:{settings.serve_grpc_port}", "model_versions": versions}
+
+
+def cluster_ingress() -> str:
+    """The serving ingress the connected Ray cluster's processes were started with (services.app.ingress_env):
+    Ray reads it from their environment, so it is asked of the cluster, not of this process."""
+    import ray
+
+    from services.app import HAPROXY_FLAG
+
+    @ray.remote(num_cpus=0)
+    def flag() -> str | None:
+        import os
+
+        return os.environ.get(HAPROXY_FLAG)
+
+    return "haproxy" if ray.get(flag.remote(), timeout=120) == "1" else "proxy"
+
+
+def _check_ingress(settings, running: str) -> None:
+    """Refuse to deploy when the settings name another ingress than the cluster's Ray runs: the app would come
+    up behind the one Ray started with, and the setting would be silently ignored."""
+    if running != settings.serve_ingress:
+        raise ServeError(f"serve_ingress is {settings.serve_ingress} but this Ray cluster was started with the {running} "
+                         "ingress; Ray reads it when it starts: `oncoserve stack down` then `oncoserve stack up` with the "
+                         "setting you want (on Kubernetes: the chart's serve.ingress)")  # fmt: skip
 
 
 def _check_resources(config, cluster: dict[str, float]) -> None:

@@ -116,12 +116,13 @@ def private_stack(prefix: str, admin_name: str, gates: str = TEST_GATES, extra_e
 PACS = {"aet": "TESTPACS", "user": "pacs-admin", "password": "pacs-secret"}
 
 
-RUN_LAST = ("tests/integration/test_multinode.py",)  # they reshape the shared stack and leave it so
+# They reshape the shared stack (direct ingress restarts its Ray and puts it back; multi-node leaves it so).
+RUN_LAST = ("tests/integration/test_direct_ingress.py", "tests/integration/test_multinode.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Modules that turn the shared stack into a multi-node cluster with a Serve config of their own run
-    after every other test: nothing needs the session's shape back afterwards (a restore costs minutes)."""
+    """Modules that restart the shared stack's Ray or turn it into a multi-node cluster run after every other
+    test (in RUN_LAST's order): a failed restore can then disturb no other module."""
     last = [item for item in items if item.nodeid.startswith(RUN_LAST)]
     items[:] = [item for item in items if not item.nodeid.startswith(RUN_LAST)] + last
 

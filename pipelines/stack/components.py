@@ -251,6 +251,13 @@ def ray_cpus(configured: int | None) -> int:
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
+def ray_env(settings: Settings) -> dict[str, str]:
+    """The environment of the stack's Ray nodes: RAY_ENV and the serving ingress the settings name."""
+    from services.app import ingress_env
+
+    return {**RAY_ENV, **ingress_env(settings)}
+
+
 class RayHead(Component):
     """A local Ray head node (`ray start --head --block`), temp dir under ONCOSERVE_HOME."""
 
@@ -291,7 +298,7 @@ class RayHead(Component):
         return cmd
 
     def env(self) -> dict[str, str]:
-        return RAY_ENV
+        return ray_env(self.settings)
 
     @property
     def address(self) -> str:
@@ -368,7 +375,7 @@ class RayWorker(Component):
         ]  # fmt: skip
 
     def env(self) -> dict[str, str]:
-        return RAY_ENV
+        return ray_env(self.settings)
 
     def health(self) -> Health:
         # The GCS's view (through the head's dashboard): a live `ray start` process proves nothing.

@@ -125,6 +125,19 @@ def stop(record: ProcessRecord, sig: int = signal.SIGTERM, grace_s: float = 20.0
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+    # A process started while the tree was going down was not in `members`: Serve's HAProxy manager, for one,
+    # reloads HAProxy as the replicas leave, and the new HAProxy outlives its killed parent. It stays in the
+    # session, so the session is swept until it is empty (bounded: each pass kills what it finds).
+    for _ in range(5):
+        late = [psutil.Process(pid) for pid in session_alive(record) if pid != record.pid]
+        if not late:
+            break
+        for proc in late:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(late, timeout=5)
     # Reap our own child if the stack was started by this very process (tests, demo).
     try:
         os.waitpid(record.pid, os.WNOHANG)

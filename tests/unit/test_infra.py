@@ -123,6 +123,28 @@ def test_a_forced_cpu_runtime_reaches_every_model_deployment(tmp_path):
     assert deploy_config.Backend.model_validate(app["args"]["backend"]).kind == "openvino"
 
 
+def test_the_direct_ingress_reaches_every_ray_node_and_only_when_asked(rendered, tmp_path):
+    """serve.ingress haproxy: Ray reads the switches when its processes start, so every node's container
+    carries them (head and workers); the default (Serve's proxy) sets none. Unknown values are refused."""
+    def ray_envs(docs) -> list[dict]:
+        return [{e["name"]: e.get("value") for e in c.get("env", [])} for spec in pod_specs(one(docs, "RayService"))
+                for c in spec["containers"]]  # fmt: skip
+
+    assert not any("RAY_SERVE_ENABLE_HA_PROXY" in env for env in ray_envs(rendered["default"][1]))
+    result, docs = render({"serve": {"ingress": "haproxy"}}, tmp_path)
+    assert "error" not in result, result
+    envs = ray_envs(docs)
+    assert len(envs) >= 2 and all(env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+                                  and env["ONCOSERVE_SERVE_INGRESS"] == "haproxy" for env in envs)  # fmt: skip
+    from oncoserve.settings import Settings
+    from services.app import ingress_env
+
+    embedded = ingress_env(Settings(serve_ingress="haproxy"))  # the embedded stack's Ray nodes get the same switches
+    assert {k for k in embedded if k.startswith("RAY_SERVE_ENABLE")} == {k for k in envs[0] if k.startswith("RAY_SERVE_ENABLE")}
+    refused, _ = render({"serve": {"ingress": "nginx"}}, tmp_path / "bad")
+    assert "ingress" in str(refused.get("error", ""))
+
+
 def test_every_pod_is_non_root_read_only_with_resources(rendered):
     for name, (_, docs, _) in rendered.items():
         specs = [s for d in docs for s in pod_specs(d)]

@@ -2,6 +2,7 @@ import socket
 import sys
 
 import psutil
+import pytest
 
 from oncoserve.credentials import S3Credentials
 from oncoserve.settings import Settings
@@ -31,6 +32,24 @@ def test_stop_kills_the_whole_tree(tmp_path):
     child = proc.children()[0]
     process.stop(record, grace_s=1)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert process.find(record) is None
+    assert process.session_alive(record) == []
+
+
+def test_stop_also_kills_what_the_tree_starts_while_it_goes_down(tmp_path):
+    """Defect: a stack whose Ray ran Serve's HAProxy ingress left an HAProxy running after `stack down`: the
+    HAProxy manager reloads HAProxy as replicas leave, after stop had listed the tree. Here a parent starts a
+    detached child (re-parented to init, as that HAProxy was) only once it is told to stop."""
+    script = ("import os,signal,subprocess,sys,time\n"
+              "def late(*_):\n"
+              "    subprocess.Popen([sys.executable,'-c','import os,time; os.fork() and os._exit(0); time.sleep(600)'])\n"
+              "    time.sleep(0.5); os._exit(0)\n"
+              "signal.signal(signal.SIGTERM, late)\n"
+              "print('handler', 'set', flush=True); time.sleep(600)\n")  # fmt: skip
+    log = tmp_path / "late.log"
+    record = process.spawn([sys.executable, "-c", script], {}, log, cwd=tmp_path)
+    assert wait_until(lambda: "handler set" in log.read_text().splitlines(), timeout_s=20)  # (the log's header names the command)
+    process.stop(record, grace_s=10)
     assert process.find(record) is None
     assert process.session_alive(record) == []
 
@@ -105,3 +124,32 @@ def test_worker_nodes_join_the_head_on_ports_of_their_own_and_stay_until_asked_o
     assert [p.name for p in stack._components(state, create_credentials=False) if isinstance(p, RayWorker)] == \
         ["ray-worker-1", "ray-worker-2", "ray-worker-3"]  # fmt: skip
     assert not [p for p in stack._components(state, create_credentials=False, workers=0) if isinstance(p, RayWorker)]
+
+
+def test_the_serving_ingress_is_in_every_ray_nodes_environment_and_serve_up_refuses_a_mismatch(tmp_path):
+    """Ray reads its direct-ingress switches when its processes start: they go into the head's and the worker
+    nodes' environment, at ports derived from the serving ports, and a deployment whose setting disagrees
+    with the running cluster is refused with the way out."""
+    from pipelines.serving import ServeError, _check_ingress
+    from pipelines.stack.components import RAY_ENV, RayWorker
+
+    creds = S3Credentials("a", "b")
+    proxy = Settings(home=tmp_path, serve_http_port=21006, serve_grpc_port=21007)
+    assert RayHead(proxy, creds).env() == RAY_ENV == RayWorker(proxy, creds, 1).env()
+    direct = proxy.model_copy(update={"serve_ingress": "haproxy"})
+    for env in (RayHead(direct, creds).env(), RayWorker(direct, creds, 2).env()):
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+        assert env["RAY_AUTH_MODE"] == "disabled"
+        ports = [int(env[f"RAY_SERVE_{k}"]) for k in ("FALLBACK_PROXY_HTTP_PORT", "FALLBACK_PROXY_GRPC_PORT",
+                                                         "HAPROXY_STATS_PORT", "HAPROXY_METRICS_PORT")]  # fmt: skip
+        assert ports == [21506, 21507, 21410, 21108]  # the defaults' offsets (Ray's own 8500, 9500, 8404, 9101)
+    defaults = RayHead(Settings(home=tmp_path, serve_ingress="haproxy"), creds).env()
+    assert [defaults["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"], defaults["RAY_SERVE_HAPROXY_METRICS_PORT"]] == ["8500", "9101"]
+
+    _check_ingress(direct, "haproxy")
+    with pytest.raises(ServeError, match="started with the proxy ingress.*stack down"):
+        _check_ingress(direct, "proxy")
+    with pytest.raises(ServeError, match="serve_ingress is proxy"):
+        _check_ingress(proxy, "haproxy")
+    with pytest.raises(ValueError):
+        Settings(home=tmp_path, serve_ingress="nginx")
