@@ -4,8 +4,9 @@ front of the gateway replicas' own HTTP servers; settings.serve_ingress, docs/SC
 Per ingress, in interleaved rounds with the served runtime called in-process on the same window (so each
 ratio is measured against compute timed in the same minutes): raw OIP v2 over HTTP (binary tensors) and
 gRPC on the segmentation network's window, and a whole segmentation request (compressed NIfTI in, findings
-and mask out) against the model's own compute over the study. Between the two, the stack's Ray head is
-restarted with the other ingress and the bench config deployed again (the only way Ray takes the switch).
+and mask out) against the model's own compute over the study. Between phases (proxy, haproxy, proxy again)
+the stack's Ray head is restarted with the other ingress and the bench config deployed again (the only way
+Ray takes the switch).
 """
 
 from __future__ import annotations
@@ -60,19 +61,20 @@ def bench_ingress() -> list[dict]:
         version = registry.alias("segmentation", "champion")
         served = compiled_runtime(registry, store, settings.bucket_models, settings.triton_repo_prefix, "segmentation", version)
         runtime = open_session(served, onnx_path, 2)  # the bench config's replica: this runtime, 2 threads
-        for ingress in ("proxy", "haproxy"):
+        # proxy, haproxy, proxy again: drift over the ~10 minutes shows as a difference between the two proxy phases.
+        for phase, ingress in (("proxy", "proxy"), ("haproxy", "haproxy"), ("proxy_again", "proxy")):
             if ingress != settings.serve_ingress:
                 settings = _restart_ray(settings, ingress)
                 _deploy(settings, settings.home, batch=8)
             t = _measure(settings, registry, store, files, window, runtime)
             base = t["runtime_in_process"]
-            figures += [figure(f"P1ingress_{ingress}_runtime_in_process_p50 ({served}, 2 threads)", base, "ms")]
+            figures += [figure(f"P1ingress_{phase}_runtime_in_process_p50 ({served}, 2 threads)", base, "ms")]
             for name in ("oip_http_binary", "oip_grpc"):
-                figures += [figure(f"P1ingress_{ingress}_{name}_p50", t[name], "ms"),
-                            figure(f"P1ingress_{ingress}_{name}_over_served_runtime", t[name] / base, "ratio", "<= 1.10",
+                figures += [figure(f"P1ingress_{phase}_{name}_p50", t[name], "ms"),
+                            figure(f"P1ingress_{phase}_{name}_over_served_runtime", t[name] / base, "ratio", "<= 1.10",
                                    t[name] / base <= 1.10)]  # fmt: skip
             ratio = t["segmentation_request"] / t["segmentation_compute_in_process"]
-            figures += [figure(f"P1ingress_{ingress}_segmentation_request_p50", t["segmentation_request"], "ms"),
-                        figure(f"P1ingress_{ingress}_segmentation_compute_p50", t["segmentation_compute_in_process"], "ms"),
-                        figure(f"P1ingress_{ingress}_segmentation_request_over_compute", ratio, "ratio", "<= 1.5", ratio <= 1.5)]  # fmt: skip
+            figures += [figure(f"P1ingress_{phase}_segmentation_request_p50", t["segmentation_request"], "ms"),
+                        figure(f"P1ingress_{phase}_segmentation_compute_p50", t["segmentation_compute_in_process"], "ms"),
+                        figure(f"P1ingress_{phase}_segmentation_request_over_compute", ratio, "ratio", "<= 1.5", ratio <= 1.5)]  # fmt: skip
     return figures

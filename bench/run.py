@@ -178,6 +178,12 @@ NOTES = {
             "is the RSS of this stack's Serve replicas and proxy, sampled every 15 s (trace: bench/soak_memory.csv); "
             "the second half's growth is a least-squares line through its samples.",
     "P5": "the segmentation champion moved under load from 2 clients; replicas poll the registry every 5 s.",
+    "P1-ingress": "one served stack (bench config, one-epoch models) behind Serve's Python proxy, then, after a restart "
+                  "of its Ray head, behind Serve's direct ingress (HAProxy forwarding HTTP and gRPC to the gateway "
+                  "replica's own servers; settings.serve_ingress): raw OIP v2 on the segmentation window (HTTP binary, "
+                  "gRPC) over the served runtime in-process, and a whole segmentation request over the model's compute "
+                  "on the study, timed in interleaved rounds with their in-process references in each phase "
+                  "(bench/ingress.py). The gateway's Ray call to the task replica remains on both paths.",
 }
 
 

