@@ -134,7 +134,8 @@ def test_the_serving_ingress_is_in_every_ray_nodes_environment_and_serve_up_refu
     from pipelines.stack.components import RAY_ENV, RayWorker
 
     creds = S3Credentials("a", "b")
-    proxy = Settings(home=tmp_path, serve_http_port=21006, serve_grpc_port=21007)
+    # Every field that matters is explicit: the suite's shared stack exports its own ONCOSERVE_* ports.
+    proxy = Settings(home=tmp_path, serve_http_port=21006, serve_grpc_port=21007, serve_ingress="proxy")
     assert RayHead(proxy, creds).env() == RAY_ENV == RayWorker(proxy, creds, 1).env()
     direct = proxy.model_copy(update={"serve_ingress": "haproxy"})
     for env in (RayHead(direct, creds).env(), RayWorker(direct, creds, 2).env()):
@@ -143,7 +144,8 @@ def test_the_serving_ingress_is_in_every_ray_nodes_environment_and_serve_up_refu
         ports = [int(env[f"RAY_SERVE_{k}"]) for k in ("FALLBACK_PROXY_HTTP_PORT", "FALLBACK_PROXY_GRPC_PORT",
                                                          "HAPROXY_STATS_PORT", "HAPROXY_METRICS_PORT")]  # fmt: skip
         assert ports == [21506, 21507, 21410, 21108]  # the defaults' offsets (Ray's own 8500, 9500, 8404, 9101)
-    defaults = RayHead(Settings(home=tmp_path, serve_ingress="haproxy"), creds).env()
+    default_ports = {f: Settings.model_fields[f].default for f in ("serve_http_port", "serve_grpc_port")}
+    defaults = RayHead(Settings(home=tmp_path, serve_ingress="haproxy", **default_ports), creds).env()
     assert [defaults["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"], defaults["RAY_SERVE_HAPROXY_METRICS_PORT"]] == ["8500", "9101"]
 
     _check_ingress(direct, "haproxy")
