@@ -119,30 +119,35 @@ def stop(record: ProcessRecord, sig: int = signal.SIGTERM, grace_s: float = 20.0
     except psutil.NoSuchProcess:
         pass
     _, alive = psutil.wait_procs(members, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    _kill(alive)
     # A process started while the tree was going down was not in `members`: Serve's HAProxy manager, for one,
     # reloads HAProxy as the replicas leave, and the new HAProxy outlives its killed parent. It stays in the
     # session, so the session is swept until it is empty (bounded: each pass kills what it finds).
     for _ in range(5):
-        late = [psutil.Process(pid) for pid in session_alive(record) if pid != record.pid]
+        late = []
+        for pid in session_alive(record):
+            try:
+                late += [psutil.Process(pid)] if pid != record.pid else []
+            except psutil.NoSuchProcess:  # gone since it was listed
+                continue
         if not late:
             break
-        for proc in late:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(late, timeout=5)
+        _kill(late)
     # Reap our own child if the stack was started by this very process (tests, demo).
     try:
         os.waitpid(record.pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    """SIGKILL each (one already gone is fine) and wait for them."""
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
 
 
 def session_alive(record: ProcessRecord) -> list[int]:
