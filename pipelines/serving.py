@@ -92,11 +92,11 @@ def up(settings, config_path=None) -> dict:
 
 
 def cluster_ingress() -> str:
-    """The serving ingress the connected Ray cluster's processes were started with (services.app.ingress_env):
+    """The serving ingress the connected Ray cluster's processes were started with (services.ingress.ingress_env):
     Ray reads it from their environment, so it is asked of the cluster, not of this process."""
     import ray
 
-    from services.app import HAPROXY_FLAG
+    from services.ingress import HAPROXY_FLAG
 
     @ray.remote(num_cpus=0)
     def flag() -> str | None:

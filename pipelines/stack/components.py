@@ -253,7 +253,7 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 def ray_env(settings: Settings) -> dict[str, str]:
     """The environment of the stack's Ray nodes: RAY_ENV and the serving ingress the settings name."""
-    from services.app import ingress_env
+    from services.ingress import ingress_env
 
     return {**RAY_ENV, **ingress_env(settings)}
 

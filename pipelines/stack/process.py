@@ -125,9 +125,9 @@ def stop(record: ProcessRecord, sig: int = signal.SIGTERM, grace_s: float = 20.0
     # session, so the session is swept until it is empty (bounded: each pass kills what it finds).
     for _ in range(5):
         late = []
-        for pid in session_alive(record):
+        for pid in set(session_alive(record)) - {record.pid}:
             try:
-                late += [psutil.Process(pid)] if pid != record.pid else []
+                late.append(psutil.Process(pid))
             except psutil.NoSuchProcess:  # gone since it was listed
                 continue
         if not late:

@@ -137,7 +137,7 @@ def test_the_direct_ingress_reaches_every_ray_node_and_only_when_asked(rendered,
     assert len(envs) >= 2 and all(env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
                                   and env["ONCOSERVE_SERVE_INGRESS"] == "haproxy" for env in envs)  # fmt: skip
     from oncoserve.settings import Settings
-    from services.app import ingress_env
+    from services.ingress import ingress_env
 
     embedded = ingress_env(Settings(serve_ingress="haproxy"))  # the embedded stack's Ray nodes get the same switches
     assert {k for k in embedded if k.startswith("RAY_SERVE_ENABLE")} == {k for k in envs[0] if k.startswith("RAY_SERVE_ENABLE")}
